@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up the Python environment for histopan in ./.venv and install this checkout into it (editable).
+#
+#   bash workflows/setup.sh          # runtime dependencies
+#   bash workflows/setup.sh dev      # plus the test/development extra
+#
+# The environment is cached under ~/.cache/histopan (override with HISTOPAN_CACHE), keyed on
+# pyproject.toml, the extra and the Python version, so a second checkout or a CI rerun reuses it;
+# ./.venv is a link to it.  A real ./.venv directory made by hand is used as it is.
+# Only the package registries are contacted (pip); nothing is downloaded at run time.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+extra=${1:-}
+python=${PYTHON:-python3}
+
+if ! "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+  echo "histopan needs Python >= 3.11; $python is $("$python" --version 2>&1). Set PYTHON=python3.11 (or newer)." >&2
+  exit 1
+fi
+
+spec="$repo"
+[ -n "$extra" ] && spec="$repo[$extra]"
+
+if [ -d "$repo/.venv" ] && [ ! -L "$repo/.venv" ]; then
+  venv="$repo/.venv"
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q -e "$spec"
+else
+  key=$( { cat "$repo/pyproject.toml"; echo "$extra"; "$python" --version; } | sha256sum | cut -c1-16)
+  cache=${HISTOPAN_CACHE:-$HOME/.cache/histopan}
+  venv="$cache/venv-$key"
+  if [ ! -f "$venv/.histopan-complete" ]; then
+    echo "Creating the environment in $venv (first time: a few minutes, torch is large)..." >&2
+    rm -rf "$venv"
+    mkdir -p "$cache"
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    "$venv/bin/python" -m pip install -q -e "$spec"
+    touch "$venv/.histopan-complete"
+  else
+    # Reuse the cached dependencies; only point the editable install at this checkout.
+    "$venv/bin/python" -m pip install -q --no-deps -e "$repo"
+  fi
+  ln -sfn "$venv" "$repo/.venv"
+fi
+"$repo/.venv/bin/python" -c 'import histopan, torch, segmentation_models_pytorch, openslide, zarr' \
+  || { echo "The environment in $venv is broken; delete it and run this script again." >&2; exit 1; }
+echo "$repo/.venv"
