@@ -43,7 +43,103 @@ def _positive_int(text: str) -> int:
 # Each subcommand: _<name>_args(parser) and _<name>_run(args) -> int, then an entry in _COMMANDS.
 
 
+def _evaluate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pred", required=True, help="predicted label image / folder / histopan store / points")
+    parser.add_argument("--truth", required=True, help="truth of the same kind (folders are paired by file stem)")
+    parser.add_argument("--points", action="store_true", help="point detection: GeoJSON points or instance centroids")
+    parser.add_argument("--radius-um", type=_positive_float, default=3.0, help="point matching radius in microns")
+    parser.add_argument("--mpp", type=_positive_float, default=None,
+                        help="microns per pixel for --points (default: meta.json beside the truth)")
+    parser.add_argument("--aggregate", choices=["dataset", "per-image"], default="dataset",
+                        help="dataset: sum counts over images, then divide; per-image: mean over images")
+    parser.add_argument("--iou-threshold", type=float, default=0.5,
+                        help="match IoU threshold (below 0.5: Hungarian matching)")
+    parser.add_argument("--json", default=None, help="write the results as JSON to this file")
+
+
+def _evaluate_run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from histopan import evaluation
+
+    if args.points:
+        summary = evaluation.evaluate_points(args.pred, args.truth, args.radius_um, args.mpp, args.aggregate)
+    else:
+        summary = evaluation.evaluate(args.pred, args.truth, args.aggregate, args.iou_threshold)
+    print(evaluation.format_table(summary))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        log.info("wrote %s", out)
+    return 0
+
+
+def _info_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slide", help="slide file (svs, ndpi, mrxs, scn, bif, dcm, tiff, ome.tiff, png, jpg)")
+    parser.add_argument("--mpp", type=float, default=None,
+                        help="microns per level-0 pixel; overrides the slide metadata (e.g. 0.25 at 40x)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+    parser.add_argument("--thumbnail", default=None, metavar="OUT.png",
+                        help="write a PNG thumbnail with the detected tissue outlined")
+
+
+def _info_run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from histopan.errors import HistopanError
+    from histopan.slide import MPP_FIX, open_slide
+    from histopan.slide.tissue import tissue_mask
+
+    thumb = None if args.thumbnail is None else Path(args.thumbnail)
+    if thumb is not None and (thumb.suffix.lower() != ".png" or not thumb.parent.is_dir()):
+        raise HistopanError("the thumbnail must be a .png file in an existing folder", path=thumb,
+                            fix="pass e.g. --thumbnail out/slide.png after creating out/")
+    with open_slide(args.slide, mpp=args.mpp) as reader:
+        info = reader.describe()
+        mask = tissue_mask(reader)
+    info["tissue_fraction"] = mask.fraction
+    info["tissue_mask_downsample"] = mask.downsample
+    if thumb is not None:
+        thickness = max(1, round(max(mask.shape) / 400))
+        Image.fromarray(mask.overlay((0, 255, 0), thickness)).save(thumb, format="PNG")
+        info["thumbnail"] = str(thumb)
+        log.info("wrote %s", thumb)
+    if args.json:
+        print(json.dumps(info, indent=2, allow_nan=False))
+        return 0
+    mpp = "unknown (pass --mpp, e.g. --mpp 0.25 for 40x, 0.5 for 20x)" if info["mpp"] is None else (
+        f"{info['mpp']:.4g} um/px ({info['mpp_source']})")
+    power = info["objective_power"]
+    lines = [
+        f"slide:            {info['path']}",
+        f"backend/vendor:   {info['backend']} / {info['vendor'] or 'unknown'}",
+        f"identity:         {info['identity']}",
+        f"dimensions:       {info['dimensions'][0]} x {info['dimensions'][1]} px",
+        f"mpp:              {mpp}",
+        f"objective power:  {'unknown' if power is None else f'{power:g}x'}",
+        f"levels:           {info['level_count']}",
+    ]
+    for i, ((w, h), ds) in enumerate(zip(info["level_dimensions"], info["level_downsamples"])):
+        lines.append(f"  level {i}: {w} x {h} px, downsample {ds:.4g}")
+    lines.append(f"associated:       {', '.join(info['associated_images']) or 'none'}")
+    lines.append(f"tissue fraction:  {100 * info['tissue_fraction']:.1f} %")
+    if thumb is not None:
+        lines.append(f"thumbnail:        {thumb}")
+    print("\n".join(lines))
+    if info["mpp"] is None:
+        log.warning("%s has no microns per pixel; tissue was found with pixel-based settings. Fix: %s",
+                    args.slide, MPP_FIX)
+    return 0
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "evaluate": ("score predictions against truth: PQ / SQ / RQ, AJI, Dice, point F1", _evaluate_args, _evaluate_run),
+    "info": ("show a slide's levels, size, mpp, vendor and tissue fraction", _info_args, _info_run),
 }
 
 

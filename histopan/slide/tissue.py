@@ -1,0 +1,242 @@
+"""Tissue detection on a low-resolution view of the slide, and tissue fraction per tile.
+
+:func:`tissue_mask` reads the slide at about 8 micrometres per pixel (from the coarsest suitable pyramid level,
+in bounded-memory blocks), finds stained tissue by Otsu's threshold on HSV saturation (clamped to a sane
+range, so an all-tissue or all-background view still gives a sensible answer) together with a minimum
+optical density, ignores black borders and green/blue pen ink, and cleans the result with a morphological
+closing, hole filling and small-object removal whose sizes are given in micrometres (or, for a slide without
+a pixel size, as fractions of the view).  :func:`tissue_fraction` and :func:`select_tiles` then score tiles
+given as level-0 boxes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from skimage import filters, morphology, segmentation
+
+from histopan.errors import ConfigError
+from histopan.slide.base import SlideReader, check_mpp
+
+log = logging.getLogger(__name__)
+
+#: without a known pixel size the view's long side is about this many pixels
+FALLBACK_LONG_SIDE = 1024
+#: the view is never coarser than this many pixels along the slide's short side
+MIN_SHORT_SIDE = 32
+#: reads are split so the source block of one read is at most this many level pixels per side
+_MAX_SOURCE_SIDE = 2048
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Detection settings; areas in square micrometres, lengths in micrometres.
+
+    ``*_fraction`` values replace the micrometre sizes when the slide has no pixel size: they are fractions of
+    the view's area (objects/holes) or of its long side (closing radius).
+    """
+
+    sat_threshold_range: tuple[float, float] = (0.05, 0.2)
+    min_optical_density: float = 0.05
+    black_max: int = 50
+    pen_green_margin: int = 10
+    close_radius_um: float = 16.0
+    min_object_um2: float = 10_000.0
+    max_hole_um2: float = 50_000.0
+    close_radius_fraction: float = 0.002
+    min_object_fraction: float = 1e-4
+    max_hole_fraction: float = 1e-3
+
+
+@dataclass(frozen=True, eq=False)
+class TissueMask:
+    """A boolean tissue mask on a regular grid over the whole slide.
+
+    ``mask[i, j]`` covers level-0 pixels ``[j * downsample_xy[0], (j + 1) * downsample_xy[0])`` by
+    ``[i * downsample_xy[1], ...)``.  ``downsample`` is the mean level-0 pixels per mask pixel, ``mpp`` the mask's
+    micrometres per pixel (None when the slide's is unknown), ``thumbnail`` the RGB view it was computed from.
+    """
+
+    mask: np.ndarray
+    downsample: float
+    downsample_xy: tuple[float, float]
+    slide_dimensions: tuple[int, int]
+    mpp: float | None = None
+    thumbnail: np.ndarray | None = None
+    saturation_threshold: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.mask.shape  # type: ignore[return-value]
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the slide area that is tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def outline(self) -> np.ndarray:
+        """Boolean image of the tissue boundary pixels (inner boundary), same shape as ``mask``."""
+        return segmentation.find_boundaries(self.mask, mode="inner")
+
+    def overlay(self, colour: tuple[int, int, int] = (0, 255, 0), thickness: int = 1) -> np.ndarray:
+        """The thumbnail (white if absent) with the tissue outline drawn in ``colour``."""
+        base = self.thumbnail if self.thumbnail is not None else np.full((*self.shape, 3), 255, np.uint8)
+        out = base.copy()
+        edge = self.outline()
+        if thickness > 1:
+            edge = morphology.dilation(edge, morphology.disk(thickness - 1))
+        out[edge] = colour
+        return out
+
+    def bounding_box(self) -> tuple[float, float, float, float] | None:
+        """Level-0 (x, y, w, h) of the box around all tissue, or None when there is none."""
+        rows = np.flatnonzero(self.mask.any(axis=1))
+        cols = np.flatnonzero(self.mask.any(axis=0))
+        if rows.size == 0:
+            return None
+        dx, dy = self.downsample_xy
+        return (cols[0] * dx, rows[0] * dy, (cols[-1] + 1 - cols[0]) * dx, (rows[-1] + 1 - rows[0]) * dy)
+
+
+def _view_downsample(reader: SlideReader, mpp: float) -> tuple[float, float | None]:
+    """Target level-0 pixels per view pixel, and the view's mpp (None without slide mpp)."""
+    width, height = reader.dimensions
+    base = reader.mpp
+    if base is not None:
+        ds = mpp / base
+    else:
+        ds = max(width, height) / FALLBACK_LONG_SIDE
+        log.info("%s: no pixel size known; detecting tissue at 1/%.1f of full resolution with pixel-based "
+                 "settings (pass --mpp for settings in micrometres)", reader.path, ds)
+    ds = min(ds, max(1.0, min(width, height) / MIN_SHORT_SIDE))
+    ds = max(ds, 1.0)
+    return ds, None if base is None else ds * base
+
+
+def read_thumbnail(reader: SlideReader, downsample: float) -> tuple[np.ndarray, tuple[float, float]]:
+    """RGB view of the whole slide at about ``downsample`` level-0 pixels per pixel, read in blocks.
+
+    Returns the image and the exact (x, y) level-0 pixels per view pixel (the view covers the slide exactly).
+    """
+    width, height = reader.dimensions
+    mw, mh = max(1, round(width / downsample)), max(1, round(height / downsample))
+    dx, dy = width / mw, height / mh
+    level_ds = reader.level_downsamples[reader.best_level(min(dx, dy))]
+    block = max(16, int(_MAX_SOURCE_SIDE * level_ds / max(dx, dy)))
+    out = np.empty((mh, mw, 3), np.uint8)
+    for r0 in range(0, mh, block):
+        r1 = min(mh, r0 + block)
+        for c0 in range(0, mw, block):
+            c1 = min(mw, c0 + block)
+            x0, y0 = c0 * dx, r0 * dy
+            w = width - x0 if c1 == mw else (c1 - c0) * dx
+            h = height - y0 if r1 == mh else (r1 - r0) * dy
+            out[r0:r1, c0:c1] = reader.read_region(x0, y0, w, h, out_size=(c1 - c0, r1 - r0))
+    return out, (dx, dy)
+
+
+def detect_tissue(rgb: np.ndarray, mpp: float | None = None,
+                  params: TissueParams = TissueParams()) -> tuple[np.ndarray, float]:
+    """Tissue mask of an RGB uint8 image at ``mpp`` micrometres per pixel (None: pixel-based sizes).
+
+    Returns the boolean mask and the saturation threshold used.
+    """
+    img = rgb.astype(np.float32)
+    mx = img.max(axis=2)
+    mn = img.min(axis=2)
+    sat = (mx - mn) / np.maximum(mx, 1.0)
+    od = -np.log10((img + 1.0) / 256.0).mean(axis=2)
+    black = mx < params.black_max
+    r, g = img[..., 0], img[..., 1]
+    # H&E (haematoxylin purple, eosin pink) has red above green; green and blue marker ink does not.
+    pen = g > r + params.pen_green_margin
+    usable = ~black
+    lo, hi = params.sat_threshold_range
+    values = sat[usable]
+    if values.size and values.max() > values.min():
+        thr = float(filters.threshold_otsu(values))
+    else:
+        thr = hi
+    thr = float(min(max(thr, lo), hi))
+    raw = (sat > thr) & (od > params.min_optical_density) & usable & ~pen
+    area = raw.size
+    if mpp is not None:
+        px_area = mpp * mpp
+        radius = max(0, round(params.close_radius_um / mpp))
+        min_obj = params.min_object_um2 / px_area
+        max_hole = params.max_hole_um2 / px_area
+    else:
+        radius = max(1, round(params.close_radius_fraction * max(raw.shape)))
+        min_obj = params.min_object_fraction * area
+        max_hole = params.max_hole_fraction * area
+    out = raw
+    if radius:
+        out = morphology.closing(np.pad(out, radius, mode="constant"), morphology.disk(radius))
+        out = out[radius:-radius, radius:-radius]
+    out = morphology.remove_small_holes(out, max_size=int(max_hole))
+    out = morphology.remove_small_objects(out, max_size=int(min_obj))
+    out &= ~black
+    return out, thr
+
+
+def tissue_mask(reader: SlideReader, mpp: float = 8.0, params: TissueParams = TissueParams()) -> TissueMask:
+    """Tissue mask of the whole slide at about ``mpp`` micrometres per pixel.
+
+    Without a slide pixel size the view's long side is about :data:`FALLBACK_LONG_SIDE` pixels and sizes are
+    pixel-based.  The view is read from the coarsest pyramid level at or finer than the target.
+    """
+    mpp = check_mpp(mpp, path=reader.path, what="tissue mask mpp")
+    ds, _ = _view_downsample(reader, mpp)
+    rgb, (dx, dy) = read_thumbnail(reader, ds)
+    view_mpp = None if reader.mpp is None else reader.mpp * (dx + dy) / 2.0
+    mask, thr = detect_tissue(rgb, view_mpp, params)
+    result = TissueMask(mask=mask, downsample=(dx + dy) / 2.0, downsample_xy=(dx, dy),
+                        slide_dimensions=reader.dimensions, mpp=view_mpp, thumbnail=rgb,
+                        saturation_threshold=thr)
+    log.debug("%s: tissue mask %s at %.2f level-0 px/px, saturation threshold %.3f, tissue %.1f %%",
+              reader.path, mask.shape, result.downsample, thr, 100 * result.fraction)
+    return result
+
+
+def tissue_fraction(mask: TissueMask, boxes_level0: np.ndarray) -> np.ndarray:
+    """Fraction of each level-0 box (N, 4: x, y, w, h) covered by tissue, area-exact on the mask grid.
+
+    Parts of a box outside the slide count as background.  Returns float64 (N,) in [0, 1].
+    """
+    boxes = np.asarray(boxes_level0, dtype=np.float64).reshape(-1, 4)
+    if boxes.shape[0] == 0:
+        return np.zeros(0)
+    m = mask.mask.astype(np.float64)
+    mh, mw = m.shape
+    sat = np.zeros((mh + 1, mw + 1))
+    sat[1:, 1:] = m.cumsum(0).cumsum(1)
+    dx, dy = mask.downsample_xy
+    x0 = np.clip(boxes[:, 0] / dx, 0, mw)
+    x1 = np.clip((boxes[:, 0] + boxes[:, 2]) / dx, 0, mw)
+    y0 = np.clip(boxes[:, 1] / dy, 0, mh)
+    y1 = np.clip((boxes[:, 1] + boxes[:, 3]) / dy, 0, mh)
+
+    def integral(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        # The integral of a piecewise-constant image is bilinear within each cell of its summed-area table.
+        iu = np.minimum(np.floor(u).astype(np.intp), mw - 1)
+        iv = np.minimum(np.floor(v).astype(np.intp), mh - 1)
+        fu, fv = u - iu, v - iv
+        return (sat[iv, iu] * (1 - fu) * (1 - fv) + sat[iv, iu + 1] * fu * (1 - fv)
+                + sat[iv + 1, iu] * (1 - fu) * fv + sat[iv + 1, iu + 1] * fu * fv)
+
+    covered = integral(x1, y1) - integral(x0, y1) - integral(x1, y0) + integral(x0, y0)
+    area = (boxes[:, 2] / dx) * (boxes[:, 3] / dy)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(area > 0, covered / area, 0.0)
+    return np.clip(np.round(frac, 12), 0.0, 1.0)  # rounding removes summed-area float noise (~1e-16)
+
+
+def select_tiles(mask: TissueMask, boxes: np.ndarray, min_fraction: float = 0.05) -> np.ndarray:
+    """Indices (ascending) of the level-0 boxes whose tissue fraction is at least ``min_fraction``."""
+    if not (0.0 <= min_fraction <= 1.0) or math.isnan(min_fraction):
+        raise ConfigError("the minimum tissue fraction of a tile must be in [0, 1]", value=min_fraction,
+                          fix="use e.g. 0.05 (5 % tissue)")
+    return np.flatnonzero(tissue_fraction(mask, boxes) >= min_fraction)
