@@ -254,7 +254,10 @@ def create_store(
     """Create a new, incomplete store (the caller has checked that ``path`` may be written)."""
     path = Path(path)
     root = zarr.open_group(path, mode="w", zarr_format=3)
-    n_img = n_pyramid_levels(image_shape)
+    # OME-NGFF readers expect the image and its labels to have the same number of pyramid levels; the image
+    # pyramid starts coarser (image_mpp), so it simply reaches smaller sizes.
+    n_lab = n_pyramid_levels(shape)
+    n_img = n_lab
     root.attrs["ome"] = {"version": NGFF_VERSION,
                          "multiscales": _multiscales(name, image_mpp, n_img, True, "mean")}
     for level in range(n_img):
@@ -263,7 +266,6 @@ def create_store(
                           fill_value=255, dimension_names=["c", "y", "x"])
     labels = root.create_group("labels")
     labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": ["semantic", "nuclei"]}
-    n_lab = n_pyramid_levels(shape)
     for label_name, dtype, method in (("semantic", "uint8", "majority"), ("nuclei", "uint32", "nearest")):
         grp = labels.create_group(label_name)
         image_label: dict[str, Any] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
