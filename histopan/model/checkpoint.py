@@ -1,0 +1,309 @@
+"""Model folders: ``weights.safetensors`` + ``model.yaml`` (+ an optional ``README.md`` model card).
+
+Only safetensors are read: a ``.pt/.pth/.ckpt/.pkl`` file, or a weights file whose bytes are a pickle or a
+zip (torch.save format), is refused with a :class:`~histopan.errors.ModelError`; nothing is ever unpickled.
+On load the weights are checked against ``model.yaml``: the output-channel count of the final convolution
+against the class / type lists, the architecture recorded in the file's metadata, missing and unexpected
+keys and tensor shapes.  Each failure names the file, the value and the fix.
+
+A bare model name is looked up in ``$HISTOPAN_MODELS`` (one or more folders separated by ``os.pathsep``)
+and then in the ``models/`` folder of the repository this package lives in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from histopan.config import to_dict
+from histopan.errors import ConfigError, ModelError
+from histopan.model.config import ModelConfig, read_model_config
+from histopan.model.network import HEAD_KEY, build_network
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CARD_FILE",
+    "CONFIG_FILE",
+    "LoadedModel",
+    "PICKLE_SUFFIXES",
+    "WEIGHTS_FILE",
+    "available_models",
+    "load_model",
+    "model_search_paths",
+    "resolve_model_path",
+    "save_model",
+]
+
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "model.yaml"
+CARD_FILE = "README.md"
+#: file suffixes of pickle-based checkpoints, which are never loaded.
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_METADATA_FORMAT = "histopan-model"
+_REFUSE_FIX = ("histopan only loads safetensors; convert it once, in an environment you trust, by loading the "
+               "state dict and calling histopan.model.checkpoint.save_model(folder, network, config)")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A validated model: its config, the network (eval mode, on CPU after loading) and where it came from."""
+
+    config: ModelConfig
+    network: nn.Module
+    path: Path
+    weights_sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+# -- locating models -----------------------------------------------------------------------------------
+def _repo_models_dir() -> Path:
+    import histopan
+
+    return Path(histopan.__file__).resolve().parents[1] / "models"
+
+
+def model_search_paths() -> list[Path]:
+    """Folders searched for a bare model name: ``$HISTOPAN_MODELS`` entries, then ``<repo>/models``."""
+    paths = [Path(p) for p in os.environ.get("HISTOPAN_MODELS", "").split(os.pathsep) if p]
+    paths.append(_repo_models_dir())
+    return paths
+
+
+def available_models() -> list[str]:
+    """Names of the model folders (those holding a ``model.yaml``) found in :func:`model_search_paths`."""
+    names: list[str] = []
+    for root in model_search_paths():
+        if root.is_dir():
+            for sub in sorted(root.iterdir()):
+                if (sub / CONFIG_FILE).is_file() and sub.name not in names:
+                    names.append(sub.name)
+    return names
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or os.sep in text or text.startswith(".") or text.startswith("~") or Path(text).exists()
+
+
+def resolve_model_path(name_or_path: str | PathLike[str]) -> Path:
+    """The model folder for a model name or a path (a folder, its ``model.yaml`` or ``weights.safetensors``).
+
+    A pickle checkpoint (``.pt/.pth/.ckpt/.pkl``) is refused here, before anything reads it.
+    """
+    if isinstance(name_or_path, PathLike) or _looks_like_path(str(name_or_path)):
+        path = Path(name_or_path).expanduser()
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ModelError("refusing to load a pickle checkpoint (it can run arbitrary code)", path=path,
+                             fix=_REFUSE_FIX)
+        if path.is_file():
+            if path.name in (CONFIG_FILE, WEIGHTS_FILE):
+                return path.parent
+            raise ModelError("expected a model folder (weights.safetensors + model.yaml), got a file",
+                             path=path, fix="pass the folder that holds model.yaml and weights.safetensors")
+        if not path.is_dir():
+            raise ModelError("model folder not found", path=path,
+                             fix=f"check the path; known model names: {available_models() or 'none'}")
+        return path
+    name = str(name_or_path)
+    searched = model_search_paths()
+    for root in searched:
+        candidate = root / name
+        if (candidate / CONFIG_FILE).is_file() or (candidate / WEIGHTS_FILE).is_file():
+            return candidate
+    known = available_models()
+    raise ModelError(
+        f"unknown model name (searched {', '.join(str(p) for p in searched)})",
+        value=name,
+        fix=(f"use one of {known}" if known else "no models are installed yet")
+        + ", pass a model folder path, or set HISTOPAN_MODELS to a folder of models",
+    )
+
+
+# -- file checks ---------------------------------------------------------------------------------------
+def _check_weights_bytes(path: Path) -> None:
+    """Refuse pickles / zips and anything that does not start like a safetensors file."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len > size - 8:
+            raise ModelError("the safetensors file is truncated (header longer than the file)", path=path,
+                             value=size, fix="copy the model folder again or re-save it")
+        return
+    if head[:4] == b"PK\x03\x04":
+        raise ModelError("this is a zip file (torch.save format), not safetensors; refusing to unpickle it",
+                         path=path, fix=_REFUSE_FIX)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise ModelError("this is a pickle file, not safetensors; refusing to unpickle it", path=path,
+                         fix=_REFUSE_FIX)
+    raise ModelError("not a safetensors file (bad header)", path=path, value=head[:9],
+                     fix="re-save the model with histopan.model.checkpoint.save_model")
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    _check_weights_bytes(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            state = {key: fh.get_tensor(key) for key in fh.keys()}
+    except SafetensorError as exc:
+        raise ModelError(f"corrupt safetensors file: {exc}", path=path,
+                         fix="copy the model folder again or re-save it") from exc
+    return state, metadata
+
+
+def _describe_outputs(config: ModelConfig) -> str:
+    return (f"{config.n_outputs} output channels ({config.n_classes} classes {list(config.class_names)} "
+            f"+ centre + boundary + {config.n_types} nucleus types)")
+
+
+def _check_state(state: dict[str, torch.Tensor], metadata: dict[str, str], config: ModelConfig,
+                 path: Path, network: nn.Module) -> None:
+    """Raise ModelError unless ``state`` fits ``network`` built from ``config``."""
+    arch = config.architecture
+    saved_arch = metadata.get("arch"), metadata.get("encoder")
+    if all(saved_arch) and saved_arch != (arch.arch, arch.encoder):
+        raise ModelError(
+            f"the weights were saved for {saved_arch[0]} with encoder {saved_arch[1]!r}, but model.yaml says "
+            f"{arch.arch} with encoder {arch.encoder!r}",
+            path=path, value=arch.encoder,
+            fix=f"set architecture.arch: {saved_arch[0]} and architecture.encoder: {saved_arch[1]} in "
+                f"{path.parent / CONFIG_FILE}, or use the weights trained for that config",
+        )
+    head_w = state.get(f"{HEAD_KEY}.weight")
+    if head_w is not None and head_w.ndim == 4 and head_w.shape[0] != config.n_outputs:
+        saved = ""
+        if "classes" in metadata:
+            saved = (f" (saved with classes {json.loads(metadata['classes'])} and nucleus types "
+                     f"{json.loads(metadata.get('nucleus_types', '[]'))})")
+        raise ModelError(
+            f"the weights have {head_w.shape[0]} output channels{saved}, but model.yaml describes "
+            f"{_describe_outputs(config)}",
+            path=path, value=int(head_w.shape[0]),
+            fix=f"make 'classes' and 'nucleus_types' in {path.parent / CONFIG_FILE} match the weights, or grow "
+                "the heads with histopan.model.network.grow_heads and fine-tune",
+        )
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ModelError(
+            f"the weights do not fit {arch.arch} with encoder {arch.encoder!r} (as in model.yaml): "
+            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}",
+            path=path, value=arch.encoder,
+            fix=f"set 'architecture' in {path.parent / CONFIG_FILE} to the one these weights were trained with",
+        )
+    for key, ref in expected.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise ModelError(
+                f"tensor {key!r} has shape {tuple(state[key].shape)} but the architecture in model.yaml needs "
+                f"{tuple(ref.shape)}",
+                path=path, value=tuple(state[key].shape),
+                fix=f"set 'architecture' (e.g. decoder_channels) in {path.parent / CONFIG_FILE} to the values "
+                    "used in training",
+            )
+
+
+# -- save / load ---------------------------------------------------------------------------------------
+def save_model(folder: str | PathLike[str], network: nn.Module, config: ModelConfig, *,
+               half: bool = False, card: str | None = None) -> Path:
+    """Write ``network``'s weights and ``config`` into ``folder`` (created if needed) and return it.
+
+    Both files are written under temporary names and then renamed, so a reader never sees a half-written
+    model.  ``half=True`` stores floating-point tensors as float16 (half the size); :func:`load_model`
+    converts them back to float32.  ``card`` (Markdown) is written as the model card ``README.md``.
+    The weights are checked against ``config`` first, so an inconsistent model is never written.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for key, value in network.state_dict().items():
+        value = value.detach().to("cpu")
+        if half and value.is_floating_point():
+            value = value.to(torch.float16)
+        state[key] = value.contiguous()
+    metadata = {
+        "format": _METADATA_FORMAT,
+        "format_version": str(config.format_version),
+        "arch": config.architecture.arch,
+        "encoder": config.architecture.encoder,
+        "n_outputs": str(config.n_outputs),
+        "classes": json.dumps(list(config.class_names)),
+        "nucleus_types": json.dumps(list(config.type_names)),
+        "dtype": "float16" if half else "float32",
+    }
+    _check_state(state, metadata, config, out / WEIGHTS_FILE, build_network(config))
+    files = {
+        WEIGHTS_FILE: None,
+        CONFIG_FILE: yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True),
+    }
+    if card is not None:
+        files[CARD_FILE] = card
+    for name, text in files.items():
+        final = out / name
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        try:
+            if text is None:
+                save_file(state, str(tmp), metadata=metadata)
+            else:
+                tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    log.info("saved model %r to %s", config.name, out)
+    return out
+
+
+def load_model(name_or_path: str | PathLike[str]) -> LoadedModel:
+    """Load and validate a model folder (or a model name, see :func:`resolve_model_path`).
+
+    Returns a :class:`LoadedModel` whose network is in eval mode on the CPU, with float32 weights.
+    """
+    folder = resolve_model_path(name_or_path)
+    config_path = folder / CONFIG_FILE
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelError(f"no {WEIGHTS_FILE}, only pickle checkpoint(s) {pickles}, which are never loaded",
+                             path=folder, fix=_REFUSE_FIX)
+        raise ModelError(f"{WEIGHTS_FILE} is missing", path=folder,
+                         fix="copy the complete model folder (weights.safetensors + model.yaml)")
+    if not config_path.is_file():
+        raise ModelError(f"{CONFIG_FILE} is missing", path=folder,
+                         fix="copy the complete model folder (weights.safetensors + model.yaml)")
+    try:
+        config = read_model_config(config_path)
+    except ConfigError as exc:
+        raise ModelError(f"invalid model config: {exc.reason}", path=config_path, value=exc.value,
+                         fix=exc.fix or "correct model.yaml") from exc
+    state, metadata = _read_safetensors(weights_path)
+    network = build_network(config)
+    _check_state(state, metadata, config, weights_path, network)
+    network.load_state_dict(state, strict=True)  # copies (and casts float16 -> float32) into the parameters
+    network.eval()
+    sha = _sha256(weights_path)
+    log.info("loaded model %r from %s (sha256 %s)", config.name, folder, sha[:12])
+    return LoadedModel(config=config, network=network, path=folder, weights_sha256=sha)

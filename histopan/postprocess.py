@@ -1,0 +1,255 @@
+"""Probability maps of one tile -> semantic label image + nucleus instances (pure numpy / scipy / skimage).
+
+Marker-controlled watershed in physical units:
+
+1. nucleus mask: ``p(nucleus) > nucleus_threshold``;
+2. markers: peaks of the centre map at least ``min_distance_um`` apart and above ``centre_threshold``,
+   restricted to the mask; a mask component without a peak gets one marker at its most interior pixel;
+3. flooding surface: ``boundary_weight * p(boundary) + (1 - boundary_weight) * (1 - d)``, where ``d`` is
+   the Euclidean distance to the mask edge normalised to 1 at the deepest point of each mask component;
+4. objects smaller than ``min_area_um2`` removed, holes inside each object filled;
+5. instance ids 1..n in raster order of the centroids (by row, then column): deterministic;
+6. semantic map: the nucleus class where an instance exists, else the most probable stuff class.
+
+Nothing here opens files; the thresholds come from the model's ``model.yaml`` (``postprocess:``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from skimage.feature import peak_local_max
+from skimage.segmentation import watershed
+
+from histopan.errors import ModelError, MppError
+
+__all__ = ["NUCLEUS_COLUMNS", "PostprocessConfig", "ProbabilityMaps", "TileLabels", "nucleus_table",
+           "postprocess_tile"]
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Thresholds of the watershed post-processing (tuned per model, stored in ``model.yaml``)."""
+
+    nucleus_threshold: float = 0.5
+    centre_threshold: float = 0.3
+    min_distance_um: float = 2.0
+    boundary_weight: float = 0.5
+    min_area_um2: float = 8.0
+    fill_holes: bool = True
+    min_stuff_area_um2: float = 100.0
+
+    def __post_init__(self) -> None:
+        for name in ("nucleus_threshold", "centre_threshold", "boundary_weight"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+                raise ValueError(f"postprocess.{name} must be within 0..1, got {v}")
+        if not (math.isfinite(self.min_distance_um) and self.min_distance_um > 0):
+            raise ValueError(f"postprocess.min_distance_um must be > 0 microns, got {self.min_distance_um}")
+        for name in ("min_area_um2", "min_stuff_area_um2"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"postprocess.{name} must be >= 0 square microns, got {v}")
+
+
+@dataclass(frozen=True)
+class ProbabilityMaps:
+    """Network probabilities for one tile, channels first, all (H, W) at the same resolution.
+
+    ``semantic`` (C, H, W) softmax over the model's classes; ``centre`` and ``boundary`` (H, W) sigmoid
+    maps; ``types`` (K, H, W) softmax over nucleus types, or ``None`` without a type head.
+    """
+
+    semantic: np.ndarray
+    centre: np.ndarray
+    boundary: np.ndarray
+    types: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.semantic.ndim != 3:
+            raise ValueError(f"semantic maps must be (C, H, W), got shape {self.semantic.shape}")
+        hw = self.semantic.shape[1:]
+        for name in ("centre", "boundary"):
+            if getattr(self, name).shape != hw:
+                raise ValueError(f"{name} map has shape {getattr(self, name).shape}, expected {hw}")
+        if self.types is not None and (self.types.ndim != 3 or self.types.shape[1:] != hw):
+            raise ValueError(f"types maps must be (K, {hw[0]}, {hw[1]}), got shape {self.types.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.semantic.shape[1], self.semantic.shape[2]
+
+
+#: columns of :attr:`TileLabels.nuclei`, one row per instance in id order.
+NUCLEUS_COLUMNS = ("id", "centroid_y", "centroid_x", "area_px", "area_um2", "nucleus_prob", "type",
+                   "type_prob")
+
+
+@dataclass(frozen=True)
+class TileLabels:
+    """Post-processed labels of one tile.
+
+    ``semantic`` (H, W) uint8 class index into the model's classes; ``instances`` (H, W) uint32 nucleus ids
+    1..n (0 = none), where ``semantic`` is the nucleus class exactly where ``instances > 0``;
+    ``nuclei`` a DataFrame with :data:`NUCLEUS_COLUMNS`: centroids in pixels of this tile, area in pixels and
+    um^2, the mean nucleus probability, the majority nucleus type index (-1 without a type head) and the mean
+    probability of that type over the nucleus (NaN without a type head).
+    """
+
+    semantic: np.ndarray
+    instances: np.ndarray
+    nuclei: pd.DataFrame
+    mpp: float
+
+
+def _thing_index(classes: Sequence[Any], n_channels: int) -> tuple[int, list[int]]:
+    if len(classes) != n_channels:
+        raise ModelError(f"the maps have {n_channels} semantic channels but {len(classes)} classes were given",
+                         value=len(classes), fix="pass the classes of the model that produced the maps")
+    things = [i for i, c in enumerate(classes) if c.kind == "thing"]
+    if len(things) != 1:
+        raise ModelError("exactly one class must have kind 'thing' (the nucleus class)", value=len(things),
+                         fix="pass the classes of the model that produced the maps")
+    stuff = [i for i, c in enumerate(classes) if c.kind == "stuff"]
+    return things[0], stuff
+
+
+def _markers(centre: np.ndarray, mask: np.ndarray, components: np.ndarray, n_components: int,
+             distance: np.ndarray, min_distance_px: int, threshold: float) -> np.ndarray:
+    """Marker image: centre-map peaks inside the mask, plus one marker per mask component without a peak."""
+    peaks = peak_local_max(centre, min_distance=min_distance_px, threshold_abs=threshold,
+                           labels=components, exclude_border=False)
+    markers = np.zeros(mask.shape, dtype=np.int32)
+    if len(peaks):
+        # peak_local_max orders by height; sort by position so marker ids do not depend on ties
+        peaks = peaks[np.lexsort((peaks[:, 1], peaks[:, 0]))]
+        markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
+    has_peak = np.zeros(n_components + 1, dtype=bool)
+    has_peak[components[markers > 0]] = True
+    missing = np.flatnonzero(~has_peak[1:]) + 1
+    if len(missing):
+        deepest = ndi.maximum_position(distance, labels=components, index=missing)
+        start = len(peaks) + 1
+        for k, (r, c) in enumerate(deepest):
+            markers[r, c] = start + k
+    return markers
+
+
+def _fill_holes(instances: np.ndarray) -> np.ndarray:
+    out = instances.copy()
+    for label, box in enumerate(ndi.find_objects(instances), start=1):
+        if box is None:
+            continue
+        region = instances[box] == label
+        filled = ndi.binary_fill_holes(region)
+        new = filled & ~region & (instances[box] == 0)
+        if new.any():
+            out[box][new] = label
+    return out
+
+
+def _relabel_raster(instances: np.ndarray) -> np.ndarray:
+    """Renumber labels 1..n in raster order of their centroids (row, then column); 0 stays 0."""
+    ids = np.unique(instances)
+    ids = ids[ids > 0]
+    if not len(ids):
+        return np.zeros(instances.shape, dtype=np.uint32)
+    centroids = np.asarray(ndi.center_of_mass(np.ones(instances.shape), instances, ids)).reshape(-1, 2)
+    order = np.lexsort((centroids[:, 1], centroids[:, 0]))
+    lut = np.zeros(int(instances.max()) + 1, dtype=np.uint32)
+    lut[ids[order]] = np.arange(1, len(ids) + 1, dtype=np.uint32)
+    return lut[instances]
+
+
+def nucleus_table(instances: np.ndarray, mpp: float, nucleus_prob: np.ndarray | None = None,
+                  types: np.ndarray | None = None) -> pd.DataFrame:
+    """Per-instance measurements (:data:`NUCLEUS_COLUMNS`) of a label image with ids 1..n.
+
+    ``nucleus_prob`` (H, W) gives the ``nucleus_prob`` column (NaN without it); ``types`` (K, H, W)
+    gives each nucleus's majority type (most pixels whose most probable type it is; ties go to the lower
+    index) and the mean probability of that type over the nucleus.
+    """
+    n = int(instances.max()) if instances.size else 0
+    flat = instances.ravel().astype(np.int64)
+    area = np.bincount(flat, minlength=n + 1)[1:]
+    present = np.flatnonzero(area) + 1
+    rows, cols = np.indices(instances.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = np.bincount(flat, weights=rows.ravel(), minlength=n + 1)[1:] / area
+        cx = np.bincount(flat, weights=cols.ravel(), minlength=n + 1)[1:] / area
+        if nucleus_prob is not None:
+            prob = np.bincount(flat, weights=nucleus_prob.ravel(), minlength=n + 1)[1:] / area
+        else:
+            prob = np.full(n, np.nan)
+        if types is not None and n:
+            k = types.shape[0]
+            winner = np.argmax(types, axis=0).ravel()
+            votes = np.zeros((n + 1, k), dtype=np.int64)
+            np.add.at(votes, (flat, winner), 1)
+            type_idx = np.argmax(votes[1:], axis=1)
+            sums = np.stack([np.bincount(flat, weights=types[j].ravel(), minlength=n + 1)[1:]
+                             for j in range(k)], axis=1)
+            type_prob = sums[np.arange(n), type_idx] / area
+        else:
+            type_idx = np.full(n, -1, dtype=np.int64)
+            type_prob = np.full(n, np.nan)
+    sel = present - 1
+    return pd.DataFrame({
+        "id": present.astype(np.uint32),
+        "centroid_y": cy[sel],
+        "centroid_x": cx[sel],
+        "area_px": area[sel].astype(np.int64),
+        "area_um2": area[sel] * float(mpp) ** 2,
+        "nucleus_prob": prob[sel],
+        "type": type_idx[sel].astype(np.int64),
+        "type_prob": type_prob[sel],
+    }, columns=list(NUCLEUS_COLUMNS))
+
+
+def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
+                     classes: Sequence[Any]) -> TileLabels:
+    """Probability maps of one tile at ``mpp`` microns per pixel -> :class:`TileLabels`.
+
+    ``classes`` are the model's class specs (anything with a ``kind`` of ``"stuff"`` or ``"thing"``) in
+    channel order.  See the module docstring for the steps; every size is converted from microns with
+    ``mpp``, so the same tissue at 0.25 and 0.5 um/px gives the same objects.
+    """
+    if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not (math.isfinite(mpp) and mpp > 0):
+        raise MppError("mpp must be a positive number of microns per pixel", value=mpp,
+                       fix="pass the tile's resolution, e.g. mpp=0.5")
+    nucleus, stuff = _thing_index(classes, maps.semantic.shape[0])
+    p_nucleus = maps.semantic[nucleus]
+    mask = p_nucleus > cfg.nucleus_threshold
+    components, n_components = ndi.label(mask)
+
+    instances = np.zeros(mask.shape, dtype=np.int32)
+    if n_components:
+        distance = ndi.distance_transform_edt(mask, sampling=mpp)
+        deepest = ndi.maximum(distance, labels=components, index=np.arange(1, n_components + 1))
+        depth = np.concatenate([[1.0], np.maximum(deepest, 1e-9)])[components]
+        surface = (cfg.boundary_weight * maps.boundary.astype(np.float64)
+                   + (1.0 - cfg.boundary_weight) * (1.0 - distance / depth))
+        min_distance_px = max(1, int(round(cfg.min_distance_um / mpp)))
+        markers = _markers(maps.centre, mask, components, n_components, distance, min_distance_px,
+                           cfg.centre_threshold)
+        instances = watershed(surface, markers, mask=mask)
+
+        min_area_px = cfg.min_area_um2 / mpp**2
+        area = np.bincount(instances.ravel())
+        small = area < min_area_px
+        small[0] = False
+        instances[small[instances]] = 0
+        if cfg.fill_holes:
+            instances = _fill_holes(instances)
+    instances = _relabel_raster(instances)
+
+    stuff_argmax = np.asarray(stuff, dtype=np.uint8)[np.argmax(maps.semantic[stuff], axis=0)]
+    semantic = np.where(instances > 0, np.uint8(nucleus), stuff_argmax).astype(np.uint8)
+    table = nucleus_table(instances, mpp, p_nucleus, maps.types)
+    return TileLabels(semantic=semantic, instances=instances, nuclei=table, mpp=float(mpp))

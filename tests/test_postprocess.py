@@ -1,0 +1,206 @@
+"""Watershed post-processing on hand-made probability maps (physical units, determinism, agreement)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage as ndi
+
+from histopan.errors import ModelError, MppError
+from histopan.model.config import ClassSpec
+from histopan.postprocess import NUCLEUS_COLUMNS, PostprocessConfig, ProbabilityMaps, postprocess_tile
+
+CLASSES = (
+    ClassSpec("background", (255, 255, 255)),
+    ClassSpec("stroma", (240, 160, 200)),
+    ClassSpec("nucleus", (40, 40, 220), "thing"),
+)
+NUC = 2
+CFG = PostprocessConfig(nucleus_threshold=0.5, centre_threshold=0.3, min_distance_um=2.0, boundary_weight=0.5,
+                        min_area_um2=8.0, fill_holes=True)
+
+
+def render(discs_um, size_um, mpp, stroma_right=True, types=None):
+    """Maps for discs given as (cy_um, cx_um, r_um) on a size_um x size_um field at ``mpp``."""
+    n = int(round(size_um / mpp))
+    yy, xx = (np.indices((n, n)) + 0.5) * mpp  # pixel centres in microns
+    mask = np.zeros((n, n), bool)
+    centre = np.zeros((n, n))
+    for cy, cx, r in discs_um:
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        centre = np.maximum(centre, np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (r / 2) ** 2)))
+    sem = np.zeros((3, n, n), np.float32)
+    sem[0] = 0.9
+    sem[1] = 0.1
+    if stroma_right:
+        sem[0][xx > size_um / 2], sem[1][xx > size_um / 2] = 0.1, 0.9
+    sem[:2][:, mask] *= 0.1
+    sem[NUC][mask] = 0.9
+    return ProbabilityMaps(sem, centre.astype(np.float32), np.zeros((n, n), np.float32), types)
+
+
+def check_consistency(labels):
+    inst, sem = labels.instances, labels.semantic
+    assert inst.dtype == np.uint32 and sem.dtype == np.uint8 and inst.shape == sem.shape
+    assert np.array_equal(sem == NUC, inst > 0)
+    ids = np.unique(inst)
+    ids = ids[ids > 0]
+    assert list(labels.nuclei.columns) == list(NUCLEUS_COLUMNS)
+    assert labels.nuclei["id"].tolist() == list(range(1, len(ids) + 1)) == ids.tolist()
+    counts = np.bincount(inst.ravel())[1:]
+    assert labels.nuclei["area_px"].tolist() == counts.tolist()
+    # raster order of centroids
+    order = np.lexsort((labels.nuclei["centroid_x"], labels.nuclei["centroid_y"]))
+    assert order.tolist() == list(range(len(order)))
+
+
+def test_two_touching_discs_split_along_the_boundary():
+    maps = render([(16, 12, 4.5), (16, 20, 4.5)], 32, 0.5)  # discs overlap between x=15.5 and 16.5 um
+    labels = postprocess_tile(maps, 0.5, CFG, CLASSES)
+    check_consistency(labels)
+    assert len(labels.nuclei) == 2
+    assert ndi.label(labels.instances > 0)[1] == 1  # one connected blob, two instances
+    xx = (np.indices(labels.instances.shape)[1] + 0.5) * 0.5
+    left, right = labels.instances == 1, labels.instances == 2
+    assert xx[left].max() <= 16.5 and xx[right].min() >= 15.5
+    assert abs(left.sum() - right.sum()) <= 0.05 * left.sum()
+    assert labels.nuclei["centroid_x"].tolist()[0] < 32 < labels.nuclei["centroid_x"].tolist()[1]
+
+
+def test_boundary_map_decides_the_cut():
+    maps = render([(16, 12, 4.5), (16, 20, 4.5)], 32, 0.5)
+    n = maps.shape[0]
+    boundary = np.zeros((n, n), np.float32)
+    boundary[:, 34] = 1.0  # ridge at x = 17.25 um, off the symmetric midline
+    cfg = PostprocessConfig(boundary_weight=1.0, min_area_um2=8.0)
+    labels = postprocess_tile(ProbabilityMaps(maps.semantic, maps.centre, boundary), 0.5, cfg, CLASSES)
+    check_consistency(labels)
+    cols = np.indices(labels.instances.shape)[1]
+    assert cols[labels.instances == 1].max() in (33, 34)
+    assert cols[labels.instances == 2].min() in (34, 35)
+
+
+def test_small_blob_is_removed_and_becomes_stuff():
+    maps = render([(8, 8, 4.0), (24, 24, 1.0)], 32, 0.5)  # areas ~50 um^2 and ~3 um^2
+    labels = postprocess_tile(maps, 0.5, CFG, CLASSES)
+    check_consistency(labels)
+    assert len(labels.nuclei) == 1
+    assert abs(labels.nuclei["centroid_y"][0] * 0.5 - 7.75) < 0.5
+    assert labels.semantic[48, 48] == 1  # stroma side of the field, not nucleus
+
+
+@pytest.mark.parametrize("coarse, fine", [(0.5, 0.25)])
+def test_same_physical_layout_at_two_resolutions(coarse, fine):
+    discs = [(10, 10, 3.5), (10, 16, 3.5), (30, 30, 4.0), (25, 8, 2.8), (36, 12, 1.2)]
+    a = postprocess_tile(render(discs, 48, coarse), coarse, CFG, CLASSES)
+    b = postprocess_tile(render(discs, 48, fine), fine, CFG, CLASSES)
+    check_consistency(a)
+    check_consistency(b)
+    assert len(a.nuclei) == len(b.nuclei) == 4  # the 1.2 um blob (4.5 um^2) is removed at both
+    expected = np.array([np.pi * r * r for _, _, r in (discs[0], discs[1], discs[3], discs[2])])
+    for labels, mpp in ((a, coarse), (b, fine)):
+        cy = (labels.nuclei["centroid_y"].to_numpy() + 0.5) * mpp
+        cx = (labels.nuclei["centroid_x"].to_numpy() + 0.5) * mpp
+        # ids in raster order of centroids: (10,10), (10,16), (25,8), (30,30)
+        np.testing.assert_allclose(cy, [10, 10, 25, 30], atol=0.6)
+        np.testing.assert_allclose(cx, [10, 16, 8, 30], atol=0.6)
+    np.testing.assert_allclose(a.nuclei["area_um2"].sum(), b.nuclei["area_um2"].sum(), rtol=0.06)
+    np.testing.assert_allclose(b.nuclei["area_um2"].to_numpy()[[2, 3]], expected[[2, 3]], rtol=0.08)
+    np.testing.assert_allclose(a.nuclei["area_um2"].to_numpy()[[2, 3]], expected[[2, 3]], rtol=0.12)
+
+
+def test_no_nuclei_gives_empty_labels():
+    maps = render([], 16, 0.5)
+    labels = postprocess_tile(maps, 0.5, CFG, CLASSES)
+    assert labels.instances.max() == 0
+    assert len(labels.nuclei) == 0 and list(labels.nuclei.columns) == list(NUCLEUS_COLUMNS)
+    assert set(np.unique(labels.semantic)) == {0, 1}
+    assert labels.semantic[0, 0] == 0 and labels.semantic[0, -1] == 1
+
+
+def test_type_head_gives_majority_type_and_probability():
+    maps = render([(8, 8, 4.0), (8, 24, 4.0)], 32, 0.5)
+    n = maps.shape[0]
+    types = np.zeros((3, n, n), np.float32)
+    types[0] = 1.0
+    xx = np.indices((n, n))[1]
+    left_nucleus = xx < 32
+    # left nucleus: type 2 with p=0.6 on its left 3/4, type 1 (p=0.7) elsewhere; right nucleus: type 0
+    types[:, left_nucleus] = np.array([0.1, 0.3, 0.6])[:, None]
+    types[:, left_nucleus & (xx >= 20)] = np.array([0.1, 0.7, 0.2])[:, None]
+    labels = postprocess_tile(ProbabilityMaps(maps.semantic, maps.centre, maps.boundary, types), 0.5, CFG,
+                              CLASSES)
+    check_consistency(labels)
+    table = labels.nuclei
+    assert table["type"].tolist() == [2, 0]
+    inside = labels.instances == 1
+    assert table["type_prob"][0] == pytest.approx(types[2][inside].mean(), rel=1e-6)
+    assert 0.4 < table["type_prob"][0] < 0.6
+    assert table["type_prob"][1] == pytest.approx(1.0)
+    assert table["nucleus_prob"].tolist() == pytest.approx([0.9, 0.9])
+
+
+def test_without_type_head_type_is_minus_one_and_prob_nan():
+    labels = postprocess_tile(render([(8, 8, 4.0)], 16, 0.5), 0.5, CFG, CLASSES)
+    assert labels.nuclei["type"].tolist() == [-1]
+    assert np.isnan(labels.nuclei["type_prob"][0])
+
+
+def test_component_without_centre_peak_still_becomes_an_instance():
+    maps = render([(8, 8, 4.0)], 16, 0.5)
+    flat = ProbabilityMaps(maps.semantic, np.zeros_like(maps.centre), maps.boundary)
+    labels = postprocess_tile(flat, 0.5, CFG, CLASSES)
+    check_consistency(labels)
+    assert len(labels.nuclei) == 1
+
+
+def test_holes_filled_only_when_asked():
+    n = 40
+    yy, xx = np.indices((n, n))
+    r2 = (yy - 20) ** 2 + (xx - 20) ** 2
+    ring = (r2 <= 12**2) & (r2 > 3**2)
+    sem = np.zeros((3, n, n), np.float32)
+    sem[0] = 1.0
+    sem[0][ring], sem[NUC][ring] = 0.0, 1.0
+    centre = np.zeros((n, n), np.float32)
+    centre[20, 28] = 1.0
+    maps = ProbabilityMaps(sem, centre, np.zeros((n, n), np.float32))
+    filled = postprocess_tile(maps, 0.5, PostprocessConfig(min_distance_um=20.0, fill_holes=True), CLASSES)
+    kept = postprocess_tile(maps, 0.5, PostprocessConfig(min_distance_um=20.0, fill_holes=False), CLASSES)
+    check_consistency(filled)
+    assert filled.instances[20, 20] == 1 and kept.instances[20, 20] == 0
+    assert filled.nuclei["area_px"][0] == ring.sum() + (r2 <= 9).sum()
+
+
+def test_bad_arguments_are_clear_errors():
+    maps = render([(8, 8, 4.0)], 16, 0.5)
+    with pytest.raises(MppError, match="mpp must be a positive"):
+        postprocess_tile(maps, 0.0, CFG, CLASSES)
+    with pytest.raises(ModelError, match="3 semantic channels but 2 classes"):
+        postprocess_tile(maps, 0.5, CFG, CLASSES[:2])
+    with pytest.raises(ValueError, match="centre map has shape"):
+        ProbabilityMaps(maps.semantic, maps.centre[:5], maps.boundary)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), mpp=st.sampled_from([0.25, 0.5, 1.0]),
+       weight=st.floats(0.0, 1.0), fill=st.booleans())
+def test_random_maps_keep_invariants(seed, mpp, weight, fill):
+    rng = np.random.default_rng(seed)
+    n = 48
+    logits = ndi.gaussian_filter(rng.normal(size=(3, n, n)), (0, 2, 2)) * 8
+    sem = np.exp(logits) / np.exp(logits).sum(0)
+    centre = ndi.gaussian_filter(rng.random((n, n)), 1.5)
+    centre = (centre - centre.min()) / (np.ptp(centre) + 1e-9)
+    maps = ProbabilityMaps(sem.astype(np.float32), centre.astype(np.float32),
+                           rng.random((n, n)).astype(np.float32))
+    cfg = PostprocessConfig(boundary_weight=weight, min_area_um2=2.0, fill_holes=fill)
+    labels = postprocess_tile(maps, mpp, cfg, CLASSES)
+    check_consistency(labels)
+    assert np.all(labels.nuclei["area_um2"] >= 2.0)
+    if not fill:
+        assert not np.any((labels.instances > 0) & (maps.semantic[NUC] <= 0.5))
+    again = postprocess_tile(maps, mpp, cfg, CLASSES)
+    assert np.array_equal(again.instances, labels.instances)
