@@ -137,8 +137,105 @@ def _info_run(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="training config YAML (see models/default/train.yaml)")
+    parser.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, curves.png, model/)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint (a finished run: re-tune and export)")
+    parser.add_argument("--export", default=None, metavar="FOLDER",
+                        help="also copy the finished model folder here (e.g. models/default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for log files)")
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from histopan.training.config import read_train_config
+    from histopan.training.loop import train
+
+    config = read_train_config(args.config)
+    result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"model: {result.model_dir}  validation nucleus PQ {result.scores['pq']:.4f} "
+          f"(SQ {result.scores['sq']:.4f}, RQ {result.scores['rq']:.4f}, AJI {result.scores.get('aji', float('nan')):.4f})"
+          f"  best epoch {result.best_epoch}")
+    if args.export:
+        dest = Path(args.export)
+        dest.mkdir(parents=True, exist_ok=True)
+        for item in sorted(result.model_dir.iterdir()):
+            shutil.copy2(item, dest / item.name)
+        print(f"copied {result.model_dir} -> {dest}")
+    return 0
+
+
+def _segment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slide", help="slide file (svs, ndpi, mrxs, tiff, ...) or a PNG/TIFF tile (needs --mpp)")
+    parser.add_argument("-o", "--out", required=True, metavar="OUT.zarr", help="output store (an OME-Zarr folder)")
+    parser.add_argument("--model", default="default", help="model name (in models/) or model folder")
+    parser.add_argument("--mpp", type=_positive_float, default=None,
+                        help="microns per level-0 pixel; overrides the slide metadata")
+    parser.add_argument("--device", default=None, help="torch device: cuda, cuda:1, cpu (default: cuda if present)")
+    parser.add_argument("--tile", type=_positive_int, default=None, help="tile core size in pixels at the model's mpp")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per network batch")
+    parser.add_argument("--workers", type=_positive_int, default=2, help="threads for reading and post-processing")
+    parser.add_argument("--min-tissue", type=float, default=0.01,
+                        help="skip tiles with less tissue than this fraction (0 = process every tile)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    parser.add_argument("--json", metavar="SUMMARY.json", default=None, help="also write the run summary as JSON")
+
+
+def _segment_run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from histopan.pipeline import SegmentOptions, segment_slide
+
+    options = SegmentOptions(model=args.model, mpp=args.mpp, device=args.device, tile=args.tile,
+                             batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite,
+                             min_tissue=args.min_tissue)
+    bar = None
+
+    def progress(event: str, data: dict) -> None:
+        nonlocal bar
+        if event == "start":
+            bar = tqdm(total=data["n_tiles"], unit="tile", desc="segment", disable=args.quiet, dynamic_ncols=True)
+        elif event == "tiles_done" and bar is not None:
+            bar.n = data["done"]
+            bar.set_postfix(nuclei=data["nuclei"], refresh=False)
+            bar.refresh()
+        elif event == "done" and bar is not None:
+            bar.close()
+
+    try:
+        result = segment_slide(args.slide, args.out, options, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = result.to_json()
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    stuff = ", ".join(f"{name} {area:.3f}" for name, area in result.stuff_area_mm2.items() if area > 0)
+    lines = [
+        f"store:       {result.store}",
+        f"nuclei:      {result.n_nuclei}" + (f" ({result.n_cut} larger than the halo, flagged)" if result.n_cut else ""),
+        f"tiles:       {result.n_tissue_tiles} with tissue of {result.n_tiles}"
+        + (f" ({result.resumed_tiles} from an earlier run)" if result.resumed_tiles else ""),
+        f"areas (mm2): {stuff or 'none'}",
+        f"time:        {result.seconds:.1f} s, {result.megapixels_per_second:.2f} megapixels/s",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "evaluate": ("score predictions against truth: PQ / SQ / RQ, AJI, Dice, point F1", _evaluate_args, _evaluate_run),
+    "train": ("train a model from a training config (checkpoints, validation PQ, tuned thresholds)", _train_args,
+              _train_run),
+    "segment": ("panoptic segmentation of a slide into an OME-Zarr store (tissue classes + nuclei)", _segment_args,
+                _segment_run),
     "info": ("show a slide's levels, size, mpp, vendor and tissue fraction", _info_args, _info_run),
 }
 

@@ -1,0 +1,453 @@
+"""Slide-level panoptic segmentation: the orchestration of every stage (the only module that knows paths,
+dask, torch and zarr together).
+
+    slide -> tissue tiles at the model's mpp -> batched inference -> watershed per tile
+          -> ownership (each nucleus owned by one tile, global ids) -> per-chunk painting + fusion -> store
+
+Two passes keep memory bounded and make the run resumable:
+
+1. *Tiles*: for each tissue tile, read core + halo (dask, threaded, one task per tile), run the network in
+   batches, post-process, keep the nuclei the tile owns and its stuff core; the small result is recorded in
+   the store's ``work/`` folder.  Batches are fixed slices of the tile list, so a resumed run feeds the
+   network exactly the same batches as an uninterrupted one and the arrays come out byte-identical.
+2. *Chunks*: every label chunk is painted from the records of the tiles that reach it (its own tile and its
+   neighbours), fused (things over stuff) and written once; no two writers share a chunk.
+
+Then the nucleus table, a low-resolution RGB pyramid and the label pyramids are written and the store is
+marked complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histopan import __version__
+from histopan.config import to_dict
+from histopan.errors import ConfigError, HistopanError
+from histopan.panoptic import absorb_small_regions, fuse, stuff_argmax
+from histopan.stitching import IdScheme, OwnedObjects, own_objects, paint
+from histopan.store import ClassInfo, SlideStore, create_store, open_for_run
+from histopan.tiling import TileGrid
+
+log = logging.getLogger(__name__)
+
+#: Resolution of the store's RGB overview image: this many times the model's mpp, at least 2 um/px.
+IMAGE_MPP_FACTOR = 4.0
+MIN_IMAGE_MPP = 2.0
+
+TABLE_COLUMNS = ("id", "centroid_x", "centroid_y", "centroid_x_um", "centroid_y_um", "area_um2", "perimeter_um",
+                 "eccentricity", "solidity", "circularity", "nucleus_prob", "type", "type_prob", "stuff_class",
+                 "bbox_x", "bbox_y", "bbox_w", "bbox_h", "cut")
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Settings of one ``histopan segment`` run (the model's own config supplies the rest)."""
+
+    model: str = "default"
+    mpp: float | None = None  # slide microns per pixel, overriding the file's metadata
+    device: str | None = None  # "cuda", "cpu", "cuda:1"; None = cuda when available
+    tile: int | None = None  # core size at the model's mpp; None = the model's
+    halo: int | None = None  # None = the model's
+    batch_size: int = 8
+    workers: int = 2  # threads for reading and post-processing
+    overwrite: bool = False
+    min_tissue: float = 0.01  # minimum tissue fraction of a tile's core (0 = every tile)
+    origin: tuple[int, int] = (0, 0)  # grid origin (for seam tests); chunks always start at 0
+
+    def __post_init__(self) -> None:
+        if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp)
+                                         and self.mpp > 0):
+            raise ConfigError("--mpp must be a positive number of microns per pixel", value=self.mpp,
+                              fix="pass e.g. --mpp 0.25 for a 40x slide or --mpp 0.5 for 20x")
+        for name in ("batch_size", "workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive whole number", value=value,
+                                  fix=f"pass e.g. --{name.replace('_', '-')} 4")
+        if self.tile is not None and (self.tile < 64 or self.tile % 32):
+            raise ConfigError("--tile must be a multiple of 32 and at least 64", value=self.tile,
+                              fix="pass e.g. --tile 512")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ConfigError("the minimum tissue fraction must be in [0, 1]", value=self.min_tissue,
+                              fix="use e.g. 0.01")
+
+
+@dataclass
+class SegmentResult:
+    """What a finished run reports (also stored as the store's ``summary``)."""
+
+    store: Path
+    n_nuclei: int
+    n_tiles: int
+    n_tissue_tiles: int
+    n_cut: int
+    stuff_area_mm2: dict[str, float]
+    megapixels: float
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    resumed_tiles: int = 0
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.megapixels / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"store": str(self.store), "n_nuclei": self.n_nuclei, "n_tiles": self.n_tiles,
+                "n_tissue_tiles": self.n_tissue_tiles, "n_cut": self.n_cut, "stuff_area_mm2": self.stuff_area_mm2,
+                "megapixels": self.megapixels, "seconds": self.seconds,
+                "megapixels_per_second": self.megapixels_per_second, "timings": self.timings,
+                "resumed_tiles": self.resumed_tiles}
+
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
+
+
+# ----------------------------------------------------------------------------------------- per tile (pure)
+
+
+def process_tile(maps: Any, tile: Any, grid: TileGrid, model_config: Any, ids: IdScheme) -> dict[str, np.ndarray]:
+    """Probability maps of one tile window -> its record: owned nuclei, their measurements, its stuff core."""
+    from skimage.measure import regionprops_table
+
+    from histopan.postprocess import postprocess_tile
+
+    read_sl = tile.read_in_window
+    labels = postprocess_tile(maps, grid.mpp, model_config.postprocess, model_config.classes)
+    instances = labels.instances[read_sl]
+    stuff_ids = np.asarray(model_config.stuff_indices, dtype=np.intp)
+    stuff = stuff_argmax(maps.semantic[:, read_sl[0], read_sl[1]], stuff_ids)
+    stuff = absorb_small_regions(stuff, model_config.postprocess.min_stuff_area_um2, grid.mpp)
+    owned = own_objects(instances, tile.read.as_tuple(), tile.core.as_tuple(), grid.shape, tile.index, ids)
+    record = owned.to_arrays()
+    record["stuff"] = stuff[tile.core.slices_in(tile.read)]
+    n = len(owned)
+    if n:
+        local = owned.local_ids
+        keep = np.zeros(int(instances.max()) + 1, bool)
+        keep[local] = True
+        only_owned = np.where(keep[instances], instances, 0)
+        props = regionprops_table(only_owned, properties=("label", "perimeter", "eccentricity", "solidity"))
+        pos = {int(lab): i for i, lab in enumerate(props["label"])}
+        order = np.array([pos[int(v)] for v in local])
+        table = labels.nuclei.set_index("id")
+        # labels.nuclei ids refer to the window image, which has the same ids as the read crop
+        rows = table.loc[local.astype(np.uint32)]
+        # majority stuff class under each nucleus
+        flat_lab = only_owned.ravel()
+        fg = flat_lab > 0
+        votes = np.zeros((int(flat_lab.max()) + 1, len(model_config.classes)), np.int64)
+        np.add.at(votes, (flat_lab[fg], stuff.ravel()[fg]), 1)
+        record.update({
+            "area_px": np.add.reduceat(owned.masks.astype(np.int64), owned.offsets[:-1]),
+            "perimeter_px": np.asarray(props["perimeter"], np.float64)[order],
+            "eccentricity": np.asarray(props["eccentricity"], np.float64)[order],
+            "solidity": np.asarray(props["solidity"], np.float64)[order],
+            "nucleus_prob": rows["nucleus_prob"].to_numpy(np.float64),
+            "type": rows["type"].to_numpy(np.int64),
+            "type_prob": rows["type_prob"].to_numpy(np.float64),
+            "stuff_class": votes[local].argmax(axis=1).astype(np.int64),
+        })
+    return record
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def segment_slide(slide: str | PathLike[str], out: str | PathLike[str], options: SegmentOptions = SegmentOptions(),
+                  progress: Progress | None = None) -> SegmentResult:
+    """Segment one slide into the store ``out`` (see the module docstring).  Resumes an unfinished store of
+    the same run; refuses to replace a complete one unless ``options.overwrite``."""
+    import torch
+
+    from histopan.inference import TileInferencer
+    from histopan.model.checkpoint import load_model
+    from histopan.slide import open_slide
+    from histopan.slide.tissue import select_tiles, tissue_mask
+    from histopan.tiling import tile_stack
+
+    t_start = time.perf_counter()
+    timer = _Timer()
+    emit = progress or (lambda event, data: None)
+    out = Path(out)
+    _check_output(out)
+    reader = open_slide(slide, mpp=options.mpp)
+    try:
+        base_mpp = reader.require_mpp()
+        model = load_model(options.model)
+        cfg = model.config
+        tile_size = options.tile or cfg.tile
+        halo = cfg.halo if options.halo is None else options.halo
+        if (tile_size + 2 * halo) % 32:
+            raise ConfigError("tile + 2 * halo must be a multiple of 32", value=(tile_size, halo),
+                              fix="use a halo that is a multiple of 16, e.g. 64")
+        work_mpp = reader.snap_mpp(cfg.mpp)
+        grid = TileGrid.for_slide(reader, work_mpp, tile_size, halo, tuple(options.origin))
+        classes = [ClassInfo(i, c.name, tuple(c.color), c.kind) for i, c in enumerate(cfg.classes)]
+        thing_id = cfg.nucleus_index
+        min_area_px = max(cfg.postprocess.min_area_um2 / work_mpp**2, 1.0)
+        ids = IdScheme.for_grid(len(grid), (tile_size + 2 * halo) ** 2, min_area_px)
+
+        t0 = time.perf_counter()
+        mask = tissue_mask(reader)
+        boxes = grid.boxes("core", level0=True)
+        selected = (np.arange(len(grid)) if options.min_tissue <= 0
+                    else select_tiles(mask, boxes, min_fraction=options.min_tissue))
+        timer.add("tissue", time.perf_counter() - t0)
+
+        run_key = {"slide": reader.identity, "model": model.weights_sha256, "mpp": work_mpp, "tile": tile_size,
+                   "halo": halo, "origin": list(grid.origin), "min_tissue": options.min_tissue,
+                   "postprocess": to_dict(cfg.postprocess), "histopan": __version__}
+        store = open_for_run(out, run_key, options.overwrite)
+        if store is None:
+            image_mpp = max(work_mpp * IMAGE_MPP_FACTOR, MIN_IMAGE_MPP)
+            w0, h0 = reader.dimensions
+            image_shape = (int(h0 * base_mpp / image_mpp), int(w0 * base_mpp / image_mpp))
+            store = create_store(
+                out, shape=grid.shape, mpp=work_mpp, chunk=tile_size, classes=classes,
+                image_shape=(max(image_shape[0], 1), max(image_shape[1], 1)), image_mpp=image_mpp,
+                name=reader.path.name,
+                run={"key": run_key, "model": {"name": cfg.name, "path": str(model.path),
+                                               "weights_sha256": model.weights_sha256, "config": to_dict(cfg)},
+                     "options": to_dict(options), "tiles": [int(t) for t in selected]},
+            )
+            store._update_attrs(
+                slide={"identity": reader.identity, "path": str(reader.path), "name": reader.path.name,
+                       "mpp": base_mpp, "width": int(reader.dimensions[0]), "height": int(reader.dimensions[1]),
+                       "vendor": reader.vendor, "objective_power": reader.objective_power},
+                downsample=grid.downsample,
+                tiling={"tile": tile_size, "halo": halo, "origin": list(grid.origin), "n_tiles": len(grid),
+                        "n_tissue_tiles": int(len(selected)), "id_stride": ids.stride},
+            )
+        emit("start", {"n_tiles": int(len(selected)), "grid": len(grid), "mpp": work_mpp,
+                       "shape": grid.shape})
+
+        # ---------------------------------------------------------------------------- pass 1: tiles
+        batches = [selected[i:i + options.batch_size] for i in range(0, len(selected), options.batch_size)]
+        todo = [b for b in batches if not all(store.has_tile(int(t)) for t in b)]
+        resumed = int(len(selected) - sum(len(b) for b in todo))
+        if resumed:
+            log.info("resuming: %d of %d tissue tiles already done", resumed, len(selected))
+        emit("tiles_done", {"done": resumed, "nuclei": 0})
+        inferencer = TileInferencer(model, device=options.device, batch_size=options.batch_size)
+        n_nuclei_pass1 = 0
+        with ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="histopan-post") as post_pool, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="histopan-read") as read_pool:
+
+            def read(batch: np.ndarray) -> tuple[np.ndarray, float]:
+                t = time.perf_counter()
+                windows = tile_stack(reader, grid, [int(i) for i in batch]).compute(
+                    scheduler="threads", num_workers=options.workers)
+                return windows, time.perf_counter() - t
+
+            pending: Future | None = read_pool.submit(read, todo[0]) if todo else None
+            for k, batch in enumerate(todo):
+                windows, t_read = pending.result()  # type: ignore[union-attr]
+                timer.add("read", t_read)
+                pending = read_pool.submit(read, todo[k + 1]) if k + 1 < len(todo) else None
+                t = time.perf_counter()
+                maps = inferencer.predict(windows)
+                if inferencer.device.type == "cuda":
+                    torch.cuda.synchronize(inferencer.device)
+                timer.add("model", time.perf_counter() - t)
+                t = time.perf_counter()
+                futures = [post_pool.submit(process_tile, m, grid[int(i)], grid, cfg, ids)
+                           for m, i in zip(maps, batch)]
+                for i, fut in zip(batch, futures):
+                    record = fut.result()
+                    store.save_tile(int(i), record)
+                    n_nuclei_pass1 += int(record["ids"].size)
+                timer.add("postprocess", time.perf_counter() - t)
+                emit("tiles_done", {"done": resumed + sum(len(b) for b in todo[:k + 1]), "nuclei": n_nuclei_pass1})
+
+        # --------------------------------------------------------------------------- pass 2: chunks
+        t = time.perf_counter()
+        recorded = np.zeros(len(grid), bool)
+        recorded[selected] = True
+        stuff_px, n_cut = _paint_chunks(store, grid, recorded, thing_id, len(classes), emit, timer)
+        timer.add("stitch_write", time.perf_counter() - t)
+
+        t = time.perf_counter()
+        n_nuclei = _write_table(store, grid, selected, cfg, base_mpp)
+        _write_overview(store, reader, store.attrs["image_mpp"])
+        store.build_pyramids()
+        timer.add("table_pyramid", time.perf_counter() - t)
+
+        px_area_mm2 = (work_mpp * 1e-3) ** 2
+        stuff_area = {c.name: float(stuff_px[c.id]) * px_area_mm2 for c in classes}
+        seconds = time.perf_counter() - t_start
+        result = SegmentResult(store=out, n_nuclei=n_nuclei, n_tiles=len(grid), n_tissue_tiles=int(len(selected)),
+                               n_cut=n_cut, stuff_area_mm2=stuff_area,
+                               megapixels=float(len(selected)) * tile_size * tile_size / 1e6, seconds=seconds,
+                               timings=dict(timer.totals), resumed_tiles=resumed)
+        store.finalize(**result.to_json())
+        emit("done", result.to_json())
+        return result
+    finally:
+        reader.close()
+
+
+def _check_output(out: Path) -> None:
+    if out.suffix != ".zarr":
+        raise HistopanError("the output store must be a folder named *.zarr", path=out,
+                            fix=f"pass e.g. -o {out.with_suffix('.zarr').name}")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise HistopanError("the output folder's parent does not exist", path=parent,
+                            fix=f"create it first (mkdir -p {parent})")
+
+
+class _RecordCache:
+    """Tile records loaded from the store, least recently used dropped first (bounded memory)."""
+
+    def __init__(self, store: SlideStore, capacity: int) -> None:
+        self.store = store
+        self.capacity = capacity
+        self.items: OrderedDict[int, tuple[OwnedObjects, np.ndarray]] = OrderedDict()
+
+    def get(self, index: int) -> tuple[OwnedObjects, np.ndarray]:
+        if index in self.items:
+            self.items.move_to_end(index)
+            return self.items[index]
+        arrays = self.store.load_tile(index)
+        value = (OwnedObjects.from_arrays(arrays), arrays["stuff"])
+        self.items[index] = value
+        if len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+        return value
+
+
+def _paint_chunks(store: SlideStore, grid: TileGrid, recorded: np.ndarray, thing_id: int, n_classes: int,
+                  emit: Progress, timer: _Timer) -> tuple[np.ndarray, int]:
+    """Pass 2: paint, fuse and write every chunk that any recorded tile reaches. Returns stuff pixel counts."""
+    chunk = int(store.attrs["chunk"])
+    height, width = grid.shape
+    cache = _RecordCache(store, capacity=4 * (grid.n_cols + 2))
+    counts = np.zeros(max(n_classes, thing_id + 1), np.int64)
+    n_cut = 0
+    counted_cut: set[int] = set()
+    halo = grid.halo
+    for y in range(0, height, chunk):
+        for x in range(0, width, chunk):
+            h, w = min(chunk, height - y), min(chunk, width - x)
+            # tiles whose read box can reach this chunk: cores within one halo of it
+            r0, c0 = grid.owner_of(max(y - halo, 0), max(x - halo, 0))
+            r1, c1 = grid.owner_of(min(y + h + halo, height) - 1, min(x + w + halo, width) - 1)
+            near = [grid.tile_at(r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+            near = [t for t in near if recorded[t.index]]
+            if not near:
+                continue
+            key = f"{y // chunk}_{x // chunk}"
+            records = {t.index: cache.get(t.index) for t in near}
+            for t in near:
+                if t.index not in counted_cut:
+                    counted_cut.add(t.index)
+                    n_cut += int(records[t.index][0].cut.sum())
+            if store.chunk_done(key):
+                sem = store.semantic[y:y + h, x:x + w]
+                counts += np.bincount(sem.ravel(), minlength=counts.size)[:counts.size]
+                continue
+            stuff = np.zeros((h, w), np.uint8)  # background where no tile was processed
+            for t in near:
+                core = t.core
+                oy0, ox0 = max(core.y, y), max(core.x, x)
+                oy1, ox1 = min(core.y1, y + h), min(core.x1, x + w)
+                if oy0 < oy1 and ox0 < ox1:
+                    src = records[t.index][1]
+                    stuff[oy0 - y:oy1 - y, ox0 - x:ox1 - x] = src[oy0 - core.y:oy1 - core.y,
+                                                                  ox0 - core.x:ox1 - core.x]
+            nuclei = paint((x, y, w, h), [records[t.index][0] for t in near])
+            semantic = fuse(stuff, nuclei, thing_id)
+            t0 = time.perf_counter()
+            store.write_labels(y, x, semantic, nuclei)
+            timer.add("write", time.perf_counter() - t0)
+            store.mark_chunk_done(key)
+            counts += np.bincount(semantic.ravel(), minlength=counts.size)[:counts.size]
+        emit("chunks_row", {"row": y // chunk, "rows": -(-height // chunk)})
+    return counts, n_cut
+
+
+def _write_table(store: SlideStore, grid: TileGrid, selected: Sequence[int], cfg: Any, base_mpp: float) -> int:
+    """The nucleus table (Parquet), streamed tile by tile in tile order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ds = grid.downsample
+    mpp = grid.mpp
+    class_names = list(cfg.class_names)
+    type_names = list(cfg.type_names)
+    schema = pa.schema([
+        ("id", pa.uint32()), ("centroid_x", pa.float64()), ("centroid_y", pa.float64()),
+        ("centroid_x_um", pa.float64()), ("centroid_y_um", pa.float64()), ("area_um2", pa.float64()),
+        ("perimeter_um", pa.float64()), ("eccentricity", pa.float64()), ("solidity", pa.float64()),
+        ("circularity", pa.float64()), ("nucleus_prob", pa.float64()), ("type", pa.string()),
+        ("type_prob", pa.float64()), ("stuff_class", pa.string()), ("bbox_x", pa.int64()), ("bbox_y", pa.int64()),
+        ("bbox_w", pa.int64()), ("bbox_h", pa.int64()), ("cut", pa.bool_()),
+    ])
+    store.table_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.table_path.with_name("nuclei.parquet.tmp")
+    total = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for index in selected:
+            rec = store.load_tile(int(index))
+            n = int(rec["ids"].size)
+            if n == 0:
+                continue
+            cy, cx = rec["centroids"][:, 0], rec["centroids"][:, 1]
+            x0_level0 = (cx + 0.5) * ds
+            y0_level0 = (cy + 0.5) * ds
+            area_um2 = rec["area_px"] * mpp * mpp
+            perim_um = rec["perimeter_px"] * mpp
+            with np.errstate(divide="ignore", invalid="ignore"):
+                circ = np.where(perim_um > 0, 4 * np.pi * area_um2 / perim_um**2, np.nan)
+            circ = np.minimum(circ, 1.0)
+            types = rec["type"]
+            bb = rec["bboxes"]
+            columns = {
+                "id": rec["ids"].astype(np.uint32), "centroid_x": x0_level0, "centroid_y": y0_level0,
+                "centroid_x_um": x0_level0 * base_mpp, "centroid_y_um": y0_level0 * base_mpp,
+                "area_um2": area_um2, "perimeter_um": perim_um, "eccentricity": rec["eccentricity"],
+                "solidity": rec["solidity"], "circularity": circ, "nucleus_prob": rec["nucleus_prob"],
+                "type": [type_names[t] if 0 <= t < len(type_names) else None for t in types],
+                "type_prob": rec["type_prob"],
+                "stuff_class": [class_names[s] for s in rec["stuff_class"]],
+                "bbox_x": bb[:, 1], "bbox_y": bb[:, 0], "bbox_w": bb[:, 3] - bb[:, 1], "bbox_h": bb[:, 2] - bb[:, 0],
+                "cut": rec["cut"].astype(bool),
+            }
+            writer.write_table(pa.table(columns, schema=schema))
+            total += n
+    tmp.replace(store.table_path)
+    return total
+
+
+def _write_overview(store: SlideStore, reader: Any, image_mpp: float, block: int = 1024) -> None:
+    """Level 0 of the store's RGB overview image, read block by block at ``image_mpp``."""
+    arr = store.group["0"]
+    _, height, width = arr.shape
+    ds = image_mpp / reader.require_mpp()
+    w0, h0 = reader.dimensions
+    for y in range(0, height, block):
+        for x in range(0, width, block):
+            h, w = min(block, height - y), min(block, width - x)
+            lw, lh = min(w * ds, w0 - x * ds), min(h * ds, h0 - y * ds)
+            rgb = reader.read_region(x * ds, y * ds, lw, lh, mpp=image_mpp, out_size=(w, h))
+            store.write_image_level0(y, x, rgb)
