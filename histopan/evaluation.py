@@ -161,48 +161,17 @@ class StoreLabels:
 
 
 def open_store(path: str | Path) -> StoreLabels:
-    """Open a histopan store for reading labels; refuses incomplete stores and missing label arrays."""
-    import zarr
+    """Open a complete histopan store for reading labels (see :func:`histopan.store.open_store`)."""
+    from histopan import store as store_mod
 
-    path = Path(path)
-    try:
-        root = zarr.open_group(str(path), mode="r")
-    except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError) as exc:
-        raise StoreError("not a readable zarr group", path=path, fix="pass a histopan store folder") from exc
-    meta = root.attrs.get("histopan")
-    if not isinstance(meta, Mapping) or "classes" not in meta:
-        raise StoreError(
-            "the store has no histopan metadata with classes",
-            path=path,
-            fix="pass a store written by histopan (root attribute 'histopan' with 'classes')",
-        )
-    if meta.get("complete") is not True:
-        raise StoreError(
-            "the store is incomplete (the run that writes it has not finished)",
-            path=path,
-            value=meta.get("complete"),
-            fix="let the run finish (or resume it) before evaluating",
-        )
-    arrays = {}
-    for key in (SEMANTIC_PATH, NUCLEI_PATH):
-        try:
-            arr = root[key]
-        except KeyError:
-            raise StoreError(f"the store lacks the array {key}", path=path, fix="write both label arrays") from None
-        if not isinstance(arr, zarr.Array) or arr.ndim != 2:
-            raise StoreError(f"{key} must be a 2-D array", path=path, value=getattr(arr, "shape", None))
-        arrays[key] = arr
-    if arrays[SEMANTIC_PATH].shape != arrays[NUCLEI_PATH].shape:
-        raise StoreError(
-            "the semantic and nucleus label arrays differ in shape",
-            path=path,
-            value=(arrays[SEMANTIC_PATH].shape, arrays[NUCLEI_PATH].shape),
-        )
-    void = meta.get("void_label")
-    return StoreLabels(
-        path, arrays[SEMANTIC_PATH], arrays[NUCLEI_PATH], parse_classes(meta["classes"]),
-        None if void is None else int(void),
-    )
+    store = store_mod.open_store(path)
+    semantic, nuclei = store.semantic, store.nuclei
+    if semantic.shape != nuclei.shape:
+        raise StoreError("the semantic and nucleus label arrays differ in shape", path=path,
+                         value=(semantic.shape, nuclei.shape), fix="rewrite the store with 'histopan segment'")
+    void = store.attrs.get("void_label")
+    return StoreLabels(Path(path), semantic, nuclei, parse_classes(store.attrs["classes"]),
+                       None if void is None else int(void))
 
 
 def regions(shape: tuple[int, int], chunks: tuple[int, int], region_px: int) -> Iterator[tuple[slice, slice]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import zarr
+from histopan.store import ClassInfo, create_store
 from skimage.morphology import disk, erosion
 
 from histopan.cli import main
@@ -122,15 +122,13 @@ def panoptic_maps(seed: int, size: int = 300) -> tuple[np.ndarray, ...]:
 
 
 def write_store(path: Path, sem: np.ndarray, inst: np.ndarray, complete: bool = True) -> Path:
-    root = zarr.open_group(str(path), mode="w")
-    root.attrs["histopan"] = {
-        "classes": [{"id": c.id, "name": c.name, "color": [1, 2, 3], "kind": c.kind} for c in CLASSES],
-        "complete": complete,
-    }
-    s = root.create_array("labels/semantic/0", shape=sem.shape, chunks=(64, 64), dtype="uint8")
-    i = root.create_array("labels/nuclei/0", shape=inst.shape, chunks=(64, 64), dtype="uint32")
-    s[:] = sem
-    i[:] = inst
+    """A real histopan store (histopan.store) holding the given label maps, 64-px chunks."""
+    store = create_store(path, shape=sem.shape, mpp=0.5, chunk=64,
+                         classes=[ClassInfo(c.id, c.name, (1, 2, 3), c.kind) for c in CLASSES],
+                         image_shape=(8, 8), image_mpp=4.0, name="test", run={"key": {}})
+    store.write_labels(0, 0, sem, inst)
+    if complete:
+        store.finalize()
     return path
 
 
