@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 LABEL_SUFFIXES = (".tif", ".tiff", ".png")
 POINT_SUFFIXES = (".geojson", ".json")
-SEMANTIC_PATH = "labels/semantic/0"
-NUCLEI_PATH = "labels/nuclei/0"
 
 #: Default side of the square regions a store is read in (pixels; rounded to whole chunks).
 DEFAULT_REGION_PX = 2048
