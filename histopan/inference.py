@@ -90,7 +90,7 @@ class TileInferencer:
     @torch.inference_mode()
     def _run_batch(self, batch: np.ndarray) -> list[ProbabilityMaps]:
         n, h, w, _ = batch.shape
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        x = torch.from_numpy(np.require(batch, np.uint8, ("C", "W"))).to(self.device, non_blocking=True)
         x = normalize_input(x, self.config)
         pad_h, pad_w = (-h) % INPUT_MULTIPLE, (-w) % INPUT_MULTIPLE
         if pad_h or pad_w:
