@@ -170,6 +170,12 @@ def process_tile(maps: Any, tile: Any, grid: TileGrid, model_config: Any, ids: I
     return record
 
 
+def _timed_process_tile(*args: Any) -> tuple[dict[str, np.ndarray], float]:
+    t = time.perf_counter()
+    record = process_tile(*args)
+    return record, time.perf_counter() - t
+
+
 # --------------------------------------------------------------------------------------------- the run
 
 
@@ -259,6 +265,21 @@ def segment_slide(slide: str | PathLike[str], out: str | PathLike[str], options:
                     scheduler="threads", num_workers=options.workers)
                 return windows, time.perf_counter() - t
 
+            done = resumed
+            in_flight: list[tuple[np.ndarray, list[Future]]] = []
+
+            def collect(batch: np.ndarray, futures: list[Future]) -> None:
+                nonlocal done, n_nuclei_pass1
+                for i, fut in zip(batch, futures):
+                    record, seconds = fut.result()
+                    store.save_tile(int(i), record)
+                    n_nuclei_pass1 += int(record["ids"].size)
+                    timer.add("postprocess", seconds)
+                done += len(batch)
+                emit("tiles_done", {"done": done, "nuclei": n_nuclei_pass1})
+
+            # Reading runs one batch ahead and post-processing one batch behind the network, so on a GPU
+            # node the accelerator does not wait for the CPU stages.
             pending: Future | None = read_pool.submit(read, todo[0]) if todo else None
             for k, batch in enumerate(todo):
                 windows, t_read = pending.result()  # type: ignore[union-attr]
@@ -269,15 +290,13 @@ def segment_slide(slide: str | PathLike[str], out: str | PathLike[str], options:
                 if inferencer.device.type == "cuda":
                     torch.cuda.synchronize(inferencer.device)
                 timer.add("model", time.perf_counter() - t)
-                t = time.perf_counter()
-                futures = [post_pool.submit(process_tile, m, grid[int(i)], grid, cfg, ids)
-                           for m, i in zip(maps, batch)]
-                for i, fut in zip(batch, futures):
-                    record = fut.result()
-                    store.save_tile(int(i), record)
-                    n_nuclei_pass1 += int(record["ids"].size)
-                timer.add("postprocess", time.perf_counter() - t)
-                emit("tiles_done", {"done": resumed + sum(len(b) for b in todo[:k + 1]), "nuclei": n_nuclei_pass1})
+                in_flight.append((batch, [post_pool.submit(_timed_process_tile, m, grid[int(i)], grid, cfg, ids)
+                                          for m, i in zip(maps, batch)]))
+                del maps, windows
+                while len(in_flight) > 1:
+                    collect(*in_flight.pop(0))
+            while in_flight:
+                collect(*in_flight.pop(0))
 
         # --------------------------------------------------------------------------- pass 2: chunks
         t = time.perf_counter()
