@@ -127,9 +127,7 @@ class _Timer:
 
 def process_tile(maps: Any, tile: Any, grid: TileGrid, model_config: Any, ids: IdScheme) -> dict[str, np.ndarray]:
     """Probability maps of one tile window -> its record: owned nuclei, their measurements, its stuff core."""
-    from skimage.measure import regionprops_table
-
-    from histopan.postprocess import postprocess_tile
+    from histopan.postprocess import postprocess_tile, shape_features
 
     read_sl = tile.read_in_window
     labels = postprocess_tile(maps, grid.mpp, model_config.postprocess, model_config.classes)
@@ -143,25 +141,18 @@ def process_tile(maps: Any, tile: Any, grid: TileGrid, model_config: Any, ids: I
     n = len(owned)
     if n:
         local = owned.local_ids
-        keep = np.zeros(int(instances.max()) + 1, bool)
-        keep[local] = True
-        only_owned = np.where(keep[instances], instances, 0)
-        props = regionprops_table(only_owned, properties=("label", "perimeter", "eccentricity", "solidity"))
-        pos = {int(lab): i for i, lab in enumerate(props["label"])}
-        order = np.array([pos[int(v)] for v in local])
-        table = labels.nuclei.set_index("id")
-        # labels.nuclei ids refer to the window image, which has the same ids as the read crop
-        rows = table.loc[local.astype(np.uint32)]
+        shape = shape_features(instances, local)
+        rows = labels.nuclei.set_index("id").loc[local.astype(np.uint32)]  # ids of the window = of the read crop
         # majority stuff class under each nucleus
-        flat_lab = only_owned.ravel()
-        fg = flat_lab > 0
-        votes = np.zeros((int(flat_lab.max()) + 1, len(model_config.classes)), np.int64)
-        np.add.at(votes, (flat_lab[fg], stuff.ravel()[fg]), 1)
+        lab = instances.ravel().astype(np.int64)
+        votes = np.zeros((int(lab.max()) + 1, len(model_config.classes)), np.int64)
+        fg = lab > 0
+        np.add.at(votes, (lab[fg], stuff.ravel()[fg]), 1)
         record.update({
-            "area_px": np.add.reduceat(owned.masks.astype(np.int64), owned.offsets[:-1]),
-            "perimeter_px": np.asarray(props["perimeter"], np.float64)[order],
-            "eccentricity": np.asarray(props["eccentricity"], np.float64)[order],
-            "solidity": np.asarray(props["solidity"], np.float64)[order],
+            "area_px": shape["area"].astype(np.int64),
+            "perimeter_px": shape["perimeter"],
+            "eccentricity": shape["eccentricity"],
+            "solidity": shape["solidity"],
             "nucleus_prob": rows["nucleus_prob"].to_numpy(np.float64),
             "type": rows["type"].to_numpy(np.int64),
             "type_prob": rows["type_prob"].to_numpy(np.float64),

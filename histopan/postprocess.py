@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
 from histopan.errors import ModelError, MppError
@@ -122,35 +121,52 @@ def _thing_index(classes: Sequence[Any], n_channels: int) -> tuple[int, list[int
 
 def _markers(centre: np.ndarray, mask: np.ndarray, components: np.ndarray, n_components: int,
              distance: np.ndarray, min_distance_px: int, threshold: float) -> np.ndarray:
-    """Marker image: centre-map peaks inside the mask, plus one marker per mask component without a peak."""
-    peaks = peak_local_max(centre, min_distance=min_distance_px, threshold_abs=threshold,
-                           labels=components, exclude_border=False)
+    """Marker image: centre-map peaks inside the mask, plus one marker per mask component without a peak.
+
+    A peak is a mask pixel above ``threshold`` that is the maximum of the (masked) centre map within
+    ``min_distance_px`` (Chebyshev); a flat top gives one marker.  One vectorised pass over the tile.
+    """
+    masked = np.where(mask, centre, -np.inf).astype(np.float32)
+    size = 2 * min_distance_px + 1
+    peak = mask & (masked >= threshold) & (masked == ndi.maximum_filter(masked, size=size, mode="nearest"))
     markers = np.zeros(mask.shape, dtype=np.int32)
-    if len(peaks):
-        # peak_local_max orders by height; sort by position so marker ids do not depend on ties
-        peaks = peaks[np.lexsort((peaks[:, 1], peaks[:, 0]))]
-        markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
+    plateaus, n_peaks = ndi.label(peak, structure=np.ones((3, 3), bool))
+    if n_peaks:
+        # one marker per flat top: its first pixel in raster order
+        flat = plateaus.ravel()
+        idx = np.flatnonzero(flat)
+        first = idx[np.unique(flat[idx], return_index=True)[1]]
+        markers.ravel()[first] = np.arange(1, n_peaks + 1)
     has_peak = np.zeros(n_components + 1, dtype=bool)
     has_peak[components[markers > 0]] = True
     missing = np.flatnonzero(~has_peak[1:]) + 1
     if len(missing):
         deepest = ndi.maximum_position(distance, labels=components, index=missing)
-        start = len(peaks) + 1
+        start = n_peaks + 1
         for k, (r, c) in enumerate(deepest):
             markers[r, c] = start + k
     return markers
 
 
 def _fill_holes(instances: np.ndarray) -> np.ndarray:
+    """Fill background pockets that are enclosed by a single instance (vectorised over all instances)."""
+    fg = instances > 0
+    holes = ndi.binary_fill_holes(fg) & ~fg
+    if not holes.any():
+        return instances
+    hole_ids, n_holes = ndi.label(holes)
+    padded = np.pad(instances, 1)
+    pairs = []
+    for shifted in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+        at = (hole_ids > 0) & (shifted > 0)
+        pairs.append(np.stack([hole_ids[at], shifted[at].astype(np.int64)], axis=1))
+    pairs = np.unique(np.concatenate(pairs), axis=0)
+    n_neighbours = np.bincount(pairs[:, 0], minlength=n_holes + 1)
+    fill = np.zeros(n_holes + 1, dtype=instances.dtype)
+    single = pairs[n_neighbours[pairs[:, 0]] == 1]
+    fill[single[:, 0]] = single[:, 1]
     out = instances.copy()
-    for label, box in enumerate(ndi.find_objects(instances), start=1):
-        if box is None:
-            continue
-        region = instances[box] == label
-        filled = ndi.binary_fill_holes(region)
-        new = filled & ~region & (instances[box] == 0)
-        if new.any():
-            out[box][new] = label
+    out[holes] = fill[hole_ids[holes]]
     return out
 
 
@@ -253,3 +269,65 @@ def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
     semantic = np.where(instances > 0, np.uint8(nucleus), stuff_argmax).astype(np.uint8)
     table = nucleus_table(instances, mpp, p_nucleus, maps.types)
     return TileLabels(semantic=semantic, instances=instances, nuclei=table, mpp=float(mpp))
+
+
+def shape_features(instances: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Vectorised shape measurements of the objects ``ids`` of a label image, in pixel units.
+
+    - ``area``: pixel count;
+    - ``perimeter``: exposed pixel edges (4-neighbour boundary length) times pi/4, the Crofton-style
+      correction that makes a digitised disc's perimeter match 2 pi r (axis-aligned straight edges come out
+      about 21 % short; nuclei are round);
+    - ``eccentricity``: from the second central moments, as :func:`skimage.measure.regionprops` defines it;
+    - ``solidity``: pixel count over the area of the convex hull of the object's pixel squares (<= 1).
+    """
+    from scipy.spatial import ConvexHull, QhullError
+
+    ids = np.asarray(ids, dtype=np.int64)
+    n_lab = int(instances.max()) + 1 if instances.size else 1
+    flat = instances.ravel().astype(np.int64)
+    rows, cols = np.indices(instances.shape, dtype=np.float64)
+    area = np.bincount(flat, minlength=n_lab).astype(np.float64)
+    sy = np.bincount(flat, rows.ravel(), minlength=n_lab)
+    sx = np.bincount(flat, cols.ravel(), minlength=n_lab)
+    syy = np.bincount(flat, (rows * rows).ravel(), minlength=n_lab)
+    sxx = np.bincount(flat, (cols * cols).ravel(), minlength=n_lab)
+    sxy = np.bincount(flat, (rows * cols).ravel(), minlength=n_lab)
+    a = np.maximum(area[ids], 1)
+    cy, cx = sy[ids] / a, sx[ids] / a
+    mu_yy = syy[ids] / a - cy * cy
+    mu_xx = sxx[ids] / a - cx * cx
+    mu_xy = sxy[ids] / a - cx * cy
+    common = np.sqrt(np.maximum(((mu_yy - mu_xx) / 2) ** 2 + mu_xy**2, 0))
+    l1 = (mu_yy + mu_xx) / 2 + common
+    l2 = np.maximum((mu_yy + mu_xx) / 2 - common, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        eccentricity = np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), 0.0)
+
+    padded = np.pad(instances, 1)
+    edges = np.zeros(n_lab, np.int64)
+    for shifted in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+        exposed = (instances != shifted) & (instances > 0)
+        edges += np.bincount(instances[exposed].astype(np.int64), minlength=n_lab)
+    perimeter = edges[ids] * (np.pi / 4)
+
+    # convex hull of the corners of each object's boundary pixels
+    boundary = (instances > 0) & (
+        (instances != padded[:-2, 1:-1]) | (instances != padded[2:, 1:-1])
+        | (instances != padded[1:-1, :-2]) | (instances != padded[1:-1, 2:]))
+    by, bx = np.nonzero(boundary)
+    blab = instances[by, bx].astype(np.int64)
+    order = np.argsort(blab, kind="stable")
+    by, bx, blab = by[order], bx[order], blab[order]
+    starts = np.searchsorted(blab, ids, side="left")
+    stops = np.searchsorted(blab, ids, side="right")
+    corners = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float64)
+    hull_area = np.empty(ids.size)
+    for k, (s, e) in enumerate(zip(starts, stops)):
+        pts = (np.stack([by[s:e], bx[s:e]], axis=1)[:, None, :] + corners[None]).reshape(-1, 2)
+        try:
+            hull_area[k] = ConvexHull(pts).volume  # 2-D "volume" is the area
+        except (QhullError, ValueError):
+            hull_area[k] = area[ids[k]]
+    solidity = np.clip(area[ids] / np.maximum(hull_area, 1e-9), 0, 1)
+    return {"area": area[ids], "perimeter": perimeter, "eccentricity": eccentricity, "solidity": solidity}
