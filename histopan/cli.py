@@ -76,6 +76,9 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     return 0
 
 
+THUMBNAIL_PX = 1024  # long side of `histopan info --thumbnail`
+
+
 def _info_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slide", help="slide file (svs, ndpi, mrxs, scn, bif, dcm, tiff, ome.tiff, png, jpg)")
     parser.add_argument("--mpp", type=float, default=None,
@@ -105,8 +108,13 @@ def _info_run(args: argparse.Namespace) -> int:
     info["tissue_fraction"] = mask.fraction
     info["tissue_mask_downsample"] = mask.downsample
     if thumb is not None:
-        thickness = max(1, round(max(mask.shape) / 400))
-        Image.fromarray(mask.overlay((0, 255, 0), thickness)).save(thumb, format="PNG")
+        with open_slide(args.slide, mpp=args.mpp) as reader:
+            width, height = reader.dimensions
+            scale = min(1.0, THUMBNAIL_PX / max(width, height))
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            image = reader.read_region(0, 0, width, height, out_size=size)
+        thickness = max(1, round(max(size) / 400))
+        Image.fromarray(mask.overlay((0, 200, 0), thickness, image=image)).save(thumb, format="PNG")
         info["thumbnail"] = str(thumb)
         log.info("wrote %s", thumb)
     if args.json:

@@ -81,11 +81,22 @@ class TissueMask:
         """Boolean image of the tissue boundary pixels (inner boundary), same shape as ``mask``."""
         return segmentation.find_boundaries(self.mask, mode="inner")
 
-    def overlay(self, colour: tuple[int, int, int] = (0, 255, 0), thickness: int = 1) -> np.ndarray:
-        """The thumbnail (white if absent) with the tissue outline drawn in ``colour``."""
-        base = self.thumbnail if self.thumbnail is not None else np.full((*self.shape, 3), 255, np.uint8)
+    def overlay(self, colour: tuple[int, int, int] = (0, 255, 0), thickness: int = 1,
+                image: np.ndarray | None = None) -> np.ndarray:
+        """``image`` (default: the mask's own thumbnail; white if absent) with the tissue outline in ``colour``.
+
+        ``image`` may be larger than the mask (e.g. a 1024-px slide thumbnail): the mask is scaled to it.
+        """
+        base = image if image is not None else self.thumbnail
+        if base is None:
+            base = np.full((*self.shape, 3), 255, np.uint8)
         out = base.copy()
-        edge = self.outline()
+        mask = self.mask
+        if mask.shape != out.shape[:2]:
+            rows = np.minimum((np.arange(out.shape[0]) * mask.shape[0]) // out.shape[0], mask.shape[0] - 1)
+            cols = np.minimum((np.arange(out.shape[1]) * mask.shape[1]) // out.shape[1], mask.shape[1] - 1)
+            mask = mask[rows[:, None], cols[None, :]]
+        edge = segmentation.find_boundaries(mask, mode="inner")
         if thickness > 1:
             edge = morphology.dilation(edge, morphology.disk(thickness - 1))
         out[edge] = colour
