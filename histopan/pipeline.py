@@ -170,27 +170,49 @@ def _timed_process_tile(*args: Any) -> tuple[dict[str, np.ndarray], float]:
 # --------------------------------------------------------------------------------------------- the run
 
 
-def segment_slide(slide: str | PathLike[str], out: str | PathLike[str], options: SegmentOptions = SegmentOptions(),
-                  progress: Progress | None = None) -> SegmentResult:
-    """Segment one slide into the store ``out`` (see the module docstring).  Resumes an unfinished store of
-    the same run; refuses to replace a complete one unless ``options.overwrite``."""
-    import torch
+@dataclass
+class RunPlan:
+    """Everything one slide's run needs, decided once before any tile is read (see :func:`plan_run`).
 
-    from histopan.inference import TileInferencer
+    Plain data (paths, the grid, tile indices): it pickles, so a distributed batch can ship it to workers,
+    which reopen the slide and the store by path.
+    """
+
+    slide: Path
+    slide_mpp: float | None  # the user's override, if any (workers reopen the slide with it)
+    out: Path
+    model: Any  # LoadedModel
+    grid: TileGrid
+    selected: np.ndarray  # tissue tiles, row-major indices
+    batches: list[np.ndarray]  # fixed slices of ``selected``: the network always sees the same batches
+    ids: IdScheme
+    base_mpp: float
+    tissue_seconds: float
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def pending_batches(self, store: SlideStore) -> list[np.ndarray]:
+        """Batches with at least one tile not yet recorded (a resumed run recomputes whole batches)."""
+        return [b for b in self.batches if not all(store.has_tile(int(t)) for t in b)]
+
+
+def plan_run(slide: str | PathLike[str], out: str | PathLike[str], options: SegmentOptions,
+             model: Any = None) -> tuple[RunPlan, SlideStore]:
+    """Open the slide and the model, lay the grid, find the tissue tiles, and create or resume the store.
+
+    ``model`` (a LoadedModel) may be passed to reuse one already loaded; else ``options.model`` is loaded.
+    """
     from histopan.model.checkpoint import load_model
     from histopan.slide import open_slide
     from histopan.slide.tissue import select_tiles, tissue_mask
-    from histopan.tiling import tile_stack
 
-    t_start = time.perf_counter()
-    timer = _Timer()
-    emit = progress or (lambda event, data: None)
     out = Path(out)
     _check_output(out)
-    reader = open_slide(slide, mpp=options.mpp)
-    try:
+    with open_slide(slide, mpp=options.mpp) as reader:
         base_mpp = reader.require_mpp()
-        model = load_model(options.model)
+        model = model if model is not None else load_model(options.model)
         cfg = model.config
         tile_size = options.tile or cfg.tile
         halo = cfg.halo if options.halo is None else options.halo
@@ -200,16 +222,14 @@ def segment_slide(slide: str | PathLike[str], out: str | PathLike[str], options:
         work_mpp = reader.snap_mpp(cfg.mpp)
         grid = TileGrid.for_slide(reader, work_mpp, tile_size, halo, tuple(options.origin))
         classes = [ClassInfo(i, c.name, tuple(c.color), c.kind) for i, c in enumerate(cfg.classes)]
-        thing_id = cfg.nucleus_index
         min_area_px = max(cfg.postprocess.min_area_um2 / work_mpp**2, 1.0)
         ids = IdScheme.for_grid(len(grid), (tile_size + 2 * halo) ** 2, min_area_px)
 
         t0 = time.perf_counter()
-        mask = tissue_mask(reader)
         boxes = grid.boxes("core", level0=True)
         selected = (np.arange(len(grid)) if options.min_tissue <= 0
-                    else select_tiles(mask, boxes, min_fraction=options.min_tissue))
-        timer.add("tissue", time.perf_counter() - t0)
+                    else select_tiles(tissue_mask(reader), boxes, min_fraction=options.min_tissue))
+        tissue_seconds = time.perf_counter() - t0
 
         run_key = {"slide": reader.identity, "model": model.weights_sha256, "mpp": work_mpp, "tile": tile_size,
                    "halo": halo, "origin": list(grid.origin), "min_tissue": options.min_tissue,
@@ -218,11 +238,10 @@ def segment_slide(slide: str | PathLike[str], out: str | PathLike[str], options:
         if store is None:
             image_mpp = max(work_mpp * IMAGE_MPP_FACTOR, MIN_IMAGE_MPP)
             w0, h0 = reader.dimensions
-            image_shape = (int(h0 * base_mpp / image_mpp), int(w0 * base_mpp / image_mpp))
+            image_shape = (max(int(h0 * base_mpp / image_mpp), 1), max(int(w0 * base_mpp / image_mpp), 1))
             store = create_store(
-                out, shape=grid.shape, mpp=work_mpp, chunk=tile_size, classes=classes,
-                image_shape=(max(image_shape[0], 1), max(image_shape[1], 1)), image_mpp=image_mpp,
-                name=reader.path.name,
+                out, shape=grid.shape, mpp=work_mpp, chunk=tile_size, classes=classes, image_shape=image_shape,
+                image_mpp=image_mpp, name=reader.path.name,
                 run={"key": run_key, "model": {"name": cfg.name, "path": str(model.path),
                                                "weights_sha256": model.weights_sha256, "config": to_dict(cfg)},
                      "options": to_dict(options), "tiles": [int(t) for t in selected]},
@@ -235,85 +254,127 @@ def segment_slide(slide: str | PathLike[str], out: str | PathLike[str], options:
                 tiling={"tile": tile_size, "halo": halo, "origin": list(grid.origin), "n_tiles": len(grid),
                         "n_tissue_tiles": int(len(selected)), "id_stride": ids.stride},
             )
-        emit("start", {"n_tiles": int(len(selected)), "grid": len(grid), "mpp": work_mpp,
-                       "shape": grid.shape})
-
-        # ---------------------------------------------------------------------------- pass 1: tiles
         batches = [selected[i:i + options.batch_size] for i in range(0, len(selected), options.batch_size)]
-        todo = [b for b in batches if not all(store.has_tile(int(t)) for t in b)]
-        resumed = int(len(selected) - sum(len(b) for b in todo))
-        if resumed:
-            log.info("resuming: %d of %d tissue tiles already done", resumed, len(selected))
-        emit("tiles_done", {"done": resumed, "nuclei": 0})
-        inferencer = TileInferencer(model, device=options.device, batch_size=options.batch_size)
-        n_nuclei_pass1 = 0
-        with ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="histopan-post") as post_pool, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="histopan-read") as read_pool:
+        plan = RunPlan(slide=reader.path, slide_mpp=options.mpp, out=out, model=model, grid=grid,
+                       selected=selected, batches=batches, ids=ids, base_mpp=base_mpp,
+                       tissue_seconds=tissue_seconds)
+    return plan, store
 
-            def read(batch: np.ndarray) -> tuple[np.ndarray, float]:
-                t = time.perf_counter()
-                windows = tile_stack(reader, grid, [int(i) for i in batch]).compute(
-                    scheduler="threads", num_workers=options.workers)
-                return windows, time.perf_counter() - t
 
-            done = resumed
-            in_flight: list[tuple[np.ndarray, list[Future]]] = []
+def read_windows(reader: Any, grid: TileGrid, batch: Sequence[int], workers: int = 1) -> np.ndarray:
+    """The core + halo windows of the tiles ``batch`` as one (N, T, T, 3) uint8 array (dask, threaded)."""
+    from histopan.tiling import tile_stack
 
-            def collect(batch: np.ndarray, futures: list[Future]) -> None:
-                nonlocal done, n_nuclei_pass1
-                for i, fut in zip(batch, futures):
-                    record, seconds = fut.result()
-                    store.save_tile(int(i), record)
-                    n_nuclei_pass1 += int(record["ids"].size)
-                    timer.add("postprocess", seconds)
-                done += len(batch)
-                emit("tiles_done", {"done": done, "nuclei": n_nuclei_pass1})
+    return tile_stack(reader, grid, [int(i) for i in batch]).compute(scheduler="threads", num_workers=workers)
 
-            # Reading runs one batch ahead and post-processing one batch behind the network, so on a GPU
-            # node the accelerator does not wait for the CPU stages.
-            pending: Future | None = read_pool.submit(read, todo[0]) if todo else None
-            for k, batch in enumerate(todo):
-                windows, t_read = pending.result()  # type: ignore[union-attr]
-                timer.add("read", t_read)
-                pending = read_pool.submit(read, todo[k + 1]) if k + 1 < len(todo) else None
-                t = time.perf_counter()
-                maps = inferencer.predict(windows)
-                if inferencer.device.type == "cuda":
-                    torch.cuda.synchronize(inferencer.device)
-                timer.add("model", time.perf_counter() - t)
-                in_flight.append((batch, [post_pool.submit(_timed_process_tile, m, grid[int(i)], grid, cfg, ids)
-                                          for m, i in zip(maps, batch)]))
-                del maps, windows
-                while len(in_flight) > 1:
-                    collect(*in_flight.pop(0))
-            while in_flight:
-                collect(*in_flight.pop(0))
 
-        # --------------------------------------------------------------------------- pass 2: chunks
-        t = time.perf_counter()
-        recorded = np.zeros(len(grid), bool)
-        recorded[selected] = True
-        stuff_px, n_cut = _paint_chunks(store, grid, recorded, thing_id, len(classes), emit, timer)
-        timer.add("stitch_write", time.perf_counter() - t)
+def finish_run(plan: RunPlan, store: SlideStore, emit: Progress, timer: _Timer, t_start: float,
+               resumed: int) -> SegmentResult:
+    """Pass 2 (paint, fuse, write every chunk), the nucleus table, the overview image and the pyramids;
+    then mark the store complete."""
+    from histopan.slide import open_slide
 
-        t = time.perf_counter()
-        n_nuclei = _write_table(store, grid, selected, cfg, base_mpp)
+    cfg = plan.config
+    grid = plan.grid
+    t = time.perf_counter()
+    recorded = np.zeros(len(grid), bool)
+    recorded[plan.selected] = True
+    classes = store.classes
+    stuff_px, n_cut = _paint_chunks(store, grid, recorded, cfg.nucleus_index, len(classes), emit, timer)
+    timer.add("stitch_write", time.perf_counter() - t)
+    if n_cut:
+        log.warning("%d object(s) touched the edge of a tile's halo and may be larger than the halo (%d px); they "
+                    "are kept as seen and flagged 'cut' in the nucleus table (a larger --tile halo avoids this)",
+                    n_cut, grid.halo)
+
+    t = time.perf_counter()
+    n_nuclei = _write_table(store, grid, plan.selected, cfg, plan.base_mpp)
+    with open_slide(plan.slide, mpp=plan.slide_mpp) as reader:
         _write_overview(store, reader, store.attrs["image_mpp"])
-        store.build_pyramids()
-        timer.add("table_pyramid", time.perf_counter() - t)
+    store.build_pyramids()
+    timer.add("table_pyramid", time.perf_counter() - t)
 
-        px_area_mm2 = (work_mpp * 1e-3) ** 2
-        stuff_area = {c.name: float(stuff_px[c.id]) * px_area_mm2 for c in classes}
-        seconds = time.perf_counter() - t_start
-        result = SegmentResult(store=out, n_nuclei=n_nuclei, n_tiles=len(grid), n_tissue_tiles=int(len(selected)),
-                               n_cut=n_cut, stuff_area_mm2=stuff_area,
-                               megapixels=float(len(selected)) * tile_size * tile_size / 1e6, seconds=seconds,
-                               timings=dict(timer.totals), resumed_tiles=resumed)
-        store.finalize(**result.to_json())
-        emit("done", result.to_json())
-        return result
-    finally:
-        reader.close()
+    px_area_mm2 = (grid.mpp * 1e-3) ** 2
+    stuff_area = {c.name: float(stuff_px[c.id]) * px_area_mm2 for c in classes}
+    tile = grid.tile
+    result = SegmentResult(store=plan.out, n_nuclei=n_nuclei, n_tiles=len(grid),
+                           n_tissue_tiles=int(len(plan.selected)), n_cut=n_cut, stuff_area_mm2=stuff_area,
+                           megapixels=float(len(plan.selected)) * tile * tile / 1e6,
+                           seconds=time.perf_counter() - t_start, timings=dict(timer.totals), resumed_tiles=resumed)
+    store.finalize(**result.to_json())
+    emit("done", result.to_json())
+    return result
+
+
+def segment_slide(slide: str | PathLike[str], out: str | PathLike[str], options: SegmentOptions = SegmentOptions(),
+                  progress: Progress | None = None) -> SegmentResult:
+    """Segment one slide into the store ``out`` (see the module docstring).  Resumes an unfinished store of
+    the same run; refuses to replace a complete one unless ``options.overwrite``."""
+    import torch
+
+    from histopan.inference import TileInferencer
+    from histopan.slide import open_slide
+
+    t_start = time.perf_counter()
+    timer = _Timer()
+    emit = progress or (lambda event, data: None)
+    plan, store = plan_run(slide, out, options)
+    timer.add("tissue", plan.tissue_seconds)
+    grid, cfg, ids, selected = plan.grid, plan.config, plan.ids, plan.selected
+    emit("start", {"n_tiles": int(len(selected)), "grid": len(grid), "mpp": grid.mpp, "shape": grid.shape})
+
+    # ---------------------------------------------------------------------------- pass 1: tiles
+    todo = plan.pending_batches(store)
+    resumed = int(len(selected) - sum(len(b) for b in todo))
+    if resumed:
+        log.info("resuming: %d of %d tissue tiles already done", resumed, len(selected))
+    emit("tiles_done", {"done": resumed, "nuclei": 0})
+    inferencer = TileInferencer(plan.model, device=options.device, batch_size=options.batch_size)
+    n_nuclei_pass1 = 0
+    with open_slide(plan.slide, mpp=plan.slide_mpp) as reader, \
+            ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="histopan-post") as post_pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="histopan-read") as read_pool:
+
+        def read(batch: np.ndarray) -> tuple[np.ndarray, float]:
+            t = time.perf_counter()
+            windows = read_windows(reader, grid, batch, options.workers)
+            return windows, time.perf_counter() - t
+
+        done = resumed
+        in_flight: list[tuple[np.ndarray, list[Future]]] = []
+
+        def collect(batch: np.ndarray, futures: list[Future]) -> None:
+            nonlocal done, n_nuclei_pass1
+            for i, fut in zip(batch, futures):
+                record, seconds = fut.result()
+                store.save_tile(int(i), record)
+                n_nuclei_pass1 += int(record["ids"].size)
+                timer.add("postprocess", seconds)
+            done += len(batch)
+            emit("tiles_done", {"done": done, "nuclei": n_nuclei_pass1})
+
+        # Reading runs one batch ahead and post-processing one batch behind the network, so on a GPU
+        # node the accelerator does not wait for the CPU stages.
+        pending: Future | None = read_pool.submit(read, todo[0]) if todo else None
+        for k, batch in enumerate(todo):
+            windows, t_read = pending.result()  # type: ignore[union-attr]
+            timer.add("read", t_read)
+            pending = read_pool.submit(read, todo[k + 1]) if k + 1 < len(todo) else None
+            t = time.perf_counter()
+            maps = inferencer.predict(windows)
+            if inferencer.device.type == "cuda":
+                torch.cuda.synchronize(inferencer.device)
+            timer.add("model", time.perf_counter() - t)
+            in_flight.append((batch, [post_pool.submit(_timed_process_tile, m, grid[int(i)], grid, cfg, ids)
+                                      for m, i in zip(maps, batch)]))
+            del maps, windows
+            while len(in_flight) > 1:
+                collect(*in_flight.pop(0))
+        while in_flight:
+            collect(*in_flight.pop(0))
+
+    # --------------------------------------------------------------- pass 2, table, pyramids
+    return finish_run(plan, store, emit, timer, t_start, resumed)
 
 
 def _check_output(out: Path) -> None:

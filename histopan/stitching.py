@@ -163,8 +163,8 @@ def own_objects(
         masks.append(m.ravel())
         offsets[i + 1] = offsets[i] + m.size
     if cut.any():
-        log.warning("tile %d: %d nucleus/nuclei touch the edge of the halo and may be larger than it; "
-                    "they are kept as seen (raise the halo to avoid this)", tile_index, int(cut.sum()))
+        log.debug("tile %d: %d object(s) touch the edge of the halo and may be larger than it", tile_index,
+                  int(cut.sum()))
     return OwnedObjects(
         tile_index=tile_index,
         ids=ids.global_ids(tile_index, local.size),
