@@ -164,7 +164,8 @@ def _train_run(args: argparse.Namespace) -> int:
     from histopan.training.loop import train
 
     config = read_train_config(args.config)
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    command = " ".join(["histopan train", args.config, "--out", args.out] + (["--resume"] if args.resume else []))
+    result = train(config, args.out, resume=args.resume, progress=not args.no_progress, command=command)
     print(f"model: {result.model_dir}  validation nucleus PQ {result.scores['pq']:.4f} "
           f"(SQ {result.scores['sq']:.4f}, RQ {result.scores['rq']:.4f}, AJI {result.scores.get('aji', float('nan')):.4f})"
           f"  best epoch {result.best_epoch}")
@@ -238,6 +239,83 @@ def _segment_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bbox(text: str | None) -> tuple[float, float, float, float] | None:
+    from histopan.errors import ConfigError
+
+    if text is None:
+        return None
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = tuple(float(v) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ConfigError("--bbox must be four numbers x,y,w,h in level-0 pixels", value=text,
+                          fix="pass e.g. --bbox 1000,2000,4096,4096")
+    return values  # type: ignore[return-value]
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    formats = parser.add_subparsers(dest="format", metavar="FORMAT")
+    formats.required = True
+    qp = formats.add_parser("qupath", help="QuPath GeoJSON: nuclei as detections (or cells), tissue regions as "
+                                           "annotations", description="Write a store as QuPath GeoJSON.")
+    qp.add_argument("store", help="a store written by 'histopan segment' (OUT.zarr)")
+    qp.add_argument("-o", "--out", required=True, metavar="OUT.geojson[.gz]", help="output file (.gz: compressed)")
+    qp.add_argument("--bbox", default=None, metavar="x,y,w,h",
+                    help="only this level-0 pixel box (nuclei by centroid, regions clipped)")
+    qp.add_argument("--classes", nargs="+", default=None, metavar="NAME",
+                    help="only these tissue classes / nucleus types (the nucleus class name keeps every nucleus)")
+    qp.add_argument("--cells", action="store_true",
+                    help="export nuclei as QuPath cells (nucleus grown by --cell-expansion um, no overlaps)")
+    qp.add_argument("--cell-expansion", type=float, default=3.0, metavar="UM", help="cell expansion in microns")
+    qp.add_argument("--no-regions", action="store_true", help="nuclei only, no tissue region annotations")
+    qp.add_argument("--partial", action="store_true", help="accept an incomplete store (export what is there)")
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from histopan.export.qupath import ExportOptions, export_qupath
+
+    options = ExportOptions(bbox=_bbox(args.bbox), classes=None if args.classes is None else tuple(args.classes),
+                            cells=args.cells, cell_expansion_um=args.cell_expansion, regions=not args.no_regions,
+                            partial=args.partial)
+    bar = tqdm(total=0, unit="nucleus", desc="export", disable=args.quiet, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result = export_qupath(args.store, args.out, options, progress=progress)
+    finally:
+        bar.close()
+    level = "" if result.stuff_level is None else f" (traced on labels/semantic level {result.stuff_level})"
+    print(f"wrote {result.path}: {result.n_nuclei} nuclei, {result.n_regions} tissue regions{level}, "
+          f"{result.bytes / 2**20:.1f} MiB in {result.seconds:.1f} s")
+    return 0
+
+
+def _qc_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help="a store written by 'histopan segment' (OUT.zarr)")
+    parser.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    parser.add_argument("--slide", default=None,
+                        help="the segmented slide: full-resolution crops are read from it (default: the store's "
+                             "low-resolution RGB overview)")
+    parser.add_argument("--crops", type=_positive_int, default=4, help="number of full-resolution crops")
+    parser.add_argument("--partial", action="store_true", help="accept an incomplete store")
+
+
+def _qc_run(args: argparse.Namespace) -> int:
+    from histopan.export.qc import qc_report
+
+    result = qc_report(args.store, args.out, slide=args.slide, n_crops=args.crops, partial=args.partial)
+    print(f"wrote {result.html} ({len(result.images)} images)")
+    return 0
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "evaluate": ("score predictions against truth: PQ / SQ / RQ, AJI, Dice, point F1", _evaluate_args, _evaluate_run),
     "train": ("train a model from a training config (checkpoints, validation PQ, tuned thresholds)", _train_args,
@@ -245,6 +323,9 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
     "segment": ("panoptic segmentation of a slide into an OME-Zarr store (tissue classes + nuclei)", _segment_args,
                 _segment_run),
     "info": ("show a slide's levels, size, mpp, vendor and tissue fraction", _info_args, _info_run),
+    "export": ("export a store for other tools: 'export qupath' writes QuPath GeoJSON", _export_args, _export_run),
+    "qc": ("quality-control report of a store: overlays, crops, plots and provenance in one HTML file", _qc_args,
+           _qc_run),
 }
 
 

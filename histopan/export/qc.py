@@ -1,0 +1,426 @@
+"""Quality control of a store: overlays, full-resolution crops, plots and one self-contained HTML report.
+
+:func:`qc_report` writes into ``out_dir``:
+
+- ``overview.png``: the slide thumbnail (the store's RGB overview) with the tissue classes tinted, nucleus
+  outlines and a legend;
+- ``crop_<k>.png``: full-resolution crops (at the labels' mpp) where nuclei are densest, the H&E beside the
+  same crop with tinted classes and nucleus outlines; read from the slide when ``slide`` is given, else
+  upsampled from the store's overview;
+- ``areas.png`` (area per tissue class), ``nucleus_sizes.png`` (nucleus area distribution, per type when
+  the model predicts types), ``density.png`` (nuclei per mm^2 over the slide);
+- ``<slide name>.html``: all of the above embedded as base64 PNGs with the run's provenance (store attributes).
+
+Memory stays bounded: the nucleus table is read in record batches, the labels at a pyramid level of at most
+:data:`THUMB_MAX` pixels a side, and each crop alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histopan.errors import HistopanError, SlideError, StoreError
+from histopan.store import SlideStore, open_store
+
+log = logging.getLogger(__name__)
+
+THUMB_MAX = 2048  # longest side of the overview, pixels
+CROP_UM = 200.0  # side of a crop in microns
+TINT_ALPHA = 0.4
+OUTLINE = (0, 0, 0)  # nucleus outline colour on the overlays
+OUTLINE_MAX_MPP = 1.0  # coarser overviews fill nuclei with the nucleus class colour instead of outlining them
+DENSITY_CELL_UM = 100.0
+SIZE_BINS_UM2 = np.arange(0, 202, 2.0)
+
+
+@dataclass
+class QcResult:
+    """What :func:`qc_report` wrote."""
+
+    html: Path
+    images: dict[str, Path] = field(default_factory=dict)
+    crops: list[tuple[float, float, float, float]] = field(default_factory=list)  # level-0 x, y, w, h
+
+
+def _tint(rgb: np.ndarray, semantic: np.ndarray, colors: dict[int, tuple[int, int, int]]) -> np.ndarray:
+    out = rgb.astype(np.float32)
+    for cid, color in colors.items():
+        m = semantic == cid
+        if m.any():
+            out[m] = (1 - TINT_ALPHA) * out[m] + TINT_ALPHA * np.asarray(color, np.float32)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _outline(rgb: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
+    from skimage.segmentation import find_boundaries
+
+    out = rgb.copy()
+    out[find_boundaries(nuclei, mode="inner")] = OUTLINE
+    return out
+
+
+def _resize_nearest(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    ys = np.minimum((np.arange(shape[0]) + 0.5) * a.shape[0] / shape[0], a.shape[0] - 1).astype(int)
+    xs = np.minimum((np.arange(shape[1]) + 0.5) * a.shape[1] / shape[1], a.shape[1] - 1).astype(int)
+    return a[ys][:, xs]
+
+
+def _level_for(group, shape: tuple[int, int], max_side: int) -> int:
+    levels = len(group.attrs["ome"]["multiscales"][0]["datasets"])
+    level = 0
+    while level < levels - 1 and max(-(-shape[0] // 2**level), -(-shape[1] // 2**level)) > max_side:
+        level += 1
+    return level
+
+
+def _stuff_colors(store: SlideStore) -> dict[int, tuple[int, int, int]]:
+    return {c.id: c.color for c in store.classes if c.kind == "stuff" and c.id != 0}
+
+
+def _thing_color(store: SlideStore) -> tuple[int, int, int]:
+    return next((c.color for c in store.classes if c.kind == "thing"), (40, 40, 220))
+
+
+def _legend_handles(store: SlideStore, filled: bool = False):
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=np.asarray(c.color) / 255, edgecolor="0.3", label=c.name)
+               for c in store.classes if c.kind == "stuff" and c.id != 0]
+    if filled:
+        handles.append(Patch(facecolor=np.asarray(_thing_color(store)) / 255, label="nuclei (filled at this scale)"))
+    else:
+        handles.append(Line2D([], [], color=np.asarray(OUTLINE) / 255, lw=1.5, label="nucleus outline"))
+    return handles
+
+
+def _overview(store: SlideStore, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    img_level = _level_for(store.group, store.group["0"].shape[1:], THUMB_MAX)
+    rgb = np.moveaxis(store.group[str(img_level)][:], 0, -1)
+    lab_level = _level_for(store.group["labels/semantic"], store.shape, THUMB_MAX)
+    # the finest label level not smaller than the thumbnail, so outlines are drawn from real nuclei
+    while lab_level > 0 and store.group[f"labels/semantic/{lab_level}"].shape[0] < rgb.shape[0]:
+        lab_level -= 1
+    sem = _resize_nearest(store.group[f"labels/semantic/{lab_level}"][:], rgb.shape[:2])
+    nuc = _resize_nearest(store.group[f"labels/nuclei/{lab_level}"][:], rgb.shape[:2])
+    mpp_img = store.attrs["image_mpp"] * 2**img_level
+    over = _tint(rgb, sem, _stuff_colors(store))
+    filled = mpp_img > OUTLINE_MAX_MPP
+    if filled:  # nuclei are a few pixels here: outlines would hide them, so fill them instead
+        over[nuc > 0] = _thing_color(store)
+    else:
+        over = _outline(over, nuc)
+    h, w = over.shape[:2]
+    fig_w = 10.0
+    fig, ax = plt.subplots(figsize=(fig_w, max(3.0, fig_w * h / w)), dpi=120)
+    ax.imshow(over, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"{store.attrs.get('slide', {}).get('name', store.path.name)}: tissue classes and nuclei "
+                 f"({mpp_img:.2g} um/px)")
+    ax.legend(handles=_legend_handles(store, filled), loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _table_batches(store: SlideStore, columns: list[str]):
+    import pyarrow.parquet as pq
+
+    if not store.table_path.is_file():
+        return
+    pf = pq.ParquetFile(store.table_path)
+    names = set(pf.schema_arrow.names)
+    for batch in pf.iter_batches(batch_size=262144, columns=[c for c in columns if c in names]):
+        yield batch
+
+
+def _density_grid(store: SlideStore, slide: dict[str, Any]) -> tuple[np.ndarray, float]:
+    cell_px = DENSITY_CELL_UM / float(slide["mpp"])
+    shape = (max(1, math.ceil(slide["height"] / cell_px)), max(1, math.ceil(slide["width"] / cell_px)))
+    counts = np.zeros(shape, np.int64)
+    for batch in _table_batches(store, ["centroid_x", "centroid_y"]):
+        cx = batch.column("centroid_x").to_numpy()
+        cy = batch.column("centroid_y").to_numpy()
+        iy = np.clip((cy / cell_px).astype(int), 0, shape[0] - 1)
+        ix = np.clip((cx / cell_px).astype(int), 0, shape[1] - 1)
+        np.add.at(counts, (iy, ix), 1)
+    return counts / (DENSITY_CELL_UM * 1e-3) ** 2, cell_px
+
+
+def _crop_sites(density: np.ndarray, cell_px: float, crop_px0: float, width: int, height: int,
+                n: int) -> list[tuple[float, float, float, float]]:
+    """Level-0 boxes centred on the densest density cells, at least one crop apart."""
+    sites: list[tuple[float, float, float, float]] = []
+    order = np.argsort(density, axis=None)[::-1]
+    for flat in order:
+        if len(sites) >= n or density.flat[flat] <= 0:
+            break
+        iy, ix = np.unravel_index(flat, density.shape)
+        cx, cy = (ix + 0.5) * cell_px, (iy + 0.5) * cell_px
+        if any(abs(cx - (x + w / 2)) < w and abs(cy - (y + h / 2)) < h for x, y, w, h in sites):
+            continue
+        w = min(crop_px0, width)
+        h = min(crop_px0, height)
+        x = float(np.clip(cx - w / 2, 0, width - w))
+        y = float(np.clip(cy - h / 2, 0, height - h))
+        sites.append((x, y, w, h))
+    return sites
+
+
+def _crop(store: SlideStore, reader, box: tuple[float, float, float, float], ds: float, out: Path,
+          index: int) -> None:
+    import matplotlib.pyplot as plt
+
+    x, y, w, h = box
+    ly0, lx0 = int(y / ds), int(x / ds)
+    ly1 = min(int(math.ceil((y + h) / ds)), store.shape[0])
+    lx1 = min(int(math.ceil((x + w) / ds)), store.shape[1])
+    sem = store.semantic[ly0:ly1, lx0:lx1]
+    nuc = store.nuclei[ly0:ly1, lx0:lx1]
+    bx, by, bw, bh = lx0 * ds, ly0 * ds, (lx1 - lx0) * ds, (ly1 - ly0) * ds
+    if reader is not None:
+        width, height = reader.dimensions
+        bw, bh = min(bw, width - bx), min(bh, height - by)
+        rgb = reader.read_region(bx, by, bw, bh, out_size=(lx1 - lx0, ly1 - ly0))
+        source = "slide"
+    else:
+        f = store.attrs["image_mpp"] / store.mpp
+        img = store.group["0"]
+        iy0, ix0 = int(ly0 / f), int(lx0 / f)
+        iy1 = min(int(math.ceil(ly1 / f)) + 1, img.shape[1])
+        ix1 = min(int(math.ceil(lx1 / f)) + 1, img.shape[2])
+        part = np.moveaxis(img[:, iy0:iy1, ix0:ix1], 0, -1)
+        ys = np.clip(((np.arange(ly0, ly1) + 0.5) / f - iy0).astype(int), 0, part.shape[0] - 1)
+        xs = np.clip(((np.arange(lx0, lx1) + 0.5) / f - ix0).astype(int), 0, part.shape[1] - 1)
+        rgb = part[ys][:, xs]
+        source = "store overview, upsampled"
+    over = _outline(_tint(rgb, sem, _stuff_colors(store)), nuc)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.4), dpi=110)
+    for ax, im, title in zip(axes, (rgb, over), ("H&E", "classes + nucleus outlines")):
+        ax.imshow(im, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(title)
+    n_nuclei = len(np.unique(nuc)) - (1 if (nuc == 0).any() else 0)
+    fig.suptitle(f"crop {index}: level-0 x={bx:.0f}, y={by:.0f}, {bw:.0f} x {bh:.0f} px at {store.mpp:.3g} um/px "
+                 f"({n_nuclei} nuclei; image: {source})")
+    fig.legend(handles=_legend_handles(store), loc="lower center", ncol=6, frameon=False)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _stuff_areas(store: SlideStore) -> dict[str, float]:
+    summary = store.attrs.get("summary", {}).get("stuff_area_mm2")
+    if isinstance(summary, dict) and summary:
+        return {k: float(v) for k, v in summary.items()}
+    counts = np.zeros(256, np.int64)
+    sem = store.semantic
+    chunk = int(store.attrs.get("chunk", 1024))
+    for y in range(0, sem.shape[0], chunk):
+        counts += np.bincount(sem[y:y + chunk, :].ravel(), minlength=256)
+    return {c.name: float(counts[c.id]) * (store.mpp * 1e-3) ** 2 for c in store.classes}
+
+
+def _plots(store: SlideStore, density: np.ndarray, cell_um: float, out_dir: Path) -> dict[str, Path]:
+    import matplotlib.pyplot as plt
+
+    paths: dict[str, Path] = {}
+    stuff = [c for c in store.classes if c.kind == "stuff" and c.id != 0]
+    areas = _stuff_areas(store)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    names = [c.name for c in stuff]
+    values = [areas.get(n, 0.0) for n in names]
+    bars = ax.bar(names, values, color=[np.asarray(c.color) / 255 for c in stuff], edgecolor="0.3")
+    ax.bar_label(bars, fmt="%.3g")
+    ax.set_ylabel("area (mm²)")
+    ax.set_title("area per tissue class")
+    fig.tight_layout()
+    paths["areas"] = out_dir / "areas.png"
+    fig.savefig(paths["areas"])
+    plt.close(fig)
+
+    hist: dict[str, np.ndarray] = {}
+    over = 0
+    for batch in _table_batches(store, ["area_um2", "type"]):
+        area = batch.column("area_um2").to_numpy(zero_copy_only=False)
+        over += int((area >= SIZE_BINS_UM2[-1]).sum())
+        if "type" in batch.schema.names:
+            types = np.array(batch.column("type").to_pylist(), dtype=object)
+        else:
+            types = np.full(area.size, None, dtype=object)
+        for t in {None if v is None else str(v) for v in types.tolist()}:
+            sel = types == t if t is not None else np.array([v is None for v in types.tolist()])
+            key = t or "nucleus"
+            hist[key] = hist.get(key, 0) + np.histogram(area[sel], SIZE_BINS_UM2)[0]
+    type_colors = {t["name"]: np.asarray(t["color"]) / 255
+                   for t in store.attrs.get("run", {}).get("model", {}).get("config", {}).get("nucleus_types", [])}
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    centers = (SIZE_BINS_UM2[:-1] + SIZE_BINS_UM2[1:]) / 2
+    bottom = np.zeros(centers.size)
+    for key in sorted(hist):
+        ax.bar(centers, hist[key], width=np.diff(SIZE_BINS_UM2), bottom=bottom, label=key,
+               color=type_colors.get(key), edgecolor="none")
+        bottom += hist[key]
+    ax.set_xlabel("nucleus area (µm²)")
+    ax.set_ylabel("nuclei")
+    total = int(bottom.sum()) + over
+    ax.set_title(f"nucleus size distribution ({total} nuclei" + (f", {over} above the range)" if over else ")"))
+    if hist:
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    paths["nucleus_sizes"] = out_dir / "nucleus_sizes.png"
+    fig.savefig(paths["nucleus_sizes"])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 5), dpi=110)
+    cell_mm = cell_um * 1e-3
+    extent = (0, density.shape[1] * cell_mm, density.shape[0] * cell_mm, 0)
+    im = ax.imshow(density, cmap="magma", interpolation="nearest", extent=extent)
+    fig.colorbar(im, ax=ax, label="nuclei / mm²", shrink=0.8)
+    ax.set_title(f"nucleus density ({cell_um:g} µm cells)")
+    ax.set_xlabel("x (mm)")
+    ax.set_ylabel("y (mm)")
+    fig.tight_layout()
+    paths["density"] = out_dir / "density.png"
+    fig.savefig(paths["density"])
+    plt.close(fig)
+    return paths
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _html(store: SlideStore, images: dict[str, Path], crops: list[Path], name: str) -> str:
+    attrs = store.attrs
+    slide = attrs.get("slide", {})
+    model = attrs.get("run", {}).get("model", {})
+    summary = attrs.get("summary", {})
+    rows = [
+        ("store", str(store.path)), ("complete", str(store.complete)),
+        ("slide", f"{slide.get('path', '?')} (identity {slide.get('identity', '?')})"),
+        ("slide size", f"{slide.get('width', '?')} x {slide.get('height', '?')} px at {slide.get('mpp', '?')} um/px"),
+        ("labels", f"{store.shape[1]} x {store.shape[0]} px at {store.mpp:.4g} um/px"),
+        ("model", f"{model.get('name', '?')} (weights sha256 {str(model.get('weights_sha256', '?'))[:16]}...)"),
+        ("histopan", str(attrs.get("histopan_version", "?"))),
+        ("nuclei", str(summary.get("n_nuclei", "?"))),
+    ]
+    table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+
+    def img(path: Path, alt: str) -> str:
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_b64(path)}">'
+
+    crops_html = "\n".join(f"<figure>{img(p, p.stem)}<figcaption>{html.escape(p.stem)}</figcaption></figure>"
+                           for p in crops) or "<p>No nuclei: no crops.</p>"
+    provenance = json.dumps({k: v for k, v in attrs.items() if k != "classes"}, indent=2, default=str)
+    classes = ", ".join(f"{c.name} ({c.kind}, rgb{tuple(c.color)})" for c in store.classes)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>histopan QC: {html.escape(name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1400px; }}
+img {{ max-width: 100%; border: 1px solid #ccc; }}
+table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: 2px 10px; border-bottom: 1px solid #eee; }}
+.plots {{ display: flex; flex-wrap: wrap; gap: 1em; }} .plots img {{ max-width: 32%; }}
+pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 80%; }}
+</style></head><body>
+<h1>histopan QC: {html.escape(name)}</h1>
+<table>{table}</table>
+<p>Classes: {html.escape(classes)}</p>
+<h2>Overview</h2>
+{img(images['overview'], 'overview')}
+<h2>Plots</h2>
+<div class="plots">{img(images['areas'], 'areas')}{img(images['nucleus_sizes'], 'nucleus sizes')}{img(images['density'], 'density')}</div>
+<h2>Full-resolution crops</h2>
+{crops_html}
+<h2>Provenance (store attributes)</h2>
+<pre>{html.escape(provenance)}</pre>
+</body></html>
+"""
+
+
+def qc_report(store_path: str | PathLike[str], out_dir: str | PathLike[str], *,
+              slide: str | PathLike[str] | None = None, n_crops: int = 4, partial: bool = False) -> QcResult:
+    """Write the QC images and the HTML report of one store into ``out_dir`` (see the module docstring).
+
+    Raises :class:`~histopan.errors.StoreError` for a missing or incomplete store (unless ``partial``),
+    :class:`~histopan.errors.SlideError` when ``slide`` is not the slide the store was made from, and
+    :class:`~histopan.errors.HistopanError` when ``out_dir`` cannot be created or written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    store = open_store(store_path, partial=partial)
+    attrs = store.attrs
+    slide_attrs = attrs.get("slide")
+    if not isinstance(slide_attrs, dict) or "mpp" not in slide_attrs:
+        raise StoreError("the store has no slide attributes (mpp, size)", path=store.path,
+                         fix="run qc on a store written by 'histopan segment' of this histopan version")
+    ds = float(attrs.get("downsample") or store.mpp / float(slide_attrs["mpp"]))
+    reader = None
+    if slide is not None:
+        from histopan.slide import open_slide
+
+        reader = open_slide(slide)
+        if reader.identity != slide_attrs.get("identity"):
+            reader.close()
+            raise SlideError("this is not the slide the store was made from (identities differ)", path=slide,
+                             value=reader.identity,
+                             fix=f"pass the slide {slide_attrs.get('path', '?')} (identity {slide_attrs.get('identity')})"
+                                 " or leave out --slide")
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if reader is not None:
+            reader.close()
+        raise HistopanError(f"cannot create the output folder: {exc.strerror or exc}", path=out,
+                            fix="choose a folder you can write to") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        if reader is not None:
+            reader.close()
+        raise HistopanError("the output folder is not writable", path=out, fix="choose a folder you can write to")
+    name = Path(str(slide_attrs.get("name") or store.path.stem)).stem
+    written: list[Path] = []
+    try:
+        images: dict[str, Path] = {"overview": out / "overview.png"}
+        _overview(store, images["overview"])
+        written.append(images["overview"])
+        density, cell_px = _density_grid(store, slide_attrs)
+        crop_px0 = CROP_UM / float(slide_attrs["mpp"])
+        sites = _crop_sites(density, cell_px, crop_px0, int(slide_attrs["width"]), int(slide_attrs["height"]),
+                            n_crops)
+        crop_paths = []
+        for k, box in enumerate(sites, start=1):
+            p = out / f"crop_{k}.png"
+            _crop(store, reader, box, ds, p, k)
+            crop_paths.append(p)
+            written.append(p)
+        plot_paths = _plots(store, density, DENSITY_CELL_UM, out)
+        written.extend(plot_paths.values())
+        images.update(plot_paths)
+        for p in crop_paths:
+            images[p.stem] = p
+        report = out / f"{name}.html"
+        tmp = out / f".{report.name}.part"
+        tmp.write_text(_html(store, images, crop_paths, name), encoding="utf-8")
+        os.replace(tmp, report)
+    except OSError as exc:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise HistopanError(f"writing the QC report failed: {exc.strerror or exc}", path=out,
+                            fix="check the free space and permissions of the output folder") from exc
+    finally:
+        if reader is not None:
+            reader.close()
+    return QcResult(report, images, sites)

@@ -1,0 +1,802 @@
+"""QuPath interop: stream a store's nuclei and tissue regions to GeoJSON, and read QuPath GeoJSON back.
+
+Export (:func:`export_qupath`) writes one FeatureCollection that QuPath imports as it is (File > Import
+objects, or drag and drop; ``.geojson.gz`` too):
+
+- every nucleus is a Feature with ``id`` a UUID 5 of the slide identity and the nucleus id (the same nucleus
+  gets the same id in every export), a Polygon traced from ``labels/nuclei`` (pixel-edge midpoints,
+  simplified within ``simplify_px`` label pixels, valid, counter-clockwise exterior, level-0 pixel
+  coordinates with at most two decimals), ``objectType`` ``"detection"`` (or ``"cell"`` with
+  ``nucleusGeometry`` when ``cells=True``), a ``classification`` with ``name`` and ``color`` (the nucleus
+  type when the model predicts types, else the nucleus class) and ``measurements`` (finite numbers only;
+  names in :data:`MEASUREMENTS`);
+- every connected region of a tissue ("stuff") class other than background is an ``annotation`` Feature
+  (Polygon with holes, or MultiPolygon if clipping to ``bbox`` or simplification splits it), traced on a
+  coarser pyramid level of ``labels/semantic`` (see :func:`stuff_level`), with nucleus pixels given to a
+  neighbouring tissue class first (grown in from around them).
+
+The file is streamed: nuclei are traced block by block of the label map (the blocks follow the nucleus
+table's bounding boxes) and each Feature is encoded with :mod:`json` and written as soon as it is ready, so
+memory is one block of labels plus the nucleus table's numeric columns (about 100 bytes per nucleus).  It
+is written under a temporary name in the output folder and renamed at the end: a file with the final name is
+always complete.  A name ending in ``.gz`` is gzip-compressed.
+
+Import (:func:`read_geojson`) reads what QuPath exports (a FeatureCollection, a bare array of Features or
+one Feature; classification as a string or an object; Point, MultiPoint, LineString, MultiLineString,
+Polygon and MultiPolygon geometries; ``.geojson`` or gzip-compressed) into :class:`Annotation` objects with
+shapely geometries.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histopan.errors import AnnotationError, ConfigError, HistopanError, RegionError, StoreError
+from histopan.export.contours import Rings, outer_rings, trace_rings
+from histopan.store import SlideStore, open_store
+
+log = logging.getLogger(__name__)
+
+#: Namespace of the nucleus UUIDs: ``uuid5(NAMESPACE, f"{slide identity}:nucleus:{id}")``.
+NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "histopan:qupath-export")
+
+#: Measurement name in the GeoJSON (QuPath's naming style) -> nucleus table column.
+MEASUREMENTS: dict[str, str] = {
+    "Area µm^2": "area_um2",
+    "Perimeter µm": "perimeter_um",
+    "Circularity": "circularity",
+    "Eccentricity": "eccentricity",
+    "Solidity": "solidity",
+    "Nucleus probability": "nucleus_prob",
+    "Type probability": "type_prob",
+}
+
+OBJECT_TYPES = ("annotation", "detection", "cell", "tile")
+_GEOMETRY_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon")
+_TABLE_COLUMNS = ("id", "centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "type",
+                  *MEASUREMENTS.values())
+#: Stuff regions are traced on the finest pyramid level at least this coarse (um per pixel) ...
+STUFF_MIN_MPP = 2.0
+#: ... and at most this many pixels.
+STUFF_MAX_PIXELS = 16_000_000
+_GZIP_LEVEL = 3
+
+
+# --------------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What :func:`export_qupath` writes.
+
+    ``bbox``: (x, y, w, h) in level-0 pixels: nuclei whose centroid lies inside, regions clipped to it.
+    ``classes``: names to keep: tissue class names select regions, nucleus type names select nuclei of
+    that type, the nucleus class name selects every nucleus (None: everything).
+    ``cells``: nuclei as QuPath cells: the geometry is the nucleus grown by ``cell_expansion_um`` without
+    overlapping its neighbours (as QuPath's cell expansion), the nucleus goes to ``nucleusGeometry``.
+    ``simplify_px``: simplification tolerance in label pixels (0 keeps the traced outline).
+    ``regions``: also write the tissue regions; ``min_region_um2``: smaller regions and holes are dropped.
+    ``partial``: accept an incomplete store (its missing parts are simply not exported).
+    """
+
+    bbox: tuple[float, float, float, float] | None = None
+    classes: tuple[str, ...] | None = None
+    cells: bool = False
+    cell_expansion_um: float = 3.0
+    simplify_px: float = 0.5
+    regions: bool = True
+    min_region_um2: float = 100.0
+    partial: bool = False
+    block: int | None = None  # label px per tracing block (None: the store's chunk size, at least 512)
+
+    def __post_init__(self) -> None:
+        if self.bbox is not None:
+            object.__setattr__(self, "bbox", tuple(float(v) for v in self.bbox))
+            if len(self.bbox) != 4 or not all(math.isfinite(v) for v in self.bbox) or min(self.bbox[2:]) <= 0:
+                raise ConfigError("bbox must be four finite numbers x, y, w, h (level-0 pixels) with w, h > 0",
+                                  value=self.bbox, fix="pass e.g. --bbox 1000,2000,4096,4096")
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(self.classes))
+        for name in ("cell_expansion_um", "simplify_px", "min_region_um2"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0", value=value, fix=f"use e.g. {name}=1")
+        if self.block is not None and self.block < 64:
+            raise ConfigError("block must be at least 64 label pixels", value=self.block, fix="use e.g. 1024")
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_qupath` wrote."""
+
+    path: Path
+    n_nuclei: int
+    n_regions: int
+    n_missing: int  # table rows whose id is not in labels/nuclei (not exported)
+    stuff_level: int | None  # pyramid level the regions were traced on
+    seconds: float
+    bytes: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def nuclei_per_second(self) -> float:
+        return self.n_nuclei / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "n_nuclei": self.n_nuclei, "n_regions": self.n_regions,
+                "n_missing": self.n_missing, "stuff_level": self.stuff_level, "seconds": self.seconds,
+                "bytes": self.bytes, "nuclei_per_second": self.nuclei_per_second, "timings": self.timings}
+
+
+# ---------------------------------------------------------------------------------------------- UUIDs
+
+
+def nucleus_uuid(slide_identity: str, nucleus_id: int) -> str:
+    """The exported id of a nucleus: ``str(uuid5(NAMESPACE, f"{slide_identity}:nucleus:{nucleus_id}"))``."""
+    return str(uuid.uuid5(NAMESPACE, f"{slide_identity}:nucleus:{int(nucleus_id)}"))
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+_DASHES = (8, 12, 16, 20)
+
+
+def _nucleus_uuids(slide_identity: str, ids: np.ndarray) -> list[str]:
+    """:func:`nucleus_uuid` for many ids (SHA-1 per id, the bit fiddling and hex formatting vectorised)."""
+    if ids.size == 0:
+        return []
+    prefix = NAMESPACE.bytes + f"{slide_identity}:nucleus:".encode()
+    sha1 = hashlib.sha1
+    digests = b"".join([sha1(prefix + str(i).encode()).digest()[:16] for i in ids.tolist()])
+    raw = np.frombuffer(digests, np.uint8).reshape(-1, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x50  # version 5
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    hexed = np.empty((raw.shape[0], 32), np.uint8)
+    hexed[:, 0::2] = _HEX[raw >> 4]
+    hexed[:, 1::2] = _HEX[raw & 0x0F]
+    out = np.full((raw.shape[0], 36), ord("-"), np.uint8)
+    out[:, 0:8], out[:, 9:13], out[:, 14:18] = hexed[:, 0:8], hexed[:, 8:12], hexed[:, 12:16]
+    out[:, 19:23], out[:, 24:36] = hexed[:, 16:20], hexed[:, 20:32]
+    text = out.tobytes().decode("ascii")
+    return [text[k:k + 36] for k in range(0, len(text), 36)]
+
+
+# ------------------------------------------------------------------------------------------ geometry
+
+
+def _ring_polygons(rings: Rings, scale: float, dx: float, dy: float, simplify: float):
+    """The rings as single-ring polygons in output coordinates ((x + dx) * scale), simplified within
+    ``simplify * scale``, rounded to two decimals and valid.
+
+    Returns (coordinates (n, 2) of all closed rings, bounds: ring i is ``coords[bounds[i]:bounds[i+1]]``).
+    """
+    import shapely
+
+    n = len(rings)
+    if n == 0:
+        return np.zeros((0, 2)), np.zeros(1, np.int64)
+    ring_index = np.repeat(np.arange(n), np.diff(rings.offsets))
+    exact = np.stack([(rings.x + dx) * scale, (rings.y + dy) * scale], axis=1)
+    polys = shapely.polygons(shapely.linearrings(exact, indices=ring_index))
+    if simplify > 0:
+        polys = shapely.simplify(polys, simplify * scale, preserve_topology=False)
+    coords, index = shapely.get_coordinates(polys, return_index=True)
+    coords = np.round(coords, 2)
+    rounded = shapely.polygons(shapely.linearrings(coords, indices=index)) if coords.size else polys
+    bad = np.flatnonzero(~shapely.is_valid(rounded) | (np.bincount(index, minlength=n) < 4))
+    if bad.size:  # rare: fall back to the traced outline (valid by construction) snapped to the 0.01 grid
+        fixed = shapely.set_precision(shapely.polygons(shapely.linearrings(exact, indices=ring_index))[bad], 0.01)
+        keep = ~np.isin(index, bad)
+        fc, fi = shapely.get_coordinates(fixed, return_index=True)
+        coords = np.concatenate([coords[keep], np.round(fc, 2)])
+        index = np.concatenate([index[keep], bad[fi]])
+        order = np.argsort(index, kind="stable")
+        coords, index = coords[order], index[order]
+    bounds = np.searchsorted(index, np.arange(n + 1))
+    return coords, bounds
+
+
+def _ring_lists(coords: np.ndarray, bounds: np.ndarray, which: np.ndarray) -> list[list[list[float]]]:
+    """GeoJSON rings (lists of [x, y]) of the polygons ``which``."""
+    flat = coords.tolist()
+    b = bounds.tolist()
+    return [flat[b[i]:b[i + 1]] for i in which.tolist()]
+
+
+def _polygon_json(poly) -> dict[str, Any]:
+    """GeoJSON geometry of a shapely Polygon (coordinates rounded to two decimals)."""
+    rings = [poly.exterior, *poly.interiors]
+    return {"type": "Polygon", "coordinates": [np.round(np.asarray(r.coords), 2).tolist() for r in rings]}
+
+
+# ------------------------------------------------------------------------------------------ the store
+
+
+@dataclass(frozen=True)
+class _SlideInfo:
+    identity: str
+    mpp: float  # level-0 um / px
+    width: int
+    height: int
+    downsample: float  # level-0 px per label px
+
+
+def _slide_info(store: SlideStore) -> _SlideInfo:
+    attrs = store.attrs
+    slide = attrs.get("slide")
+    if not isinstance(slide, dict) or "identity" not in slide or "mpp" not in slide:
+        raise StoreError("the store has no slide attributes (identity, mpp)", path=store.path,
+                         fix="export a store written by 'histopan segment' of this histopan version")
+    ds = float(attrs.get("downsample") or store.mpp / float(slide["mpp"]))
+    h, w = store.shape
+    width = int(slide.get("width") or round(w * ds))
+    height = int(slide.get("height") or round(h * ds))
+    return _SlideInfo(str(slide["identity"]), float(slide["mpp"]), width, height, ds)
+
+
+def _type_colors(store: SlideStore) -> dict[str, tuple[int, int, int]]:
+    config = store.attrs.get("run", {}).get("model", {}).get("config", {})
+    return {t["name"]: tuple(int(c) for c in t["color"]) for t in config.get("nucleus_types", []) or []}
+
+
+def _fallback_color(name: str) -> tuple[int, int, int]:
+    digest = hashlib.sha1(name.encode()).digest()
+    return tuple(int(64 + v % 160) for v in digest[:3])  # type: ignore[return-value]
+
+
+def stuff_level(store: SlideStore) -> int:
+    """Pyramid level the tissue regions are traced on: the finest with at least :data:`STUFF_MIN_MPP` um
+    per pixel and at most :data:`STUFF_MAX_PIXELS` pixels (or the coarsest level there is)."""
+    levels = len(store.group["labels/semantic"].attrs["ome"]["multiscales"][0]["datasets"])
+    h, w = store.shape
+    level = 0
+    while level < levels - 1 and (store.mpp * 2**level < STUFF_MIN_MPP
+                                  or (-(-h // 2**level)) * (-(-w // 2**level)) > STUFF_MAX_PIXELS):
+        level += 1
+    return level
+
+
+def _read_table(store: SlideStore) -> dict[str, np.ndarray]:
+    """The table's columns as numpy arrays, read batch by batch into preallocated arrays (reading it whole
+    with pyarrow would peak at several times its final size); ``type`` becomes codes into ``type_names``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not store.table_path.is_file():
+        raise StoreError("the store has no nucleus table yet", path=store.path,
+                         fix="let 'histopan segment' finish (rerun the same command to resume)")
+    pf = pq.ParquetFile(store.table_path)
+    missing = [c for c in _TABLE_COLUMNS if c not in pf.schema_arrow.names]
+    if missing:
+        raise StoreError(f"the nucleus table lacks the columns {missing}", path=store.table_path,
+                         fix="export a store written by 'histopan segment' of this histopan version")
+    n = pf.metadata.num_rows
+    out: dict[str, np.ndarray] = {}
+    numeric = [c for c in _TABLE_COLUMNS if c != "type"]
+    for name in numeric:
+        out[name] = np.empty(n, pf.schema_arrow.field(name).type.to_pandas_dtype())
+    out["type_code"] = np.full(n, -1, np.int64)
+    type_names: dict[str, int] = {}
+    pos = 0
+    for batch in pf.iter_batches(batch_size=65536, columns=list(_TABLE_COLUMNS)):
+        k = batch.num_rows
+        for name in numeric:
+            out[name][pos:pos + k] = batch.column(name).to_numpy(zero_copy_only=False)
+        col = batch.column("type")
+        if not pa.types.is_null(col.type):
+            enc = col.dictionary_encode() if not pa.types.is_dictionary(col.type) else col
+            local = [type_names.setdefault(v, len(type_names)) for v in enc.dictionary.to_pylist()]
+            idx = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            lut = np.asarray(local + [-1], np.int64)  # index -1 -> -1
+            out["type_code"][pos:pos + k] = lut[idx]
+        pos += k
+    out["type_names"] = np.array(list(type_names), dtype=object)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+class _Writer:
+    """Streams Features into ``out`` (temporary name first, gzip for ``.gz``)."""
+
+    HEAD = '{"type":"FeatureCollection","features":[\n'
+    TAIL = "\n]}\n"
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+        try:
+            self.raw = open(self.tmp, "wb")
+        except OSError as exc:
+            raise HistopanError(f"cannot write into the output folder: {exc.strerror or exc}", path=out,
+                                fix="choose a folder you can write to, or fix its permissions") from exc
+        if out.name.endswith(".gz"):
+            self.fh: Any = gzip.GzipFile(filename=out.name[:-3], mode="wb", fileobj=self.raw,
+                                         compresslevel=_GZIP_LEVEL, mtime=0)
+        else:
+            self.fh = self.raw
+        self.fh.write(self.HEAD.encode())
+        self.first = True
+        self.encode = json.JSONEncoder(separators=(",", ":"), check_circular=False, allow_nan=False).encode
+
+    def write(self, features: Sequence[dict[str, Any]]) -> None:
+        if not features:
+            return
+        text = ",\n".join([self.encode(f) for f in features])
+        self.fh.write(((",\n" if not self.first else "") + text).encode())
+        self.first = False
+
+    def close(self) -> int:
+        self.fh.write(self.TAIL.encode())
+        if self.fh is not self.raw:
+            self.fh.close()
+        self.raw.close()
+        os.replace(self.tmp, self.out)
+        return self.out.stat().st_size
+
+    def abort(self) -> None:
+        if self.fh is not self.raw:
+            self.fh.close()
+        self.raw.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _check_output(out: Path) -> None:
+    name = out.name.lower()
+    if not (name.endswith(".geojson") or name.endswith(".geojson.gz") or name.endswith(".json")
+            or name.endswith(".json.gz")):
+        raise HistopanError("the output must be a .geojson (or .geojson.gz) file", path=out,
+                            fix=f"pass e.g. -o {out.stem}.geojson")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise HistopanError("the output folder does not exist", path=parent,
+                            fix=f"create it first (mkdir -p {parent})")
+    if out.is_dir():
+        raise HistopanError("the output path is a folder", path=out, fix="pass a file name ending in .geojson")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise HistopanError("the output folder is not writable", path=parent,
+                            fix="choose a folder you can write to, or fix its permissions")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise HistopanError("the output file exists and is not writable", path=out,
+                            fix="choose another name or fix its permissions")
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+def export_qupath(store_path: str | PathLike[str], out: str | PathLike[str],
+                  options: ExportOptions = ExportOptions(),
+                  progress: Callable[[int, int], None] | None = None) -> ExportResult:
+    """Write the store's nuclei (and tissue regions) to ``out`` as QuPath GeoJSON; see the module docstring.
+
+    Raises :class:`~histopan.errors.StoreError` for a missing or incomplete store (unless
+    ``options.partial``), :class:`~histopan.errors.ConfigError` for an unknown class name,
+    :class:`~histopan.errors.RegionError` for a bbox not inside the slide and
+    :class:`~histopan.errors.HistopanError` for an output path that cannot be written.
+    ``progress(done, total)`` is called with nuclei done.
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    _check_output(out)
+    store = open_store(store_path, partial=options.partial)
+    slide = _slide_info(store)
+    classes = store.classes
+    thing = next((c for c in classes if c.kind == "thing"), None)
+    stuff = [c for c in classes if c.kind == "stuff" and c.id != 0]
+    type_colors = _type_colors(store)
+    timings: dict[str, float] = {}
+
+    bbox = options.bbox
+    if bbox is not None:
+        x, y, w, h = bbox
+        if x < 0 or y < 0 or x + w > slide.width or y + h > slide.height:
+            raise RegionError(f"bbox x={x:g}, y={y:g}, w={w:g}, h={h:g} (level-0 pixels) is not inside the slide "
+                              f"of {slide.width} x {slide.height} pixels", path=store.path,
+                              fix=f"keep 0 <= x, 0 <= y, x + w <= {slide.width}, y + h <= {slide.height}")
+
+    has_table = store.table_path.is_file()
+    if not has_table and not options.partial:
+        _read_table(store)  # raises the StoreError naming the fix
+    t = time.perf_counter()
+    table = _read_table(store) if has_table else None
+    timings["read_table"] = time.perf_counter() - t
+
+    # which classes / types are wanted
+    type_names = list(type_colors)
+    if table is not None:
+        type_names += [n for n in table["type_names"].tolist() if n not in type_colors]
+    known = [c.name for c in classes if c.id != 0] + type_names
+    want_regions = list(stuff)
+    want_all_nuclei = True
+    want_types: set[str] = set()
+    if options.classes is not None:
+        unknown = [n for n in options.classes if n not in known]
+        if unknown:
+            raise ConfigError(f"unknown class name(s) {unknown} for this store", path=store.path,
+                              value=", ".join(unknown), fix=f"use some of {known}")
+        wanted = set(options.classes)
+        want_regions = [c for c in stuff if c.name in wanted]
+        want_all_nuclei = thing is not None and thing.name in wanted
+        want_types = wanted & set(type_names)
+
+    if store.complete is False:
+        log.warning("%s is incomplete (--partial): exporting what has been written so far", store.path)
+    writer = _Writer(out)
+    n_nuclei = n_missing = n_regions = 0
+    level = None
+    try:
+        if table is not None and (want_all_nuclei or want_types):
+            n_nuclei, n_missing = _export_nuclei(store, table, slide, options, writer, thing, type_colors,
+                                                 want_all_nuclei, want_types, progress, timings)
+        elif table is None:
+            log.warning("%s has no nucleus table yet: only tissue regions are exported", store.path)
+        if options.regions and want_regions:
+            t = time.perf_counter()
+            level = stuff_level(store)
+            n_regions = _export_regions(store, slide, level, want_regions, thing, options, writer)
+            timings["regions"] = time.perf_counter() - t
+        size = writer.close()
+    except OSError as exc:
+        writer.abort()
+        raise HistopanError(f"writing the output failed: {exc.strerror or exc}", path=out,
+                            fix="check the free space and permissions of the output folder") from exc
+    except BaseException:
+        writer.abort()
+        raise
+    if n_missing:
+        log.warning("%d nuclei of the table are not in labels/nuclei and were not exported", n_missing)
+    seconds = time.perf_counter() - t_start
+    return ExportResult(out, n_nuclei, n_regions, n_missing, level, seconds, size, timings)
+
+
+def _select_rows(table: dict[str, np.ndarray], bbox, want_all: bool, want_types: set[str]) -> np.ndarray:
+    keep = np.ones(table["id"].size, bool)
+    if bbox is not None:
+        x, y, w, h = bbox
+        cx, cy = table["centroid_x"], table["centroid_y"]
+        keep &= (cx >= x) & (cx < x + w) & (cy >= y) & (cy < y + h)
+    if not want_all:
+        codes = [i for i, n in enumerate(table["type_names"].tolist()) if n in want_types]
+        keep &= np.isin(table["type_code"], codes)
+    return np.flatnonzero(keep)
+
+
+def _export_nuclei(store: SlideStore, table: dict[str, np.ndarray], slide: _SlideInfo, options: ExportOptions,
+                   writer: _Writer, thing, type_colors: dict[str, tuple[int, int, int]], want_all: bool,
+                   want_types: set[str], progress, timings: dict[str, float]) -> tuple[int, int]:
+    rows = _select_rows(table, options.bbox, want_all, want_types)
+    total = int(rows.size)
+    if total == 0:
+        return 0, 0
+    ds = slide.downsample
+    labels = store.nuclei
+    height, width = labels.shape
+    block = options.block or max(int(store.attrs.get("chunk", 512)), 512)
+    bx, by = table["bbox_x"][rows], table["bbox_y"][rows]
+    order = np.lexsort((bx // block, by // block))
+    rows = rows[order]
+    key = (by[order] // block) * (width // block + 1) + bx[order] // block
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    ends = np.r_[starts[1:], rows.size]
+
+    # classification objects, shared by all features of a class
+    thing_name = thing.name if thing is not None else "nucleus"
+    thing_color = list(thing.color) if thing is not None else [40, 40, 220]
+    type_names = table["type_names"].tolist()
+    class_objs = [{"name": n, "color": list(type_colors.get(n) or _fallback_color(n))} for n in type_names]
+    default_obj = {"name": thing_name, "color": thing_color}
+    object_type = "cell" if options.cells else "detection"
+    names = list(MEASUREMENTS)
+    if options.cells:
+        names = [f"Nucleus: {n}" for n in names] + ["Cell: Area µm^2"]
+    values = np.stack([table[c] for c in MEASUREMENTS.values()], axis=1)
+    expand_px = options.cell_expansion_um / store.mpp
+    margin = int(math.ceil(2 * expand_px)) + 1 if options.cells else 0
+    px_area_um2 = store.mpp**2
+
+    done = n_missing = 0
+    t_read = t_trace = t_geom = t_write = 0.0
+    for s, e in zip(starts, ends):
+        r = rows[s:e]
+        ids = table["id"][r].astype(np.int64)
+        y0 = max(int(table["bbox_y"][r].min()) - margin, 0)
+        x0 = max(int(table["bbox_x"][r].min()) - margin, 0)
+        y1 = min(int((table["bbox_y"][r] + table["bbox_h"][r]).max()) + margin, height)
+        x1 = min(int((table["bbox_x"][r] + table["bbox_w"][r]).max()) + margin, width)
+        t = time.perf_counter()
+        window = labels[y0:y1, x0:x1]
+        t_read += time.perf_counter() - t
+
+        t = time.perf_counter()
+        nuc_rings = outer_rings(trace_rings(window, ids))
+        cell_rings = None
+        if options.cells:
+            from skimage.segmentation import expand_labels
+
+            cell_rings = outer_rings(trace_rings(expand_labels(window, distance=expand_px), ids))
+        t_trace += time.perf_counter() - t
+
+        t = time.perf_counter()
+        # match table rows to traced rings (both by id)
+        pos = np.searchsorted(nuc_rings.label, ids)
+        pos_c = np.minimum(pos, max(len(nuc_rings) - 1, 0))
+        found = (pos < len(nuc_rings)) & (nuc_rings.label[pos_c].astype(np.int64) == ids) if len(nuc_rings) else \
+            np.zeros(ids.size, bool)
+        n_missing += int((~found).sum())
+        r, ids, pos = r[found], ids[found], pos[found]
+        nuc_coords = _ring_lists(*_ring_polygons(nuc_rings, ds, x0, y0, options.simplify_px), pos)
+        vals = values[r]
+        if options.cells:
+            cpos = np.searchsorted(cell_rings.label, ids)
+            cell_coords = _ring_lists(*_ring_polygons(cell_rings, ds, x0, y0, options.simplify_px), cpos)
+            cell_area = (cell_rings.area[cpos] + 0.5) * px_area_um2  # midpoint ring area + 1/2 = pixel count
+            vals = np.concatenate([vals, cell_area[:, None]], axis=1)
+        vals = np.round(vals, 4)
+        finite = np.isfinite(vals)
+        vals_l = vals.tolist()
+        uids = _nucleus_uuids(slide.identity, ids)
+        codes = table["type_code"][r].tolist()
+        t_geom += time.perf_counter() - t
+
+        t = time.perf_counter()
+        feats = []
+        all_finite = bool(finite.all())
+        fin_l = None if all_finite else finite.tolist()
+        for k in range(ids.size):
+            meas = dict(zip(names, vals_l[k])) if all_finite else \
+                {n: v for n, v, ok in zip(names, vals_l[k], fin_l[k]) if ok}
+            code = codes[k]
+            props: dict[str, Any] = {"objectType": object_type,
+                                     "classification": class_objs[code] if code >= 0 else default_obj,
+                                     "measurements": meas}
+            if options.cells:
+                props["nucleusGeometry"] = {"type": "Polygon", "coordinates": [nuc_coords[k]]}
+                geom = {"type": "Polygon", "coordinates": [cell_coords[k]]}
+            else:
+                geom = {"type": "Polygon", "coordinates": [nuc_coords[k]]}
+            feats.append({"type": "Feature", "id": uids[k], "geometry": geom, "properties": props})
+        writer.write(feats)
+        t_write += time.perf_counter() - t
+        done += int(e - s)
+        if progress is not None:
+            progress(done, total)
+    timings.update(read_labels=t_read, trace=t_trace, geometry=t_geom, encode_write=t_write)
+    return done - n_missing, n_missing
+
+
+def _stuff_map(store: SlideStore, level: int, thing_id: int | None) -> np.ndarray:
+    """Tissue classes at ``level``, nucleus pixels given to a neighbouring tissue class (grown 1 px at a time)."""
+    from scipy import ndimage
+
+    if store.complete:
+        sem = store.group[f"labels/semantic/{level}"][:]
+    else:  # the pyramid may not be built yet: sample level 0 chunk row by chunk row
+        step = 2**level
+        src = store.semantic
+        chunk = int(store.attrs.get("chunk", 1024))
+        chunk = -(-chunk // step) * step
+        parts = [src[y:y + chunk, :][::step, ::step] for y in range(0, src.shape[0], chunk)]
+        sem = np.concatenate(parts, axis=0)
+    if thing_id is not None:
+        # grow the tissue classes into the nucleus pixels (a nucleus is a pixel or two at this level)
+        for _ in range(64):
+            is_thing = sem == thing_id
+            if not is_thing.any():
+                break
+            grown = ndimage.maximum_filter(np.where(is_thing, 0, sem), size=3)
+            sem = np.where(is_thing & (grown > 0), grown, sem)
+        sem[sem == thing_id] = 0
+    return sem
+
+
+def _export_regions(store: SlideStore, slide: _SlideInfo, level: int, wanted: list, thing, options: ExportOptions,
+                    writer: _Writer) -> int:
+    import shapely
+    from scipy import ndimage
+
+    sem = _stuff_map(store, level, thing.id if thing is not None else None)
+    scale = slide.downsample * 2**level  # level-0 px per traced px
+    px_um2 = (store.mpp * 2**level) ** 2
+    min_px = options.min_region_um2 / px_um2
+    clip = None
+    if options.bbox is not None:
+        x, y, w, h = options.bbox
+        clip = shapely.box(x, y, x + w, y + h)
+    n = 0
+    for cls in wanted:
+        comp, n_comp = ndimage.label(sem == cls.id)
+        if n_comp == 0:
+            continue
+        rings = trace_rings(comp)
+        # pixel count of a ring = area + 1/2 (outer) or |area| - 1/2 (hole), see contours
+        big = np.abs(rings.area) + 0.5 >= min_px
+        rings = rings.select(big)
+        outer = rings.area > 0
+        order = np.argsort(rings.label, kind="stable")
+        feats = []
+        lab_sorted = rings.label[order]
+        bounds = np.flatnonzero(np.r_[True, lab_sorted[1:] != lab_sorted[:-1], True])
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            members = order[a:b]
+            shells = [i for i in members if outer[i]]
+            if not shells:
+                continue  # the region itself is too small
+            shell = max(shells, key=lambda i: rings.area[i])
+            holes = [rings.ring(i) * scale for i in members if not outer[i]]
+            poly = shapely.Polygon(rings.ring(shell) * scale, holes)
+            if options.simplify_px > 0:
+                poly = shapely.simplify(poly, options.simplify_px * scale, preserve_topology=True)
+            if not poly.is_valid:
+                poly = shapely.make_valid(poly)
+            if clip is not None:
+                poly = shapely.intersection(poly, clip)
+            poly = shapely.set_precision(poly, 0.01)  # two decimals, still valid
+            parts = [p for p in shapely.get_parts(poly) if p.geom_type == "Polygon" and p.area > 0]
+            for p in parts:
+                p = shapely.orient_polygons(p)  # exterior counter-clockwise, holes clockwise (RFC 7946)
+                lab = int(rings.label[shell])
+                rid = str(uuid.uuid5(NAMESPACE, f"{slide.identity}:region:{cls.name}:{level}:{lab}:{len(feats)}"))
+                feats.append({"type": "Feature", "id": rid, "geometry": _polygon_json(p),
+                              "properties": {"objectType": "annotation", "name": cls.name,
+                                             "classification": {"name": cls.name, "color": list(cls.color)},
+                                             "measurements": {"Area µm^2": round(p.area * slide.mpp**2, 2)}}})
+        writer.write(feats)
+        n += len(feats)
+    return n
+
+
+# ------------------------------------------------------------------------------------------ import
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One object read from a QuPath GeoJSON file.
+
+    ``geometry`` is a shapely geometry in the file's coordinates (QuPath: level-0 pixels of the image);
+    ``object_type`` is QuPath's objectType (``"annotation"`` when the file says nothing);
+    ``class_name`` / ``color`` are None for unclassified objects; ``nucleus_geometry`` is set for cells.
+    """
+
+    geometry: Any
+    object_type: str = "annotation"
+    class_name: str | None = None
+    color: tuple[int, int, int] | None = None
+    id: str | None = None
+    name: str | None = None
+    measurements: dict[str, float] = field(default_factory=dict)
+    nucleus_geometry: Any = None
+
+
+_READ_FIX = "export the objects again from QuPath (File > Export objects as GeoJSON) or fix the file"
+
+
+def read_geojson(path: str | PathLike[str]) -> list[Annotation]:
+    """Every object of a QuPath GeoJSON file (``.geojson`` or gzip-compressed); see :class:`Annotation`.
+
+    Raises :class:`~histopan.errors.AnnotationError` naming the file, the feature and the fix for a
+    missing or unreadable file, text that is not JSON, and features QuPath would not import either
+    (unknown geometry type, missing coordinates, a malformed classification).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise AnnotationError("annotation file not found", path=p, fix="check the path and spelling")
+    with open(p, "rb") as fh:
+        data = fh.read()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise AnnotationError(f"the gzip data cannot be read (truncated?): {exc}", path=p,
+                                  fix="copy or export the file again") from exc
+    try:
+        doc = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise AnnotationError(f"not UTF-8 text: {exc}", path=p, fix=_READ_FIX) from exc
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path=p,
+                              fix=_READ_FIX) from exc
+    if isinstance(doc, list):
+        features = doc
+    elif isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
+        features = doc.get("features")
+        if not isinstance(features, list):
+            raise AnnotationError("the FeatureCollection has no 'features' array", path=p, fix=_READ_FIX)
+    elif isinstance(doc, dict) and doc.get("type") == "Feature":
+        features = [doc]
+    else:
+        what = doc.get("type") if isinstance(doc, dict) else type(doc).__name__
+        raise AnnotationError("expected a GeoJSON FeatureCollection, an array of Features or one Feature",
+                              path=p, value=what, fix=_READ_FIX)
+    return [_read_feature(f, p, i) for i, f in enumerate(features)]
+
+
+def _read_geometry(geom: Any, path: Path, where: str):
+    import shapely
+    from shapely.errors import GEOSException
+    from shapely.geometry import shape
+
+    if not isinstance(geom, dict):
+        raise AnnotationError(f"{where} has no geometry object", path=path, value=geom, fix=_READ_FIX)
+    gtype = geom.get("type")
+    if gtype not in _GEOMETRY_TYPES:
+        raise AnnotationError(f"{where} has an unsupported geometry type", path=path, value=gtype,
+                              fix=f"use one of {list(_GEOMETRY_TYPES)} (convert or remove this object in QuPath)")
+    if "coordinates" not in geom or geom["coordinates"] is None:
+        raise AnnotationError(f"{where} ({gtype}) has no coordinates", path=path, fix=_READ_FIX)
+    try:
+        g = shape(geom)
+    except (ValueError, TypeError, IndexError, AttributeError, GEOSException) as exc:
+        raise AnnotationError(f"{where} ({gtype}) has malformed coordinates: {exc}", path=path,
+                              value=str(geom["coordinates"])[:80], fix=_READ_FIX) from exc
+    if g.is_empty:
+        raise AnnotationError(f"{where} ({gtype}) has empty coordinates", path=path, fix=_READ_FIX)
+    coords = shapely.get_coordinates(g)
+    if not np.isfinite(coords).all():
+        raise AnnotationError(f"{where} ({gtype}) has non-finite coordinates", path=path, fix=_READ_FIX)
+    return g
+
+
+def _read_classification(value: Any, path: Path, where: str) -> tuple[str | None, tuple[int, int, int] | None]:
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        return value, None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise AnnotationError(f"{where} has a classification without a name", path=path, value=value,
+                              fix='use "classification": "Tumor" or {"name": "Tumor", "color": [200, 0, 0]}')
+    color = value.get("color")
+    if color is None and isinstance(value.get("colorRGB"), int):  # QuPath 0.2: packed (A)RGB integer
+        rgb = value["colorRGB"] & 0xFFFFFF
+        color = [(rgb >> 16) & 255, (rgb >> 8) & 255, rgb & 255]
+    if color is not None:
+        if not (isinstance(color, list) and len(color) == 3 and all(isinstance(c, int) for c in color)):
+            raise AnnotationError(f"{where} has a classification colour that is not [r, g, b]", path=path,
+                                  value=color, fix="write the colour as three integers 0..255")
+        color = tuple(int(c) for c in color)
+    return value["name"], color
+
+
+def _read_feature(feat: Any, path: Path, index: int) -> Annotation:
+    where = f"feature {index}"
+    if not isinstance(feat, dict) or feat.get("type") != "Feature":
+        raise AnnotationError(f"{where} is not a GeoJSON Feature", path=path,
+                              value=feat.get("type") if isinstance(feat, dict) else type(feat).__name__,
+                              fix=_READ_FIX)
+    props = feat.get("properties") or {}
+    if not isinstance(props, dict):
+        raise AnnotationError(f"{where} has properties that are not an object", path=path, fix=_READ_FIX)
+    geometry = _read_geometry(feat.get("geometry"), path, where)
+    object_type = props.get("objectType", props.get("object_type", "annotation"))
+    if object_type not in OBJECT_TYPES:
+        raise AnnotationError(f"{where} has an unknown objectType", path=path, value=object_type,
+                              fix=f"use one of {list(OBJECT_TYPES)}")
+    class_name, color = _read_classification(props.get("classification"), path, where)
+    measurements: dict[str, float] = {}
+    raw = props.get("measurements")
+    if isinstance(raw, dict):
+        measurements = {str(k): float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+    elif isinstance(raw, list):  # older QuPath: [{"name": ..., "value": ...}]
+        measurements = {str(m["name"]): float(m["value"]) for m in raw
+                        if isinstance(m, dict) and isinstance(m.get("value"), (int, float)) and "name" in m}
+    nucleus = None
+    if props.get("nucleusGeometry") is not None:
+        nucleus = _read_geometry(props["nucleusGeometry"], path, f"{where} nucleusGeometry")
+    fid = feat.get("id")
+    return Annotation(geometry=geometry, object_type=object_type, class_name=class_name, color=color,
+                      id=None if fid is None else str(fid), name=props.get("name"), measurements=measurements,
+                      nucleus_geometry=nucleus)
