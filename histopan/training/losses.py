@@ -1,0 +1,106 @@
+"""Masked training losses: pixels without a label contribute nothing (value and gradient).
+
+- :func:`partial_label_ce`: ``-log(sum_{c in allowed} softmax(logits)_c)`` per pixel, with the allowed set
+  given as a bit mask (see :mod:`.targets`); a pixel whose set is empty has no loss, one whose set holds
+  every class has zero loss.
+- :func:`stuff_given_tissue_ce`: on pixels whose allowed set names some but not all stuff classes (tile-class
+  tiles), ``-log(p(allowed stuff) / p(any stuff))``, weighted by ``1 - p(nucleus)`` (detached): "where this is
+  tissue rather than a nucleus, it is the tile's class".  Without it a network could satisfy a tile's
+  ``{class, nucleus}`` label by calling everything a nucleus and never learn the class.
+- :func:`masked_bce`: binary cross-entropy with logits over the pixels of a mask.
+- :func:`masked_soft_dice`: soft Dice of a probability map over the pixels of a mask.
+- :func:`total_loss`: the weighted sum over the heads of :func:`histopan.model.network.split_outputs`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from histopan.training.config import LossConfig
+
+__all__ = ["masked_bce", "masked_soft_dice", "partial_label_ce", "stuff_given_tissue_ce", "total_loss"]
+
+
+def _allowed(label_bits: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(N, H, W) int64 bit masks -> (N, C, H, W) bool membership."""
+    shifts = torch.arange(n_classes, device=label_bits.device, dtype=torch.int64).view(1, -1, 1, 1)
+    return ((label_bits.unsqueeze(1) >> shifts) & 1).bool()
+
+
+def partial_label_ce(logits: torch.Tensor, label_bits: torch.Tensor) -> torch.Tensor:
+    """Mean over labelled pixels of ``-log(sum of allowed classes' probabilities)``; 0 if none is labelled."""
+    logits = logits.float()
+    allowed = _allowed(label_bits, logits.shape[1])
+    labelled = label_bits != 0
+    # An empty set would give log(0); allow everything there (zero loss, zero gradient), then mask it out.
+    allowed = allowed | ~labelled.unsqueeze(1)
+    log_in = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=1)
+    log_all = torch.logsumexp(logits, dim=1)
+    per_pixel = (log_all - log_in) * labelled
+    return per_pixel.sum() / labelled.sum().clamp(min=1)
+
+
+def stuff_given_tissue_ce(logits: torch.Tensor, label_bits: torch.Tensor, nucleus_index: int) -> torch.Tensor:
+    """Stuff-class cross-entropy conditional on "not a nucleus", on pixels naming a strict subset of stuff.
+
+    Weighted by ``1 - p(nucleus)`` (no gradient through the weight); 0 when no pixel qualifies.
+    """
+    logits = logits.float()
+    c = logits.shape[1]
+    allowed = _allowed(label_bits, c)
+    is_stuff = torch.ones(c, dtype=torch.bool, device=logits.device)
+    is_stuff[nucleus_index] = False
+    is_stuff = is_stuff.view(1, -1, 1, 1)
+    allowed_stuff = allowed & is_stuff
+    n_allowed = allowed_stuff.sum(1)
+    qualifies = (n_allowed > 0) & (n_allowed < int(is_stuff.sum()))
+    allowed_stuff = allowed_stuff | ~qualifies.unsqueeze(1)  # keep log() finite where it does not apply
+    stuff_logits = logits.masked_fill(~is_stuff, float("-inf"))
+    log_in = torch.logsumexp(stuff_logits.masked_fill(~allowed_stuff, float("-inf")), dim=1)
+    log_stuff = torch.logsumexp(stuff_logits, dim=1)
+    weight = (1.0 - torch.softmax(logits, dim=1)[:, nucleus_index]).detach() * qualifies
+    return ((log_stuff - log_in) * weight).sum() / qualifies.sum().clamp(min=1)
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               pos_weight: float = 1.0) -> torch.Tensor:
+    """Mean binary cross-entropy with logits over ``mask``; positives weighted by ``pos_weight``."""
+    logits = logits.float()
+    weight = mask.float() * (1.0 + (pos_weight - 1.0) * target)
+    per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (per_pixel * weight).sum() / weight.sum().clamp(min=1e-6)
+
+
+def masked_soft_dice(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                     eps: float = 1.0) -> torch.Tensor:
+    """``1 - soft Dice`` of ``prob`` against ``target`` over ``mask`` (whole batch pooled); 0 if the mask is empty."""
+    m = mask.float()
+    if m.sum() == 0:
+        return prob.sum() * 0.0
+    p = prob.float() * m
+    t = target * m
+    inter = (p * t).sum()
+    return 1.0 - (2.0 * inter + eps) / (p.sum() + t.sum() + eps)
+
+
+def total_loss(heads: dict[str, torch.Tensor | None], batch: dict[str, torch.Tensor], nucleus_index: int,
+               weights: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the masked losses of one batch, and the value of each term (floats, for logging).
+
+    ``heads`` are the logits of :func:`histopan.model.network.split_outputs`; ``batch`` holds
+    ``label_bits`` (N, H, W) int64, ``nucleus``, ``centre``, ``boundary`` (N, H, W) float and
+    ``nucleus_valid`` (N, H, W) bool.
+    """
+    semantic = heads["semantic"]
+    valid = batch["nucleus_valid"]
+    ce = partial_label_ce(semantic, batch["label_bits"])
+    stuff = stuff_given_tissue_ce(semantic, batch["label_bits"], nucleus_index)
+    p_nucleus = torch.softmax(semantic.float(), dim=1)[:, nucleus_index]
+    dice = masked_soft_dice(p_nucleus, batch["nucleus"], valid)
+    centre = masked_bce(heads["centre"], batch["centre"], valid)
+    boundary = masked_bce(heads["boundary"], batch["boundary"], valid, weights.boundary_pos_weight)
+    loss = (weights.semantic * ce + weights.stuff * stuff + weights.dice * dice + weights.centre * centre + weights.boundary * boundary)
+    terms = {"loss": float(loss.detach()), "ce": float(ce.detach()), "stuff": float(stuff.detach()), "dice": float(dice.detach()),
+             "centre": float(centre.detach()), "boundary": float(boundary.detach())}
+    return loss, terms

@@ -1,0 +1,65 @@
+"""Targets from hand-made label maps: centre peaks at centroids, boundaries on edges, ignore masks."""
+
+import numpy as np
+
+from histopan.training.targets import (boundary_map, centre_heatmap, class_bits, nucleus_targets,
+                                       tile_class_targets)
+
+
+def _two_discs() -> np.ndarray:
+    yy, xx = np.mgrid[:40, :60]
+    lab = np.zeros((40, 60), dtype=np.int32)
+    lab[(yy - 12) ** 2 + (xx - 15) ** 2 <= 36] = 1
+    lab[(yy - 25) ** 2 + (xx - 40) ** 2 <= 49] = 2
+    return lab
+
+
+def test_centre_heatmap_peaks_at_centroids():
+    lab = _two_discs()
+    heat = centre_heatmap(lab, sigma_px=2.0)
+    assert heat.dtype == np.float32 and heat.shape == lab.shape
+    assert heat[12, 15] == 1.0 and heat[25, 40] == 1.0
+    assert heat.max() == 1.0
+    # Gaussian fall-off: one sigma away is exp(-1/2)
+    np.testing.assert_allclose(heat[12, 17], np.exp(-0.5), rtol=1e-5)
+    # far from both nuclei: zero
+    assert heat[0, 59] == 0.0
+
+
+def test_centre_heatmap_empty_labels():
+    assert not centre_heatmap(np.zeros((8, 8), dtype=np.int32), 2.0).any()
+
+
+def test_boundary_on_instance_edges_including_touching():
+    lab = np.zeros((10, 12), dtype=np.int32)
+    lab[2:8, 1:6] = 1
+    lab[2:8, 6:11] = 2  # touches nucleus 1
+    b = boundary_map(lab)
+    assert b[2, 3] == 1 and b[7, 3] == 1 and b[4, 1] == 1   # outer edge of 1
+    assert b[4, 5] == 1 and b[4, 6] == 1                    # where 1 and 2 touch
+    assert b[4, 3] == 0 and b[0, 0] == 0                    # interior and background
+    assert set(np.unique(b)) == {0.0, 1.0}
+
+
+def test_nucleus_targets_label_sets_and_ignore_mask():
+    lab = _two_discs()
+    valid = np.ones(lab.shape, dtype=bool)
+    valid[:, 50:] = False  # unannotated strip
+    t = nucleus_targets(lab, valid, mpp=0.5, centre_sigma_um=1.0, nucleus_index=4, stuff_indices=(0, 1, 2, 3))
+    assert t.label_bits[12, 15] == 1 << 4                     # nucleus pixel: {nucleus}
+    assert t.label_bits[0, 0] == 0b01111                      # other annotated pixel: any stuff class
+    assert (t.label_bits[:, 50:] == 0).all()                  # unannotated: no label
+    assert (t.centre[:, 50:] == 0).all() and (t.boundary[:, 50:] == 0).all()
+    assert t.nucleus.sum() == np.count_nonzero(lab[:, :50])
+    assert t.nucleus_valid.sum() == valid.sum()
+    assert t.centre[12, 15] == 1.0                            # sigma 1 um = 2 px at 0.5 mpp
+    np.testing.assert_allclose(t.centre[12, 17], np.exp(-0.5), rtol=1e-5)
+
+
+def test_tile_class_targets_allow_class_or_nucleus_and_no_nucleus_maps():
+    valid = np.zeros((6, 6), dtype=bool)
+    valid[:4, :4] = True
+    t = tile_class_targets(valid, class_index=2, nucleus_index=4)
+    assert (t.label_bits[:4, :4] == class_bits([2, 4])).all()
+    assert (t.label_bits[4:, :] == 0).all()
+    assert not t.nucleus_valid.any() and not t.centre.any() and not t.boundary.any()
