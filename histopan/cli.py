@@ -271,6 +271,9 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
     qp.add_argument("--cell-expansion", type=float, default=3.0, metavar="UM", help="cell expansion in microns")
     qp.add_argument("--no-regions", action="store_true", help="nuclei only, no tissue region annotations")
     qp.add_argument("--partial", action="store_true", help="accept an incomplete store (export what is there)")
+    qp.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="processes tracing and encoding nuclei (default: min(4, CPU count), one per 50,000 "
+                         "nuclei at most; the file is byte-identical for any N)")
 
 
 def _export_run(args: argparse.Namespace) -> int:
@@ -289,7 +292,7 @@ def _export_run(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        result = export_qupath(args.store, args.out, options, progress=progress)
+        result = export_qupath(args.store, args.out, options, progress=progress, workers=args.workers)
     finally:
         bar.close()
     level = "" if result.stuff_level is None else f" (traced on labels/semantic level {result.stuff_level})"
@@ -316,6 +319,88 @@ def _qc_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slides", metavar="SLIDES",
+                        help="a folder of slides, a quoted glob ('in/*.svs') or a CSV manifest (columns path, "
+                             "optional mpp and name)")
+    parser.add_argument("-o", "--out", required=True, metavar="OUTDIR",
+                        help="output folder: OUTDIR/<name>.zarr per slide, batch_report.csv and .json")
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="join an existing Dask cluster (tcp://host:8786) instead of starting a local one")
+    parser.add_argument("--workers", type=_positive_int, default=None,
+                        help="local CPU worker processes (default: one per core, less one per GPU)")
+    parser.add_argument("--gpus", type=int, default=0, help="local GPU workers, one per GPU (resource GPU=1)")
+    parser.add_argument("--threads-per-worker", type=_positive_int, default=1, help="threads per local CPU worker")
+    parser.add_argument("--model", default="default", help="model name (in models/) or model folder")
+    parser.add_argument("--device", default=None,
+                        help="torch device on the inference workers (default: cuda if present)")
+    parser.add_argument("--tile", type=_positive_int, default=None, help="tile core size in pixels at the model's mpp")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per network batch (one task chain)")
+    parser.add_argument("--min-tissue", type=float, default=0.01,
+                        help="skip tiles with less tissue than this fraction (0 = process every tile)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing stores (complete ones included)")
+    parser.add_argument("--dashboard-address", default=":8787", help="local cluster's dashboard address (e.g. :0)")
+
+
+def _batch_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from histopan.batch import BatchOptions, find_slides, run_batch, write_report
+    from histopan.pipeline import SegmentOptions
+
+    outdir = Path(args.out)
+    if not outdir.resolve().parent.is_dir():
+        raise HistopanError("the output folder's parent does not exist", path=outdir.resolve().parent,
+                            fix=f"create it first (mkdir -p {outdir.resolve().parent})")
+    if outdir.exists() and not outdir.is_dir():
+        raise HistopanError("the output path exists and is not a folder", path=outdir, fix="choose another -o")
+    jobs = find_slides(args.slides, outdir)
+    options = BatchOptions(
+        segment=SegmentOptions(model=args.model, device=args.device, tile=args.tile, batch_size=args.batch_size,
+                               overwrite=args.overwrite, min_tissue=args.min_tissue),
+        scheduler=args.scheduler, workers=args.workers, gpus=args.gpus, threads_per_worker=args.threads_per_worker,
+        dashboard_address=args.dashboard_address)
+    outdir.mkdir(exist_ok=True)
+    overall = tqdm(total=len(jobs), unit="slide", desc="slides", disable=args.quiet, dynamic_ncols=True)
+    bars: dict[int, tqdm] = {}
+
+    def progress(event: str, data: dict) -> None:
+        if event == "cluster":
+            where = args.scheduler or "local cluster"
+            link = f", dashboard {data['dashboard']}" if data["dashboard"] else ""
+            tqdm.write(f"{where}: {data['workers']} workers, {data['threads']} threads, {data['gpus']:g} GPUs{link}")
+        elif event == "slide_start":
+            bars[data["index"]] = tqdm(total=data["tiles"], initial=data["done"], unit="tile", desc=data["name"][:24],
+                                       leave=False, disable=args.quiet, dynamic_ncols=True)
+        elif event == "slide_tiles" and data["index"] in bars:
+            bar = bars[data["index"]]
+            bar.n = data["done"]
+            bar.set_postfix(nuclei=data["nuclei"], refresh=False)
+            bar.refresh()
+        elif event == "slide_end":
+            bar = bars.pop(data["index"], None)
+            if bar is not None:
+                bar.close()
+            report = data["report"]
+            detail = report.error if report.status == "failed" else f"{report.n_nuclei} nuclei"
+            tqdm.write(f"{data['name']}: {report.status.replace('_', ' ')} ({detail})")
+            overall.update(1)
+
+    try:
+        result = run_batch(jobs, options, progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        overall.close()
+    csv_path, json_path = write_report(result, outdir)
+    counts = result.counts()
+    print(f"{counts['done']} done, {counts['already_complete']} already complete, {counts['failed']} failed "
+          f"in {result.seconds:.1f} s; report: {csv_path} and {json_path}")
+    return 1 if result.n_failed else 0
+
+
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "evaluate": ("score predictions against truth: PQ / SQ / RQ, AJI, Dice, point F1", _evaluate_args, _evaluate_run),
     "train": ("train a model from a training config (checkpoints, validation PQ, tuned thresholds)", _train_args,
@@ -326,6 +411,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
     "export": ("export a store for other tools: 'export qupath' writes QuPath GeoJSON", _export_args, _export_run),
     "qc": ("quality-control report of a store: overlays, crops, plots and provenance in one HTML file", _qc_args,
            _qc_run),
+    "batch": ("segment many slides on a Dask cluster (local or --scheduler): GPU workers, resumable, failures "
+              "isolated, batch report", _batch_args, _batch_run),
 }
 
 

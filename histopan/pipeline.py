@@ -170,18 +170,32 @@ def _timed_process_tile(*args: Any) -> tuple[dict[str, np.ndarray], float]:
 # --------------------------------------------------------------------------------------------- the run
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """A loaded model without its network: where it lives, its weights' sha256 and its config.
+
+    What a pickled :class:`RunPlan` carries instead of the :class:`~histopan.model.checkpoint.LoadedModel`,
+    so shipping a plan to another process never copies the weights; that process loads the network from
+    ``path`` itself (and should check ``weights_sha256``).
+    """
+
+    path: Path
+    weights_sha256: str
+    config: Any  # ModelConfig
+
+
 @dataclass
 class RunPlan:
     """Everything one slide's run needs, decided once before any tile is read (see :func:`plan_run`).
 
     Plain data (paths, the grid, tile indices): it pickles, so a distributed batch can ship it to workers,
-    which reopen the slide and the store by path.
+    which reopen the slide and the store by path.  Pickling replaces the model by its :class:`ModelRef`.
     """
 
     slide: Path
     slide_mpp: float | None  # the user's override, if any (workers reopen the slide with it)
     out: Path
-    model: Any  # LoadedModel
+    model: Any  # LoadedModel (a ModelRef once the plan has been pickled)
     grid: TileGrid
     selected: np.ndarray  # tissue tiles, row-major indices
     batches: list[np.ndarray]  # fixed slices of ``selected``: the network always sees the same batches
@@ -192,6 +206,13 @@ class RunPlan:
     @property
     def config(self) -> Any:
         return self.model.config
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        model = state["model"]
+        if not isinstance(model, ModelRef):
+            state["model"] = ModelRef(Path(model.path), model.weights_sha256, model.config)
+        return state
 
     def pending_batches(self, store: SlideStore) -> list[np.ndarray]:
         """Batches with at least one tile not yet recorded (a resumed run recomputes whole batches)."""
