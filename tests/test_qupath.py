@@ -20,7 +20,8 @@ from shapely.geometry import shape
 from histopan.cli import main
 from histopan.errors import AnnotationError, ConfigError, HistopanError, RegionError, StoreError
 from histopan.export.contours import outer_rings, trace_rings
-from histopan.export.qupath import (ExportOptions, export_qupath, nucleus_uuid, read_geojson, _nucleus_uuids)
+from histopan.export.qupath import (ExportOptions, export_qupath, nucleus_uuid, read_geojson, _nucleus_uuids,
+                                    _ring_polygons)
 from histopan.store import open_store
 from histopan.testing_store import build_test_store
 
@@ -130,6 +131,30 @@ def test_traced_rings_rasterise_back_to_the_labels(lab):
         if holes:
             region = region.difference(shapely.union_all(holes))
         assert np.array_equal(shapely.contains_xy(region, xx, yy), lab == value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 20), st.integers(1, 20)), elements=st.integers(0, 3)))
+def test_ring_order_by_walking_equals_pointer_jumping(lab):
+    """The two ways of putting the edges in ring order (short rings: walk; long rings: jump) agree."""
+    walked, jumped = trace_rings(lab), trace_rings(lab, walk_limit=0)
+    for name in ("x", "y", "offsets", "label", "area"):
+        assert np.array_equal(getattr(walked, name), getattr(jumped, name))
+
+
+def test_rings_that_simplification_collapses_keep_their_traced_outline():
+    lab = np.zeros((6, 9), np.uint16)
+    lab[1, 1] = 1  # one pixel: a diamond that a 2-pixel tolerance collapses
+    lab[2:5, 3:8] = 2
+    rings = outer_rings(trace_rings(lab))
+    coords, bounds = _ring_polygons(rings, 2.0, 10, 20, simplify=2.0)
+    for i in range(len(rings)):
+        ring = coords[bounds[i]:bounds[i + 1]]
+        poly = shapely.Polygon(ring)
+        assert len(ring) >= 4 and poly.is_valid and poly.area > 0
+        assert np.array_equal(ring[0], ring[-1])
+    # the one-pixel nucleus keeps its traced diamond (scaled, shifted): area 1/2 px * 2^2
+    assert shapely.Polygon(coords[bounds[0]:bounds[1]]).area == pytest.approx(0.5 * 4)
 
 
 def test_outer_ring_area_is_pixel_count_minus_half():
@@ -267,6 +292,36 @@ def test_export_is_deterministic(store_path, exported, tmp_path):
     assert again.read_bytes() == out.read_bytes()
 
 
+def test_worker_processes_write_the_same_bytes(store_path, exported, tmp_path):
+    """Blocks encoded in worker processes are written in order: byte-identical files for any worker count,
+    plain and gzip (one gzip member per block: a valid multi-member stream that decompresses to the plain
+    file)."""
+    options = ExportOptions(block=128)  # many blocks
+    one = export_qupath(store_path, tmp_path / "1.geojson.gz", options, workers=1)
+    two = export_qupath(store_path, tmp_path / "2.geojson.gz", options, workers=2)
+    plain = export_qupath(store_path, tmp_path / "1.geojson", options, workers=1)
+    assert two.timings["workers"] == 2 and one.timings["workers"] == 1
+    assert (one.n_nuclei, one.n_regions) == (two.n_nuclei, two.n_regions) == (plain.n_nuclei, plain.n_regions)
+    zipped = (tmp_path / "2.geojson.gz").read_bytes()
+    assert zipped == (tmp_path / "1.geojson.gz").read_bytes()
+    assert zipped.count(b"\x1f\x8b\x08") > 3  # several members
+    with gzip.open(tmp_path / "2.geojson.gz", "rb") as fh:
+        assert fh.read() == (tmp_path / "1.geojson").read_bytes()
+    # another block size gives the same features (ids, geometry, properties), in another order
+    doc = json.loads((tmp_path / "1.geojson").read_text(encoding="utf-8"))
+    by_id = {f["id"]: f for f in exported[1]["features"]}
+    assert len(doc["features"]) == len(by_id)
+    assert all(by_id[f["id"]] == f for f in doc["features"])
+    assert len(read_geojson(tmp_path / "2.geojson.gz")) == len(doc["features"])
+
+
+def test_bad_worker_count_is_refused(store_path, tmp_path):
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ConfigError, match="workers"):
+            export_qupath(store_path, tmp_path / "w.geojson", workers=bad)
+    assert not list(tmp_path.iterdir())
+
+
 def test_untyped_store_uses_nucleus_class_and_omits_nan(tmp_path):
     path = tmp_path / "untyped.zarr"
     build_test_store(path, shape=(256, 256), chunk=128, seed=5, with_types=False)
@@ -339,6 +394,8 @@ def test_cli_export_and_errors(store_path, tmp_path, capsys):
     assert main(["export", "qupath", str(store_path), "-o", str(tmp_path / "y.geojson"),
                  "--bbox", "1,2,3"]) == 2
     assert "bbox" in capsys.readouterr().err
+    assert main(["export", "qupath", str(store_path), "-o", str(tmp_path / "y.geojson"), "--workers", "0"]) == 2
+    assert "workers" in capsys.readouterr().err
     assert not (tmp_path / "y.geojson").exists()
 
 

@@ -29,6 +29,16 @@ import numpy as np
 # direction codes: 0 = +x (east), 1 = +y (south, image rows grow downwards), 2 = -x, 3 = -y
 _DX = np.array([1, 0, -1, 0], np.int64)
 _DY = np.array([0, 1, 0, -1], np.int64)
+# for an edge of direction d ending at vertex (x, y): the pixel ahead on the region side is at
+# (x + _AHEAD_N_X[d], y + _AHEAD_N[d]), the one ahead on the other side at (x + _AHEAD_O_X[d], y + _AHEAD_O[d])
+_AHEAD_N_X = (_DX + _DX[(np.arange(4) + 1) % 4]) // 2
+_AHEAD_N = (_DY + _DY[(np.arange(4) + 1) % 4]) // 2
+_AHEAD_O_X = (_DX - _DX[(np.arange(4) + 1) % 4]) // 2
+_AHEAD_O = (_DY - _DY[(np.arange(4) + 1) % 4]) // 2
+_LEFT = (np.arange(4) + 1) % 4  # turn towards the region side
+_RIGHT = (np.arange(4) + 3) % 4  # turn away from it
+#: Longest ring (in pixel edges) that :func:`trace_rings` orders by walking; longer: pointer jumping.
+WALK_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -69,74 +79,78 @@ class Rings:
         return Rings(self.x[take], self.y[take], offsets, self.label[idx], self.area[idx])
 
 
-def _edges(lab: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _edges(flat: np.ndarray, stride: int, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Directed pixel edges with their label on the right-hand normal side ("region side").
 
+    ``flat`` is the padded label image raveled, rows of ``stride`` pixels; pixel (row r, column c) is
+    ``flat[r * stride + c]`` and its top-left corner is vertex ``r * stride + c`` of the same numbering.
     For direction d the region side is n(d) = (-dy, dx), i.e. code (d + 1) % 4: walking +x the region lies
     below (+y), so outer rings come out with a positive shoelace area.
-    Returns start x, start y, direction code and label of every edge of the (padded) array ``lab``.
+    Returns the start vertex, direction code and label of every edge, in a fixed order (per direction
+    group, raster order).
     """
-    xs, ys, ds, ls = [], [], [], []
-    # horizontal edges: between rows i and i+1, at y = i + 1
-    i, c = np.nonzero(lab[1:] != lab[:-1])
-    below, above = lab[i + 1, c], lab[i, c]
-    m = below != 0  # region below: walk +x from (c, i+1)
-    xs.append(c[m]); ys.append(i[m] + 1); ds.append(np.zeros(m.sum(), np.int64)); ls.append(below[m])
-    m = above != 0  # region above: walk -x from (c+1, i+1)
-    xs.append(c[m] + 1); ys.append(i[m] + 1); ds.append(np.full(m.sum(), 2, np.int64)); ls.append(above[m])
-    # vertical edges: between columns j and j+1, at x = j + 1
-    r, j = np.nonzero(lab[:, 1:] != lab[:, :-1])
-    left, right = lab[r, j], lab[r, j + 1]
-    m = left != 0  # region on the left (-x): walk +y from (j+1, r)
-    xs.append(j[m] + 1); ys.append(r[m]); ds.append(np.ones(m.sum(), np.int64)); ls.append(left[m])
-    m = right != 0  # region on the right (+x): walk -y from (j+1, r+1)
-    xs.append(j[m] + 1); ys.append(r[m] + 1); ds.append(np.full(m.sum(), 3, np.int64)); ls.append(right[m])
-    x = np.concatenate(xs).astype(np.int64)
-    y = np.concatenate(ys).astype(np.int64)
+    vs, ds, ls = [], [], []
+    # horizontal edges: between pixel p and the one below it (p + stride), from vertex p + stride
+    p = np.flatnonzero(flat[stride:] != flat[:-stride])
+    below, above = flat[p + stride], flat[p]
+    m = below != 0  # region below: walk +x
+    vs.append(p[m] + stride); ds.append(np.zeros(m.sum(), np.int64)); ls.append(below[m])
+    m = above != 0  # region above: walk -x from the right-hand corner
+    vs.append(p[m] + (stride + 1)); ds.append(np.full(m.sum(), 2, np.int64)); ls.append(above[m])
+    # vertical edges: between pixel q and the one to its right (q + 1), at the left side of q + 1
+    q = np.flatnonzero(flat[1:] != flat[:-1])
+    left, right = flat[q], flat[q + 1]
+    m = left != 0  # region on the left: walk +y
+    vs.append(q[m] + 1); ds.append(np.ones(m.sum(), np.int64)); ls.append(left[m])
+    m = right != 0  # region on the right: walk -y from the lower corner
+    vs.append(q[m] + (stride + 1)); ds.append(np.full(m.sum(), 3, np.int64)); ls.append(right[m])
+    v = np.concatenate(vs)
     d = np.concatenate(ds)
     lab_e = np.concatenate(ls)
     if labels is not None:
         keep = np.isin(lab_e, labels)
-        x, y, d, lab_e = x[keep], y[keep], d[keep], lab_e[keep]
-    return x, y, d, lab_e
+        v, d, lab_e = v[keep], d[keep], lab_e[keep]
+    return v, d, lab_e
 
 
-def trace_rings(labels_image: np.ndarray, labels: np.ndarray | None = None) -> Rings:
+def trace_rings(labels_image: np.ndarray, labels: np.ndarray | None = None, walk_limit: int = WALK_LIMIT) -> Rings:
     """Every boundary ring of every non-zero label of a 2-D integer array (or only of ``labels``).
 
     Pixels outside the array count as background, so objects cut by the array's border are closed along it.
+    Rings come in the order of their first edge (see :func:`_edges`), each starting there.
+    ``walk_limit``: rings are put in order by walking all of them at once, one edge per step, when the
+    longest has at most this many edges, else by pointer jumping (same result; see :func:`_ring_order`).
     """
     lab = np.asarray(labels_image)
     if lab.ndim != 2:
         raise ValueError(f"expected a 2-D label image, got shape {lab.shape}")
-    lab = np.pad(lab, 1)
+    # one background pixel around, plus one more column: rows of `stride` pixels number the pixels and
+    # the pixel corners (vertices) alike
+    lab = np.pad(lab, ((1, 1), (1, 2)))
+    height, stride = lab.shape
+    flat = lab.ravel()
     if labels is not None:
         labels = np.unique(np.asarray(labels, dtype=lab.dtype))
-    x, y, d, lab_e = _edges(lab, labels)
-    n = x.size
+    v, d, lab_e = _edges(flat, stride, labels)
+    n = v.size
     if n == 0:
         empty_f = np.zeros(0, np.float64)
         return Rings(empty_f, empty_f, np.zeros(1, np.int64), np.zeros(0, lab.dtype), empty_f)
 
     # successor of each edge: at its end vertex, look at the two pixels ahead
-    vx, vy = x + _DX[d], y + _DY[d]
-    nside = (d + 1) % 4
-    ax_n = (2 * vx + _DX[d] + _DX[nside]) // 2
-    ay_n = (2 * vy + _DY[d] + _DY[nside]) // 2
-    ax_o = (2 * vx + _DX[d] - _DX[nside]) // 2
-    ay_o = (2 * vy + _DY[d] - _DY[nside]) // 2
-    ahead_n = lab[ay_n, ax_n] == lab_e
-    ahead_o = lab[ay_o, ax_o] == lab_e
+    step = np.array([1, stride, -1, -stride], np.int64)[d]
+    end = v + step
+    ahead_n = flat[end + _AHEAD_N[d] * stride + _AHEAD_N_X[d]] == lab_e
+    ahead_o = flat[end + _AHEAD_O[d] * stride + _AHEAD_O_X[d]] == lab_e
     # region continues straight ahead: go straight; both ahead: turn away from the region side;
     # otherwise turn towards it (4-connectivity: corner-touching pixels are not joined)
-    new_d = np.where(ahead_n, np.where(ahead_o, (d + 3) % 4, d), nside)
+    new_d = np.where(ahead_n, np.where(ahead_o, _RIGHT[d], d), _LEFT[d])
 
-    height, width = lab.shape
-    stride = width + 1
-    key = (y * stride + x) * 4 + d
-    succ_key = (vy * stride + vx) * 4 + new_d
-    if (height + 1) * stride * 4 <= 64 * n + 4_000_000:  # dense lookup (every successor key exists)
-        table = np.empty((height + 1) * stride * 4, np.int32)
+    key = v * 4 + d
+    succ_key = end * 4 + new_d
+    size = (height + 1) * stride * 4
+    if size <= 64 * n + 4_000_000:  # dense lookup (every successor key exists)
+        table = np.empty(size, np.int32)
         table[key] = np.arange(n, dtype=np.int32)
         succ = table[succ_key].astype(np.int64)
         del table
@@ -144,8 +158,43 @@ def trace_rings(labels_image: np.ndarray, labels: np.ndarray | None = None) -> R
         by_key = np.argsort(key)
         succ = by_key[np.searchsorted(key, succ_key, sorter=by_key)]
 
-    # ring of each edge = the smallest edge index on its cycle (pointer jumping)
-    root = np.arange(n)
+    order = _ring_order(succ, walk_limit)
+    is_start = np.ones(n, bool)  # a ring starts where the edge before is not the predecessor
+    is_start[1:] = succ[order[:-1]] != order[1:]
+    starts = np.flatnonzero(is_start)
+    ends = np.r_[starts[1:], n]
+    v, d = v[order], d[order]
+    # a midpoint is redundant when the previous and next edges of its ring run the same way
+    d_prev = np.empty_like(d)
+    d_prev[1:] = d[:-1]
+    d_prev[starts] = d[ends - 1]
+    d_next = np.empty_like(d)
+    d_next[:-1] = d[1:]
+    d_next[ends - 1] = d[starts]
+    keep = d_prev != d_next
+    counts = np.add.reduceat(keep.astype(np.int64), starts)
+    offsets = np.zeros(starts.size + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    v, d = v[keep], d[keep]
+    # edge midpoints in pixel-corner units, -1: undo the padding
+    y, x = np.divmod(v, stride)
+    rx = x + (_DX[d] * 0.5 - 1.0)
+    ry = y + (_DY[d] * 0.5 - 1.0)
+    area = _signed_area(rx, ry, offsets)
+    return Rings(rx, ry, offsets, lab_e[order[starts]], area)
+
+
+def _ring_order(succ: np.ndarray, walk_limit: int) -> np.ndarray:
+    """Edge indices ring by ring: rings ordered by their smallest edge index, each starting at that edge and
+    following ``succ`` (a permutation whose cycles are the rings).
+
+    The smallest edge index of every ring is found by pointer jumping (``log2(longest ring)`` passes over
+    all edges).  Short rings (nuclei) are then walked all at once, one edge per step (as many steps as the
+    longest ring has edges); long rings (tissue regions) are ordered by their distance to the ring's last
+    edge, again by pointer jumping.
+    """
+    n = succ.size
+    root = np.arange(n)  # smallest edge index on the cycle
     jump = succ.copy()
     while True:
         new_root = np.minimum(root, root[jump])
@@ -153,6 +202,28 @@ def trace_rings(labels_image: np.ndarray, labels: np.ndarray | None = None) -> R
             break
         root = new_root
         jump = jump[jump]
+    first = np.flatnonzero(root == np.arange(n))  # ascending: the rings in output order
+    length = np.bincount(root, minlength=n)[first]
+    if int(length.max()) > walk_limit:
+        return _ring_order_by_distance(succ, root)
+    offsets = np.zeros(first.size + 1, np.int64)
+    np.cumsum(length, out=offsets[1:])
+    # walk the rings longest first, so the rings still walking at step k are a prefix
+    walk = np.argsort(-length, kind="stable")
+    cur = first[walk]
+    base = offsets[:-1][walk]
+    steps = length[walk]
+    active = np.searchsorted(-steps, -np.arange(int(steps[0])), side="left")  # rings longer than k edges
+    order = np.empty(n, np.int64)
+    for k, m in enumerate(active.tolist()):
+        cur_m = cur[:m]
+        order[base[:m] + k] = cur_m
+        cur[:m] = succ[cur_m]
+    return order
+
+
+def _ring_order_by_distance(succ: np.ndarray, root: np.ndarray) -> np.ndarray:
+    """:func:`_ring_order` for long rings: sort by (ring, distance to the ring's last edge)."""
     # position along the ring: distance to the ring's last edge (the one before the root)
     nxt = np.where(succ == root, -1, succ)
     dist = (nxt >= 0).astype(np.int64)
@@ -162,41 +233,24 @@ def trace_rings(labels_image: np.ndarray, labels: np.ndarray | None = None) -> R
         dist[active] += dist[step]
         nxt[active] = nxt[step]
         active = active[nxt[active] >= 0]
-    order = np.lexsort((-dist, root))
-    x, y, d, lab_e, root = x[order], y[order], d[order], lab_e[order], root[order]
-
-    starts = np.flatnonzero(np.r_[True, root[1:] != root[:-1]])
-    ring_of = np.cumsum(np.r_[True, root[1:] != root[:-1]]) - 1
-    ends = np.r_[starts[1:], n]
-    # a midpoint is redundant when the previous and next edges of its ring run the same way
-    pos = np.arange(n)
-    prev_i = np.where(pos == starts[ring_of], ends[ring_of] - 1, pos - 1)
-    next_i = np.where(pos == ends[ring_of] - 1, starts[ring_of], pos + 1)
-    keep = d[prev_i] != d[next_i]
-    # midpoints in corner units (times 2 to stay integer until the end)
-    mx2 = 2 * x + _DX[d]
-    my2 = 2 * y + _DY[d]
-    keep_idx = np.flatnonzero(keep)
-    counts = np.bincount(ring_of[keep_idx], minlength=starts.size)
-    offsets = np.zeros(starts.size + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    # -1: undo the padding
-    rx = mx2[keep_idx] / 2.0 - 1.0
-    ry = my2[keep_idx] / 2.0 - 1.0
-    area = _signed_area(rx, ry, offsets)
-    return Rings(rx, ry, offsets, lab_e[starts], area)
+    return np.lexsort((-dist, root))
 
 
 def _signed_area(x: np.ndarray, y: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Shoelace area of each ring (positive when counter-clockwise for the numbers as written)."""
     n = x.size
+    n_rings = offsets.size - 1
     if n == 0:
-        return np.zeros(offsets.size - 1)
-    pos = np.arange(n)
-    ring = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
-    nxt = np.where(pos == offsets[1:][ring] - 1, offsets[:-1][ring], pos + 1)
-    cross = x * y[nxt] - x[nxt] * y
-    return np.bincount(ring, weights=cross, minlength=offsets.size - 1) / 2.0
+        return np.zeros(n_rings)
+    starts, ends = offsets[:-1], offsets[1:]
+    x_next = np.empty_like(x)
+    x_next[:-1] = x[1:]
+    y_next = np.empty_like(y)
+    y_next[:-1] = y[1:]
+    x_next[ends - 1] = x[starts]  # the last vertex of a ring is followed by its first
+    y_next[ends - 1] = y[starts]
+    cross = x * y_next - x_next * y
+    return np.add.reduceat(cross, starts) / 2.0
 
 
 def outer_rings(rings: Rings) -> Rings:
