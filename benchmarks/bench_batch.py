@@ -4,7 +4,7 @@ per tile.  Writes JSON (default benchmarks/results/batch.json).
     python benchmarks/bench_batch.py [--model PATH] [--slides 4] [--size 2048] [--tile 256]
 
 Setup: --slides generated SVS-flavoured slides of --size x --size px at 0.25 um/px (cached in --cache), the
-model (default: models/default, else runs/res_compare/mpp050/model) on the CPU with tiles of --tile px,
+model (default: models/default) on the CPU with tiles of --tile px,
 batches of 4 tiles, every tile processed (min_tissue 0).  Each cluster's workers are warmed up first (torch
 imported, model loaded, on one batch of a throw-away slide); cluster start-up is not timed.
 
@@ -40,10 +40,10 @@ def _load() -> list[float]:
 
 
 def _default_model() -> Path:
-    for candidate in (REPO / "models" / "default", REPO / "runs" / "res_compare" / "mpp050" / "model"):
-        if (candidate / "weights.safetensors").is_file():
-            return candidate
-    raise SystemExit("no model found: pass --model FOLDER")
+    candidate = REPO / "models" / "default"
+    if (candidate / "weights.safetensors").is_file():
+        return candidate
+    raise SystemExit(f"no model in {candidate}: pass --model FOLDER")
 
 
 def _slides(cache: Path, n: int, size: int) -> list[Path]:
@@ -91,7 +91,7 @@ def _measure(n_workers: int, jobs, warm, options, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model folder (default: models/default or the mpp050 run)")
+    parser.add_argument("--model", default=None, help="model folder (default: models/default)")
     parser.add_argument("--slides", type=int, default=4)
     parser.add_argument("--size", type=int, default=2048, help="slide side in px at 0.25 um/px")
     parser.add_argument("--tile", type=int, default=256)
