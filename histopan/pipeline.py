@@ -36,7 +36,7 @@ from histopan import __version__
 from histopan.config import to_dict
 from histopan.errors import ConfigError, HistopanError
 from histopan.panoptic import absorb_small_regions, fuse, stuff_argmax
-from histopan.stitching import IdScheme, OwnedObjects, own_objects, paint
+from histopan.stitching import IdScheme, OwnedObjects, deduplicate, own_objects, paint
 from histopan.store import ClassInfo, SlideStore, create_store, open_for_run
 from histopan.tiling import TileGrid
 
@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 #: Resolution of the store's RGB overview image: this many times the model's mpp, at least 2 um/px.
 IMAGE_MPP_FACTOR = 4.0
 MIN_IMAGE_MPP = 2.0
+
+#: record arrays with one entry per owned nucleus (filtered by de-duplication before the table is written)
+PER_NUCLEUS_KEYS = frozenset({"ids", "local_ids", "bboxes", "centroids", "cut", "area_px", "perimeter_px",
+                              "eccentricity", "solidity", "nucleus_prob", "type", "type_prob", "stuff_class"})
 
 TABLE_COLUMNS = ("id", "centroid_x", "centroid_y", "centroid_x_um", "centroid_y_um", "area_um2", "perimeter_um",
                  "eccentricity", "solidity", "circularity", "nucleus_prob", "type", "type_prob", "stuff_class",
@@ -132,6 +136,14 @@ def process_tile(maps: Any, tile: Any, grid: TileGrid, model_config: Any, ids: I
     read_sl = tile.read_in_window
     labels = postprocess_tile(maps, grid.mpp, model_config.postprocess, model_config.classes)
     instances = labels.instances[read_sl]
+    # The window may stick out of the slide (white padding): what remains of an object after cropping to the
+    # slide must still pass the minimum area, or slivers along the slide border would become nuclei.
+    if instances.shape != labels.instances.shape:
+        area = np.bincount(instances.ravel(), minlength=int(labels.instances.max()) + 1)
+        too_small = area < model_config.postprocess.min_area_um2 / grid.mpp**2
+        too_small[0] = False
+        if too_small.any():
+            instances = np.where(too_small[instances], 0, instances).astype(instances.dtype)
     stuff_ids = np.asarray(model_config.stuff_indices, dtype=np.intp)
     stuff = stuff_argmax(maps.semantic[:, read_sl[0], read_sl[1]], stuff_ids)
     stuff = absorb_small_regions(stuff, model_config.postprocess.min_stuff_area_um2, grid.mpp)
@@ -301,7 +313,8 @@ def finish_run(plan: RunPlan, store: SlideStore, emit: Progress, timer: _Timer, 
     recorded = np.zeros(len(grid), bool)
     recorded[plan.selected] = True
     classes = store.classes
-    stuff_px, n_cut = _paint_chunks(store, grid, recorded, cfg.nucleus_index, len(classes), emit, timer)
+    keep = _deduplicate_all(store, grid, recorded)
+    stuff_px, n_cut = _paint_chunks(store, grid, recorded, keep, cfg.nucleus_index, len(classes), emit, timer)
     timer.add("stitch_write", time.perf_counter() - t)
     if n_cut:
         log.warning("%d object(s) touched the edge of a tile's halo and may be larger than the halo (%d px); they "
@@ -309,7 +322,7 @@ def finish_run(plan: RunPlan, store: SlideStore, emit: Progress, timer: _Timer, 
                     n_cut, grid.halo)
 
     t = time.perf_counter()
-    n_nuclei = _write_table(store, grid, plan.selected, cfg, plan.base_mpp)
+    n_nuclei = _write_table(store, grid, plan.selected, keep, cfg, plan.base_mpp)
     with open_slide(plan.slide, mpp=plan.slide_mpp) as reader:
         _write_overview(store, reader, store.attrs["image_mpp"])
     store.build_pyramids()
@@ -409,31 +422,64 @@ def _check_output(out: Path) -> None:
 
 
 class _RecordCache:
-    """Tile records loaded from the store, least recently used dropped first (bounded memory)."""
+    """Tile records loaded from the store, least recently used dropped first (bounded memory).
 
-    def __init__(self, store: SlideStore, capacity: int) -> None:
+    ``get`` returns the tile's owned nuclei (only those kept by de-duplication once ``keep`` has an entry
+    for the tile) and its stuff core.
+    """
+
+    def __init__(self, store: SlideStore, capacity: int, keep: dict[int, np.ndarray] | None = None) -> None:
         self.store = store
         self.capacity = capacity
+        self.keep = keep if keep is not None else {}
         self.items: OrderedDict[int, tuple[OwnedObjects, np.ndarray]] = OrderedDict()
 
     def get(self, index: int) -> tuple[OwnedObjects, np.ndarray]:
         if index in self.items:
             self.items.move_to_end(index)
-            return self.items[index]
-        arrays = self.store.load_tile(index)
-        value = (OwnedObjects.from_arrays(arrays), arrays["stuff"])
-        self.items[index] = value
-        if len(self.items) > self.capacity:
-            self.items.popitem(last=False)
-        return value
+            objs, stuff = self.items[index]
+        else:
+            arrays = self.store.load_tile(index)
+            objs, stuff = OwnedObjects.from_arrays(arrays), arrays["stuff"]
+            self.items[index] = (objs, stuff)
+            if len(self.items) > self.capacity:
+                self.items.popitem(last=False)
+        if index in self.keep:
+            objs = objs.subset(self.keep[index])
+        return objs, stuff
 
 
-def _paint_chunks(store: SlideStore, grid: TileGrid, recorded: np.ndarray, thing_id: int, n_classes: int,
-                  emit: Progress, timer: _Timer) -> tuple[np.ndarray, int]:
+def _neighbours(grid: TileGrid, tile: Any) -> list[Any]:
+    """The tiles around ``tile`` whose read boxes can overlap its own (halo < tile: the 8 neighbours)."""
+    out = []
+    for r in range(max(tile.row - 1, 0), min(tile.row + 2, grid.n_rows)):
+        for c in range(max(tile.col - 1, 0), min(tile.col + 2, grid.n_cols)):
+            if (r, c) != (tile.row, tile.col):
+                out.append(grid.tile_at(r, c))
+    return out
+
+
+def _deduplicate_all(store: SlideStore, grid: TileGrid, recorded: np.ndarray) -> dict[int, np.ndarray]:
+    """Keep flags of every recorded tile's nuclei, decided in ascending tile (= id) order."""
+    keep: dict[int, np.ndarray] = {}
+    cache = _RecordCache(store, capacity=4 * (grid.n_cols + 2), keep=keep)
+    for index in np.flatnonzero(recorded):
+        tile = grid[int(index)]
+        objs, _ = cache.get(int(index))
+        earlier = [cache.get(t.index)[0] for t in _neighbours(grid, tile) if t.index < index and recorded[t.index]]
+        keep[int(index)] = deduplicate(objs, earlier)
+    n_dropped = sum(int((~k).sum()) for k in keep.values())
+    if n_dropped:
+        log.info("dropped %d duplicate nuclei seen by two neighbouring tiles", n_dropped)
+    return keep
+
+
+def _paint_chunks(store: SlideStore, grid: TileGrid, recorded: np.ndarray, keep: dict[int, np.ndarray],
+                  thing_id: int, n_classes: int, emit: Progress, timer: _Timer) -> tuple[np.ndarray, int]:
     """Pass 2: paint, fuse and write every chunk that any recorded tile reaches. Returns stuff pixel counts."""
     chunk = int(store.attrs["chunk"])
     height, width = grid.shape
-    cache = _RecordCache(store, capacity=4 * (grid.n_cols + 2))
+    cache = _RecordCache(store, capacity=4 * (grid.n_cols + 2), keep=keep)
     counts = np.zeros(max(n_classes, thing_id + 1), np.int64)
     n_cut = 0
     counted_cut: set[int] = set()
@@ -478,7 +524,8 @@ def _paint_chunks(store: SlideStore, grid: TileGrid, recorded: np.ndarray, thing
     return counts, n_cut
 
 
-def _write_table(store: SlideStore, grid: TileGrid, selected: Sequence[int], cfg: Any, base_mpp: float) -> int:
+def _write_table(store: SlideStore, grid: TileGrid, selected: Sequence[int], keep: dict[int, np.ndarray], cfg: Any,
+                 base_mpp: float) -> int:
     """The nucleus table (Parquet), streamed tile by tile in tile order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -501,6 +548,8 @@ def _write_table(store: SlideStore, grid: TileGrid, selected: Sequence[int], cfg
     with pq.ParquetWriter(tmp, schema) as writer:
         for index in selected:
             rec = store.load_tile(int(index))
+            kept = keep[int(index)]
+            rec = {k: (v[kept] if k in PER_NUCLEUS_KEYS else v) for k, v in rec.items()}
             n = int(rec["ids"].size)
             if n == 0:
                 continue

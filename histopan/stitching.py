@@ -95,6 +95,18 @@ class OwnedObjects:
         return cls(tile_index, np.zeros(0, np.uint32), np.zeros(0, np.int64), np.zeros((0, 4), np.int64),
                    np.zeros(1, np.int64), np.zeros(0, bool), np.zeros((0, 2)), np.zeros(0, bool))
 
+    def subset(self, keep: np.ndarray) -> OwnedObjects:
+        """The objects where ``keep`` is True (same order)."""
+        keep = np.asarray(keep, bool)
+        if keep.all():
+            return self
+        masks = [self.masks[self.offsets[i]:self.offsets[i + 1]] for i in np.flatnonzero(keep)]
+        sizes = np.array([m.size for m in masks], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return OwnedObjects(self.tile_index, self.ids[keep], self.local_ids[keep], self.bboxes[keep], offsets,
+                            np.concatenate(masks) if masks else np.zeros(0, bool), self.centroids[keep],
+                            self.cut[keep])
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays (for ``np.savez``); :meth:`from_arrays` restores the object."""
         return {"tile_index": np.array(self.tile_index), "ids": self.ids, "local_ids": self.local_ids,
@@ -175,6 +187,32 @@ def own_objects(
         centroids=np.stack([gy, gx], axis=1),
         cut=cut,
     )
+
+
+def deduplicate(objs: OwnedObjects, earlier: Iterable[OwnedObjects], max_overlap: float = 0.5) -> np.ndarray:
+    """Which of a tile's owned nuclei to keep, given the kept nuclei of neighbouring tiles with lower ids.
+
+    Neighbouring tiles segment the same nucleus from slightly different context; near a core border both can
+    place its centroid inside their own core (e.g. when one splits a blob the other does not).  A nucleus of
+    which more than ``max_overlap`` of the pixels are already taken by kept nuclei of lower ids is such a
+    duplicate and is dropped.  Deciding in ascending id order makes the result independent of chunking and
+    scheduling; painting in the same order then gives every kept nucleus at least half its pixels.
+    """
+    n = len(objs)
+    keep = np.ones(n, bool)
+    if n == 0:
+        return keep
+    y0, x0 = objs.bboxes[:, 0].min(), objs.bboxes[:, 1].min()
+    y1, x1 = objs.bboxes[:, 2].max(), objs.bboxes[:, 3].max()
+    claimed = paint((int(x0), int(y0), int(x1 - x0), int(y1 - y0)), earlier) > 0
+    if not claimed.any():
+        return keep
+    for i in range(n):
+        by0, bx0, by1, bx1 = (int(v) for v in objs.bboxes[i])
+        m = objs.mask(i)
+        taken = claimed[by0 - y0:by1 - y0, bx0 - x0:bx1 - x0][m].sum()
+        keep[i] = taken <= max_overlap * m.sum()
+    return keep
 
 
 def paint(region: tuple[int, int, int, int], owned: Iterable[OwnedObjects]) -> np.ndarray:

@@ -129,3 +129,39 @@ def test_serialisation_round_trip():
 def test_id_overflow_is_a_clear_error():
     with pytest.raises(HistopanError, match="uint32"):
         IdScheme.for_grid(n_tiles=10_000_000, window_px=1024 * 1024, min_area_px=4)
+
+
+def test_duplicate_seen_by_two_tiles_is_kept_once():
+    """Two tiles segment one nucleus slightly differently and both place its centroid in their own core."""
+    from histopan.stitching import deduplicate
+
+    h, w = 64, 128
+    grid = TileGrid(w, h, 0.5, 0.5, 64, 16)
+    scheme = IdScheme.for_grid(len(grid), 96 * 96, 1)
+    left, right = grid[0], grid[1]
+    a = np.zeros((h, w), np.int32)
+    a[20:30, 56:68] = 1  # tile 0 sees the nucleus a little to the left: centroid x 61.5, in its core
+    b = np.zeros((h, w), np.int32)
+    b[20:30, 58:71] = 1  # tile 1 sees it a little to the right: centroid x 64, in its core
+    own_a = own_objects(a[left.read.slices], left.read.as_tuple(), left.core.as_tuple(), (h, w), 0, scheme)
+    own_b = own_objects(b[right.read.slices], right.read.as_tuple(), right.core.as_tuple(), (h, w), 1, scheme)
+    assert len(own_a) == 1 and len(own_b) == 1  # both tiles own "their" copy
+    assert deduplicate(own_a, []).all()
+    keep_b = deduplicate(own_b, [own_a])
+    assert not keep_b.any()  # the copy with the higher id is a duplicate
+    painted = paint((0, 0, w, h), [own_a, own_b.subset(keep_b)])
+    assert np.unique(painted[painted > 0]).tolist() == [int(own_a.ids[0])]
+
+
+def test_neighbours_that_only_touch_are_both_kept():
+    from histopan.stitching import deduplicate
+
+    h, w = 64, 128
+    grid = TileGrid(w, h, 0.5, 0.5, 64, 16)
+    scheme = IdScheme.for_grid(len(grid), 96 * 96, 1)
+    labels = np.zeros((h, w), np.int32)
+    labels[20:30, 54:64] = 1
+    labels[20:30, 64:74] = 2
+    own = [own_objects(labels[t.read.slices], t.read.as_tuple(), t.core.as_tuple(), (h, w), t.index, scheme)
+           for t in (grid[0], grid[1])]
+    assert deduplicate(own[1], [own[0]]).all()

@@ -63,3 +63,18 @@ def test_tile_class_targets_allow_class_or_nucleus_and_no_nucleus_maps():
     assert (t.label_bits[:4, :4] == class_bits([2, 4])).all()
     assert (t.label_bits[4:, :] == 0).all()
     assert not t.nucleus_valid.any() and not t.centre.any() and not t.boundary.any()
+
+
+def test_glass_and_background_tiles_train_no_nuclei():
+    from histopan.training.data import glass_mask
+
+    image = np.full((8, 8, 3), 0.6, np.float32)
+    image[:, :4] = 0.95  # bare glass on the left half
+    glass = glass_mask(image)
+    assert glass[:, :4].all() and not glass[:, 4:].any()
+    valid = np.ones((8, 8), bool)
+    t = tile_class_targets(valid, class_index=1, nucleus_index=4, no_nucleus=glass)
+    assert (t.label_bits[:, :4] == class_bits([1])).all()  # glass: the tile class only
+    assert (t.label_bits[:, 4:] == class_bits([1, 4])).all()  # tissue: the tile class or a nucleus
+    assert t.nucleus_valid[:, :4].all() and not t.nucleus_valid[:, 4:].any()
+    assert (t.nucleus == 0).all() and (t.centre == 0).all()

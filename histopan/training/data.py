@@ -31,6 +31,19 @@ from histopan.training.augment import colour_jitter, flip_rotate, sample_scale, 
 from histopan.training.config import NucleusSetConfig, TileSetConfig, TrainConfig
 from histopan.training.targets import Targets, nucleus_targets, tile_class_targets
 
+#: the model's class 0 is always background (slide glass); its tiles hold no nuclei
+BACKGROUND_INDEX = 0
+
+
+def glass_mask(image: np.ndarray, min_value: float = 0.8, max_saturation: float = 0.1) -> np.ndarray:
+    """Bare-glass pixels of a float RGB image in 0..1: bright in every channel and nearly grey.
+
+    Stained nuclei are dark and purple, so such pixels can never be nuclei.
+    """
+    lo = image.min(axis=-1)
+    hi = image.max(axis=-1)
+    return (lo >= min_value) & (hi - lo <= max_saturation)
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -338,7 +351,8 @@ class CropSampler:
             targets = nucleus_targets(lab, valid, mpp, self._sigma_um, self.model.nucleus_index,
                                       self.model.stuff_indices)
         else:
-            targets = tile_class_targets(valid, sample.stuff_class, self.model.nucleus_index)
+            no_nucleus = glass_mask(img) if sample.stuff_class != BACKGROUND_INDEX else np.ones_like(valid)
+            targets = tile_class_targets(valid, sample.stuff_class, self.model.nucleus_index, no_nucleus)
         return colour_jitter(img, rng, aug, mpp), targets
 
     def batch(self, step: int) -> dict[str, np.ndarray]:

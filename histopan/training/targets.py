@@ -102,10 +102,18 @@ def nucleus_targets(instances: np.ndarray, valid: np.ndarray, mpp: float, centre
     )
 
 
-def tile_class_targets(valid: np.ndarray, class_index: int, nucleus_index: int) -> Targets:
-    """Targets of a crop from a one-class tile: each valid pixel is that class or a nucleus; no nucleus maps."""
+def tile_class_targets(valid: np.ndarray, class_index: int, nucleus_index: int,
+                       no_nucleus: np.ndarray | None = None) -> Targets:
+    """Targets of a crop from a one-class tile: each valid pixel is that class or a nucleus.
+
+    Pixels in ``no_nucleus`` (e.g. bare glass, or every pixel of a background tile) are that class only and
+    train the nucleus maps to zero there: without this, "nucleus" satisfies every tile label and the network
+    learns to call empty glass nuclei.  Elsewhere the nucleus maps are not trained (unknown).
+    """
     valid = valid.astype(bool)
+    sure = valid & (np.zeros(valid.shape, bool) if no_nucleus is None else no_nucleus.astype(bool))
     bits = np.where(valid, class_bits([class_index, nucleus_index]), 0).astype(np.int64)
+    bits = np.where(sure, class_bits([class_index]), bits).astype(np.int64)
     zeros = np.zeros(valid.shape, dtype=np.float32)
     return Targets(label_bits=bits, nucleus=zeros, centre=zeros.copy(), boundary=zeros.copy(),
-                   nucleus_valid=np.zeros(valid.shape, dtype=bool))
+                   nucleus_valid=sure)
