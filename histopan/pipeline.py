@@ -50,9 +50,6 @@ MIN_IMAGE_MPP = 2.0
 PER_NUCLEUS_KEYS = frozenset({"ids", "local_ids", "bboxes", "centroids", "cut", "area_px", "perimeter_px",
                               "eccentricity", "solidity", "nucleus_prob", "type", "type_prob", "stuff_class"})
 
-TABLE_COLUMNS = ("id", "centroid_x", "centroid_y", "centroid_x_um", "centroid_y_um", "area_um2", "perimeter_um",
-                 "eccentricity", "solidity", "circularity", "nucleus_prob", "type", "type_prob", "stuff_class",
-                 "bbox_x", "bbox_y", "bbox_w", "bbox_h", "cut")
 
 
 @dataclass(frozen=True)
