@@ -51,7 +51,6 @@ PER_NUCLEUS_KEYS = frozenset({"ids", "local_ids", "bboxes", "centroids", "cut", 
                               "eccentricity", "solidity", "nucleus_prob", "type", "type_prob", "stuff_class"})
 
 
-
 @dataclass(frozen=True)
 class SegmentOptions:
     """Settings of one ``histopan segment`` run (the model's own config supplies the rest)."""
