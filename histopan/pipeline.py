@@ -275,7 +275,7 @@ def plan_run(slide: str | PathLike[str], out: str | PathLike[str], options: Segm
                                                "weights_sha256": model.weights_sha256, "config": to_dict(cfg)},
                      "options": to_dict(options), "tiles": [int(t) for t in selected]},
             )
-            store._update_attrs(
+            store.update_attrs(
                 slide={"identity": reader.identity, "path": str(reader.path), "name": reader.path.name,
                        "mpp": base_mpp, "width": int(reader.dimensions[0]), "height": int(reader.dimensions[1]),
                        "vendor": reader.vendor, "objective_power": reader.objective_power},

@@ -96,7 +96,8 @@ class SlideStore:
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs.get("histopan", {}))
 
-    def _update_attrs(self, **changes: Any) -> None:
+    def update_attrs(self, **changes: Any) -> None:
+        """Merge ``changes`` into the store's ``histopan`` attributes (provenance, run state)."""
         attrs = self.attrs
         attrs.update(changes)
         self.group.attrs["histopan"] = attrs
@@ -201,7 +202,7 @@ class SlideStore:
 
     def finalize(self, **summary: Any) -> None:
         """Mark the store complete (after everything else is written) and drop the resume state."""
-        self._update_attrs(complete=True, summary=summary)
+        self.update_attrs(complete=True, summary=summary)
         if self.work_dir.exists():
             shutil.rmtree(self.work_dir)
 

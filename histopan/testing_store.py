@@ -227,7 +227,7 @@ def build_test_store(
                            "spacing_um": spacing_um}}
         store = create_store(path, shape=shape, mpp=mpp, chunk=chunk, classes=CLASSES, image_shape=image_shape,
                              image_mpp=image_mpp, name=slide_name, run=run)
-        store._update_attrs(slide={"identity": identity, "path": slide_path, "name": slide_name, "mpp": slide_mpp,
+        store.update_attrs(slide={"identity": identity, "path": slide_path, "name": slide_name, "mpp": slide_mpp,
                                    "width": width0, "height": height0, "vendor": "synthetic",
                                    "objective_power": 10.0 / slide_mpp},
                             downsample=ds)

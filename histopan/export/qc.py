@@ -53,6 +53,16 @@ class QcResult:
     crops: list[tuple[float, float, float, float]] = field(default_factory=list)  # level-0 x, y, w, h
 
 
+def _save_figure(fig, path: Path) -> Path:
+    """Lay out, save and close a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _tint(rgb: np.ndarray, semantic: np.ndarray, colors: dict[int, tuple[int, int, int]]) -> np.ndarray:
     out = rgb.astype(np.float32)
     for cid, color in colors.items():
@@ -245,10 +255,7 @@ def _plots(store: SlideStore, density: np.ndarray, cell_um: float, out_dir: Path
     ax.bar_label(bars, fmt="%.3g")
     ax.set_ylabel("area (mm²)")
     ax.set_title("area per tissue class")
-    fig.tight_layout()
-    paths["areas"] = out_dir / "areas.png"
-    fig.savefig(paths["areas"])
-    plt.close(fig)
+    paths["areas"] = _save_figure(fig, out_dir / "areas.png")
 
     hist: dict[str, np.ndarray] = {}
     over = 0
@@ -278,10 +285,7 @@ def _plots(store: SlideStore, density: np.ndarray, cell_um: float, out_dir: Path
     ax.set_title(f"nucleus size distribution ({total} nuclei" + (f", {over} above the range)" if over else ")"))
     if hist:
         ax.legend(frameon=False)
-    fig.tight_layout()
-    paths["nucleus_sizes"] = out_dir / "nucleus_sizes.png"
-    fig.savefig(paths["nucleus_sizes"])
-    plt.close(fig)
+    paths["nucleus_sizes"] = _save_figure(fig, out_dir / "nucleus_sizes.png")
 
     fig, ax = plt.subplots(figsize=(6.4, 5), dpi=110)
     cell_mm = cell_um * 1e-3
@@ -291,10 +295,7 @@ def _plots(store: SlideStore, density: np.ndarray, cell_um: float, out_dir: Path
     ax.set_title(f"nucleus density ({cell_um:g} µm cells)")
     ax.set_xlabel("x (mm)")
     ax.set_ylabel("y (mm)")
-    fig.tight_layout()
-    paths["density"] = out_dir / "density.png"
-    fig.savefig(paths["density"])
-    plt.close(fig)
+    paths["density"] = _save_figure(fig, out_dir / "density.png")
     return paths
 
 
