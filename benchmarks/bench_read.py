@@ -8,8 +8,9 @@ is first snapped to a pyramid level's own pixel size within 1 % (``reader.snap_m
   pyramid level a reader would pick, converted to an RGB numpy array (the baseline);
 - ``histopan-loop``: a plain loop of histopan's ``reader.read_region`` on the same boxes (no dask), which
   separates the reader's own cost from dask's;
-- ``dask-1``: ``histopan.tiling.tile_stack`` computed on dask's threaded scheduler with one thread;
-- ``dask-2``: the same with two threads;
+- ``dask-1``: ``histopan.tiling.tile_stack`` computed with ``histopan.tiling.compute_local`` and one
+  worker (dask's synchronous scheduler, as the pipeline reads with one worker);
+- ``dask-2``: the same with two workers (dask's threaded scheduler, two threads);
 - ``distributed-2``: the same on a ``distributed.LocalCluster`` of two single-threaded worker processes.
 
 Every tile is consumed where it is read (its pixel sum, one ``map_blocks`` over the whole stack, computed
@@ -131,10 +132,12 @@ def measure(path: str, mode: str, mpp: float, tile: int) -> dict:
             return arr.map_blocks(_tile_sums, chunks=(arr.chunks[0], (1,), (1,), (1,)), dtype=np.int64)
 
         if mode in ("dask-1", "dask-2"):
+            from histopan.tiling import compute_local
+
             # warm-up on a trivial graph (lazy imports, the thread pool), as in a running pipeline
-            dask.array.ones(2, chunks=1).sum().compute(scheduler="threads", num_workers=int(mode[-1]))
+            compute_local(dask.array.ones(2, chunks=1).sum(), int(mode[-1]))
             start = time.perf_counter()
-            result = graph().compute(scheduler="threads", num_workers=int(mode[-1]))
+            result = compute_local(graph(), int(mode[-1]))  # what the pipeline's read_windows calls
             seconds = time.perf_counter() - start
         elif mode == "distributed-2":
             import distributed

@@ -157,9 +157,6 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_run(args: argparse.Namespace) -> int:
-    import shutil
-    from pathlib import Path
-
     from histopan.training.config import read_train_config
     from histopan.training.loop import train
 
@@ -170,12 +167,42 @@ def _train_run(args: argparse.Namespace) -> int:
           f"(SQ {result.scores['sq']:.4f}, RQ {result.scores['rq']:.4f}, AJI {result.scores.get('aji', float('nan')):.4f})"
           f"  best epoch {result.best_epoch}")
     if args.export:
-        dest = Path(args.export)
-        dest.mkdir(parents=True, exist_ok=True)
-        for item in sorted(result.model_dir.iterdir()):
-            shutil.copy2(item, dest / item.name)
-        print(f"copied {result.model_dir} -> {dest}")
+        _copy_model(result.model_dir, args.export)
     return 0
+
+
+def _finetune_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="fine-tuning config YAML (see workflows/finetune-sparse/finetune.yaml)")
+    parser.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, scores.json, model/)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--export", default=None, metavar="FOLDER",
+                        help="also copy the finished model folder here (e.g. models/NAME)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for log files)")
+
+
+def _finetune_run(args: argparse.Namespace) -> int:
+    from histopan.training.config import read_finetune_config
+    from histopan.training.finetune import finetune, score_table
+
+    config = read_finetune_config(args.config)
+    command = " ".join(["histopan finetune", args.config, "--out", args.out] + (["--resume"] if args.resume else []))
+    result = finetune(config, args.out, resume=args.resume, progress=not args.no_progress, command=command)
+    print(score_table(result.before, result.after))
+    print(f"model: {result.model_dir}  best epoch {result.best_epoch}")
+    if args.export:
+        _copy_model(result.model_dir, args.export)
+    return 0
+
+
+def _copy_model(src, dest_dir: str) -> None:
+    import shutil
+    from pathlib import Path
+
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in sorted(Path(src).iterdir()):
+        shutil.copy2(item, dest / item.name)
+    print(f"copied {src} -> {dest}")
 
 
 def _segment_args(parser: argparse.ArgumentParser) -> None:
@@ -405,6 +432,9 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
     "evaluate": ("score predictions against truth: PQ / SQ / RQ, AJI, Dice, point F1", _evaluate_args, _evaluate_run),
     "train": ("train a model from a training config (checkpoints, validation PQ, tuned thresholds)", _train_args,
               _train_run),
+    "finetune": ("fine-tune a model on sparse annotations (QuPath GeoJSON points / outlines / regions, tile-class "
+                 "folders): masked losses, new classes or types, early stopping, before / after figures",
+                 _finetune_args, _finetune_run),
     "segment": ("panoptic segmentation of a slide into an OME-Zarr store (tissue classes + nuclei)", _segment_args,
                 _segment_run),
     "info": ("show a slide's levels, size, mpp, vendor and tissue fraction", _info_args, _info_run),

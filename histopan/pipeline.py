@@ -291,10 +291,11 @@ def plan_run(slide: str | PathLike[str], out: str | PathLike[str], options: Segm
 
 
 def read_windows(reader: Any, grid: TileGrid, batch: Sequence[int], workers: int = 1) -> np.ndarray:
-    """The core + halo windows of the tiles ``batch`` as one (N, T, T, 3) uint8 array (dask, threaded)."""
-    from histopan.tiling import tile_stack
+    """The core + halo windows of the tiles ``batch`` as one (N, T, T, 3) uint8 array (dask, in this process:
+    ``workers`` threads, the synchronous scheduler for one)."""
+    from histopan.tiling import compute_local, tile_stack
 
-    return tile_stack(reader, grid, [int(i) for i in batch]).compute(scheduler="threads", num_workers=workers)
+    return compute_local(tile_stack(reader, grid, [int(i) for i in batch]), workers)
 
 
 def finish_run(plan: RunPlan, store: SlideStore, emit: Progress, timer: _Timer, t_start: float,

@@ -418,6 +418,20 @@ def tile_stack(reader: Any, grid: TileGrid, tiles: Sequence[int] | None = None, 
     return da.Array(graph, name, chunks, dtype=np.uint8, meta=np.empty((0, 0, 0, 0), dtype=np.uint8))
 
 
+def compute_local(array, workers: int = 1):
+    """Compute a tile array in this process: ``workers`` threads, or no thread pool at all for one worker.
+
+    Dask's synchronous scheduler runs the tasks in the calling thread; with one worker a thread pool adds
+    only its hand-off cost per task (about 0.6 ms, measured against a 4 ms tile read in
+    ``benchmarks/bench_read.py``).
+    """
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ConfigError("workers must be a positive integer", value=workers, fix="use workers=1 or more")
+    if workers == 1:
+        return array.compute(scheduler="synchronous")
+    return array.compute(scheduler="threads", num_workers=int(workers))
+
+
 def mosaic(reader: Any, grid: TileGrid):
     """The whole slide at ``grid.mpp`` as a lazy ``(height, width, 3)`` uint8 dask array, chunks = cores.
 

@@ -237,3 +237,23 @@ def test_distributed_scheduler_matches_threaded(synthetic):
             with distributed.Client(cluster) as client:
                 got = client.compute(arr).result()
     np.testing.assert_array_equal(got, expected)
+
+
+def test_compute_local_one_worker_is_synchronous_and_matches_threads(synthetic):
+    arr, _ = to_dask(synthetic, 0.5, 128, 16)
+    threaded = arr.compute(scheduler="threads", num_workers=2)
+    main_thread = []
+
+    def where(block):
+        import threading
+
+        main_thread.append(threading.current_thread() is threading.main_thread())
+        return block
+
+    one = tiling.compute_local(arr.map_blocks(where, dtype=arr.dtype), 1)
+    np.testing.assert_array_equal(one, threaded)
+    assert main_thread and all(main_thread)  # no thread pool with one worker
+    np.testing.assert_array_equal(tiling.compute_local(arr, 2), threaded)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="workers"):
+            tiling.compute_local(arr, bad)

@@ -16,16 +16,23 @@ from pathlib import Path
 from typing import Literal
 
 from histopan.config import from_dict, load_yaml, save_yaml, to_dict
-from histopan.model.config import ModelConfig
+from histopan.model.config import ClassSpec, ModelConfig, NucleusTypeSpec
 
 __all__ = [
+    "AnnotatedSetConfig",
+    "AnnotationGeometry",
     "AugmentConfig",
+    "FinetuneConfig",
+    "SlideAnnotationConfig",
+    "TestSetsConfig",
     "LossConfig",
     "NucleusSetConfig",
     "TileSetConfig",
     "TrainConfig",
     "TuneConfig",
+    "read_finetune_config",
     "read_train_config",
+    "write_finetune_config",
     "write_train_config",
 ]
 
@@ -116,7 +123,8 @@ class LossConfig:
 
     ``semantic`` weights the partial-label cross-entropy, ``stuff`` the tile-class cross-entropy given "not
     a nucleus" (see :func:`~histopan.training.losses.stuff_given_tissue_ce`), ``dice`` a soft Dice on p(nucleus), ``centre`` and
-    ``boundary`` the binary cross-entropies of those maps; ``centre_sigma_um`` is the Gaussian's sigma at each
+    ``boundary`` the binary cross-entropies of those maps, ``type`` the cross-entropy of the nucleus-type head
+    where a type is known; ``centre_sigma_um`` is the Gaussian's sigma at each
     centroid; ``boundary_pos_weight`` up-weights the rare boundary pixels.
     """
 
@@ -125,11 +133,12 @@ class LossConfig:
     dice: float = 1.0
     centre: float = 2.0
     boundary: float = 1.0
+    type: float = 1.0
     centre_sigma_um: float = 1.5
     boundary_pos_weight: float = 3.0
 
     def __post_init__(self) -> None:
-        for name in ("semantic", "stuff", "dice", "centre", "boundary"):
+        for name in ("semantic", "stuff", "dice", "centre", "boundary", "type"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if not self.centre_sigma_um > 0:
@@ -234,3 +243,212 @@ def write_train_config(config: TrainConfig, path: str | PathLike[str]) -> None:
     """Save ``config`` as YAML (absolute paths), e.g. into a run folder."""
     save_yaml(to_dict(config), path)
 
+
+
+# -- sparse fine-tuning (``histopan finetune CONFIG.yaml``) ---------------------------------------------
+@dataclass(frozen=True)
+class AnnotationGeometry:
+    """How sparse annotations become pixel targets, sizes in microns (see :mod:`histopan.training.sparse`).
+
+    ``ring_um``: the "not a nucleus" ring around each nucleus polygon; ``point_core_um``: radius of the disc
+    that a nucleus point marks as nucleus; ``type_radius_um``: radius of the disc a typed point trains the type
+    head on; ``line_width_um``: width of a line / brush stroke region; ``centre_sigma_um``: the centre Gaussian.
+    """
+
+    ring_um: float = 1.0
+    point_core_um: float = 1.0
+    type_radius_um: float = 2.0
+    line_width_um: float = 4.0
+    centre_sigma_um: float = 1.5
+
+    def __post_init__(self) -> None:
+        for name in ("ring_um", "point_core_um", "type_radius_um", "line_width_um", "centre_sigma_um"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"geometry.{name} must be > 0 microns, got {v}")
+
+
+@dataclass(frozen=True)
+class AnnotatedSetConfig:
+    """A folder of images with one QuPath GeoJSON file each (``<geojson>/<image stem>.geojson``).
+
+    ``mpp`` overrides the ``meta.json`` beside ``images`` (in its parent folder); ``classes`` maps annotation
+    class names to a stuff class, the nucleus class or a nucleus type of the model (null: ignore that class;
+    a name not listed maps to the model class or type of the same name).  ``val`` names images held back
+    for early stopping; ``exclude`` images not used.  Images without a GeoJSON file are not used.
+    """
+
+    images: Path
+    geojson: Path
+    mpp: float | None = None
+    classes: dict[str, str | None] = field(default_factory=dict)
+    val: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "val", tuple(self.val))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise ValueError(f"mpp of {self.images} must be a positive number of microns per pixel, got {self.mpp}")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"weight of {self.images} must be >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class SlideAnnotationConfig:
+    """QuPath GeoJSON drawn on a whole slide (level-0 pixel coordinates).
+
+    Regions around the annotations (plus ``margin_um``) are read from the slide at the model's mpp.
+    ``mpp`` overrides the slide's metadata; ``identity`` (from ``histopan info --json``), when given, must
+    match the slide, which catches an annotation file paired with the wrong slide; ``val: true`` holds the
+    whole slide back for early stopping.
+    """
+
+    slide: Path
+    geojson: Path
+    mpp: float | None = None
+    identity: str | None = None
+    classes: dict[str, str | None] = field(default_factory=dict)
+    val: bool = False
+    margin_um: float = 16.0
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise ValueError(f"mpp of {self.slide} must be a positive number of microns per pixel, got {self.mpp}")
+        if not (math.isfinite(self.margin_um) and self.margin_um >= 0):
+            raise ValueError(f"margin_um of {self.slide} must be >= 0, got {self.margin_um}")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"weight of {self.slide} must be >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class TestSetsConfig:
+    """Data scored before and after fine-tuning (never trained on), reported in the model card.
+
+    ``points``: image folders with point GeoJSON (detection F1, per-type F1); ``nuclei``: dense instance
+    folders (nucleus PQ, every image scored); ``tiles``: tile-class folders (tile accuracy, every tile).
+    """
+
+    points: tuple[AnnotatedSetConfig, ...] = ()
+    nuclei: tuple[NucleusSetConfig, ...] = ()
+    tiles: tuple[TileSetConfig, ...] = ()
+    radius_um: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("points", "nuclei", "tiles"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not (math.isfinite(self.radius_um) and self.radius_um > 0):
+            raise ValueError(f"test.radius_um must be > 0 microns, got {self.radius_um}")
+
+
+#: augmentation for the small-data regime: wider scale, stain and blur jitter than training from scratch
+STRONG_AUGMENT = AugmentConfig(scale=0.2, hed=0.06, brightness=0.15, contrast=0.2, blur_prob=0.3,
+                               blur_sigma_um=0.6)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything one fine-tuning run needs; saved as ``finetune.yaml`` in the run folder.
+
+    ``base`` is a model name or folder.  ``add_classes`` are new stuff classes and ``nucleus_types`` the
+    type head's types (types the base already has keep their weights; new ones grow the head).
+    ``trainable``: ``all`` layers, ``decoder`` (frozen encoder) or ``head`` (only the final convolution).
+    Images named in a set's ``val`` (or, when no set names any, ``val_fraction`` of the annotated images,
+    chosen with ``seed``) are held back: the masked loss on them picks the best epoch and stops the run
+    after ``patience`` epochs without improvement.  ``tile_fraction`` is the share of crops drawn from
+    tile-class folders (default: in proportion to the number of images).
+    """
+
+    name: str
+    base: str = "default"
+    description: str = ""
+    add_classes: tuple[ClassSpec, ...] = ()
+    nucleus_types: tuple[NucleusTypeSpec, ...] = ()
+    annotations: tuple[AnnotatedSetConfig, ...] = ()
+    slides: tuple[SlideAnnotationConfig, ...] = ()
+    tiles: tuple[TileSetConfig, ...] = ()
+    test: TestSetsConfig = field(default_factory=TestSetsConfig)
+    val_fraction: float = 0.15
+    trainable: Literal["all", "decoder", "head"] = "all"
+    crop: int = 256
+    batch_size: int = 8
+    epochs: int = 10
+    steps_per_epoch: int = 100
+    tile_fraction: float | None = None
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    patience: int = 3
+    seed: int = 0
+    threads: int = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_minutes: float | None = None
+    augment: AugmentConfig = STRONG_AUGMENT
+    loss: LossConfig = field(default_factory=LossConfig)
+    geometry: AnnotationGeometry = field(default_factory=AnnotationGeometry)
+
+    def __post_init__(self) -> None:
+        for name in ("add_classes", "nucleus_types", "annotations", "slides", "tiles"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.name or not self.name.strip() or "/" in self.name:
+            raise ValueError(f"name must be a non-empty model name without '/', got {self.name!r}")
+        if not (self.annotations or self.slides or self.tiles):
+            raise ValueError("nothing to train on: give 'annotations' (image folders with GeoJSON), 'slides' "
+                             "(slides with GeoJSON) or 'tiles' (tile-class folders)")
+        if any(c.kind != "stuff" for c in self.add_classes):
+            raise ValueError("add_classes may only add stuff classes (the nucleus class exists already)")
+        if self.crop < 32 or self.crop % 32:
+            raise ValueError(f"crop must be a positive multiple of 32 pixels, got {self.crop}")
+        for name in ("batch_size", "epochs", "steps_per_epoch", "threads", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be within 0..1 (exclusive), got {self.val_fraction}")
+        if self.tile_fraction is not None and not 0 <= self.tile_fraction <= 1:
+            raise ValueError(f"tile_fraction must be within 0..1, got {self.tile_fraction}")
+        if not (self.lr > 0 and self.weight_decay >= 0):
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+def _resolve_paths(data: dict, base: Path) -> None:
+    """Make the data paths of a fine-tuning config absolute (relative to the YAML's folder), in place."""
+    def fix(item: dict, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            if isinstance(item.get(key), str):
+                item[key] = str((base / Path(item[key]).expanduser()).resolve())
+
+    for key, keys in (("annotations", ("images", "geojson")), ("slides", ("slide", "geojson")),
+                      ("tiles", ("path",))):
+        for item in data.get(key) or []:
+            if isinstance(item, dict):
+                fix(item, keys)
+    test = data.get("test")
+    if isinstance(test, dict):
+        for key, keys in (("points", ("images", "geojson")), ("nuclei", ("path",)), ("tiles", ("path",))):
+            for item in test.get(key) or []:
+                if isinstance(item, dict):
+                    fix(item, keys)
+    if isinstance(data.get("base"), str) and ("/" in data["base"] or data["base"].startswith(".")):
+        data["base"] = str((base / Path(data["base"]).expanduser()).resolve())
+
+
+def read_finetune_config(path: str | PathLike[str]) -> FinetuneConfig:
+    """Read and validate a fine-tuning config; relative paths are relative to the YAML's folder."""
+    p = Path(path)
+    data = load_yaml(p)
+    _resolve_paths(data, p.resolve().parent)
+    return from_dict(FinetuneConfig, data, source=p)
+
+
+def write_finetune_config(config: FinetuneConfig, path: str | PathLike[str]) -> None:
+    save_yaml(to_dict(config), path)

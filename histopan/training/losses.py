@@ -9,6 +9,7 @@
   ``{class, nucleus}`` label by calling everything a nucleus and never learn the class.
 - :func:`masked_bce`: binary cross-entropy with logits over the pixels of a mask.
 - :func:`masked_soft_dice`: soft Dice of a probability map over the pixels of a mask.
+- :func:`masked_ce`: cross-entropy of the nucleus-type logits on pixels with a type (index >= 0).
 - :func:`total_loss`: the weighted sum over the heads of :func:`histopan.model.network.split_outputs`.
 """
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from histopan.training.config import LossConfig
 
-__all__ = ["masked_bce", "masked_soft_dice", "partial_label_ce", "stuff_given_tissue_ce", "total_loss"]
+__all__ = ["masked_bce", "masked_ce", "masked_soft_dice", "partial_label_ce", "stuff_given_tissue_ce", "total_loss"]
 
 
 def _allowed(label_bits: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -84,23 +85,43 @@ def masked_soft_dice(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return 1.0 - (2.0 * inter + eps) / (p.sum() + t.sum() + eps)
 
 
+def masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (N, K, H, W) logits over pixels whose (N, H, W) target index is >= 0; 0 if none."""
+    labelled = target >= 0
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0
+    per_pixel = F.cross_entropy(logits.float(), target.clamp(min=0).long(), reduction="none")
+    return (per_pixel * labelled).sum() / labelled.sum()
+
+
 def total_loss(heads: dict[str, torch.Tensor | None], batch: dict[str, torch.Tensor], nucleus_index: int,
                weights: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the masked losses of one batch, and the value of each term (floats, for logging).
 
     ``heads`` are the logits of :func:`histopan.model.network.split_outputs`; ``batch`` holds
     ``label_bits`` (N, H, W) int64, ``nucleus``, ``centre``, ``boundary`` (N, H, W) float and
-    ``nucleus_valid`` (N, H, W) bool.
+    ``nucleus_valid`` (N, H, W) bool; optionally ``centre_valid`` and ``boundary_valid`` (N, H, W) bool,
+    where those maps are known when that differs from ``nucleus_valid`` (sparse labels: a point gives a
+    centre but no boundary), and ``types`` (N, H, W) int nucleus-type index, -1 where unknown (trains the
+    type head, weighted by ``weights.type``).
     """
     semantic = heads["semantic"]
     valid = batch["nucleus_valid"]
+    centre_valid = batch.get("centre_valid", valid)
+    boundary_valid = batch.get("boundary_valid", valid)
     ce = partial_label_ce(semantic, batch["label_bits"])
     stuff = stuff_given_tissue_ce(semantic, batch["label_bits"], nucleus_index)
     p_nucleus = torch.softmax(semantic.float(), dim=1)[:, nucleus_index]
     dice = masked_soft_dice(p_nucleus, batch["nucleus"], valid)
-    centre = masked_bce(heads["centre"], batch["centre"], valid)
-    boundary = masked_bce(heads["boundary"], batch["boundary"], valid, weights.boundary_pos_weight)
-    loss = (weights.semantic * ce + weights.stuff * stuff + weights.dice * dice + weights.centre * centre + weights.boundary * boundary)
-    terms = {"loss": float(loss.detach()), "ce": float(ce.detach()), "stuff": float(stuff.detach()), "dice": float(dice.detach()),
+    centre = masked_bce(heads["centre"], batch["centre"], centre_valid)
+    boundary = masked_bce(heads["boundary"], batch["boundary"], boundary_valid, weights.boundary_pos_weight)
+    loss = (weights.semantic * ce + weights.stuff * stuff + weights.dice * dice + weights.centre * centre
+            + weights.boundary * boundary)
+    terms = {"ce": float(ce.detach()), "stuff": float(stuff.detach()), "dice": float(dice.detach()),
              "centre": float(centre.detach()), "boundary": float(boundary.detach())}
+    if heads.get("types") is not None and "types" in batch:
+        type_ce = masked_ce(heads["types"], batch["types"])
+        loss = loss + weights.type * type_ce
+        terms["type"] = float(type_ce.detach())
+    terms["loss"] = float(loss.detach())
     return loss, terms

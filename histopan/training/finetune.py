@@ -1,0 +1,596 @@
+"""Sparse-label fine-tuning: ``histopan finetune CONFIG.yaml`` (see :class:`~.config.FinetuneConfig`).
+
+Starts from a model folder, grows its heads for new stuff classes or nucleus types (the existing channels
+keep their weights, :func:`~histopan.model.network.grow_heads`), optionally freezes the encoder (or
+everything but the final convolution; frozen batch-norm layers keep their statistics), and trains on sparse
+targets (:mod:`.sparse`, :mod:`.sparse_data`) with the masked losses of :mod:`.losses`.
+
+Each epoch the masked loss on the held-back images picks the best checkpoint; the run stops after
+``patience`` epochs without improvement.  The held-back part and the optional test sets are scored before
+(the base model) and after (the best epoch): held-back loss and point detection, test-set point detection
+and per-type F1, nucleus PQ and tile accuracy.  The run folder holds::
+
+    finetune.yaml  metrics.jsonl  curves.png  scores.json  checkpoints/{last,best}/  model/
+
+``model/`` is a model folder (weights, ``model.yaml`` with the base model's post-processing thresholds and a
+``training`` record, and a ``README.md`` card with the before / after figures) usable by
+``histopan segment --model``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from tqdm import tqdm
+
+from histopan import __version__
+from histopan.config import to_dict
+from histopan.errors import ConfigError, DataError
+from histopan.metrics import point_detection
+from histopan.model.checkpoint import LoadedModel, load_model, save_model
+from histopan.model.config import ModelConfig
+from histopan.model.network import INPUT_MULTIPLE, grow_heads, normalize_input, split_outputs
+from histopan.postprocess import postprocess_tile
+from histopan.training.config import FinetuneConfig, write_finetune_config
+from histopan.training.data import _meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
+from histopan.training.loop import (STATE_FILE, VAL_TILE_MAX, WEIGHTS, ValidationMaps, _centre_crop, _device,
+                                    _jsonable, _load_checkpoint, _save_checkpoint, learning_rate, predict_maps,
+                                    score_maps)
+from histopan.training.losses import total_loss
+from histopan.training.sparse import SparseTargets
+from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, SparseSample, _type_name_points,
+                                           load_finetune_data, read_points, stack_batch)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FinetuneResult", "build_finetune_model", "evaluate_tests", "finetune", "point_scores"]
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    run_dir: Path
+    model_dir: Path
+    best_epoch: int
+    before: dict[str, Any]
+    after: dict[str, Any]
+
+
+# -- the model to fine-tune ----------------------------------------------------------------------------
+def build_finetune_model(base: LoadedModel, config: FinetuneConfig) -> tuple[nn.Module, ModelConfig]:
+    """The base network grown for ``config``'s new classes / types, and the new model config."""
+    old = base.config
+    names = set(old.class_names)
+    clash = [c.name for c in config.add_classes if c.name in names]
+    if clash:
+        raise ConfigError("add_classes names classes the base model already has", value=clash,
+                          fix=f"the base model {old.name!r} has {list(old.class_names)}; add only new ones")
+    types = list(config.nucleus_types) if config.nucleus_types else list(old.nucleus_types)
+    new = dataclasses.replace(old, name=config.name, classes=(*old.classes, *config.add_classes),
+                              nucleus_types=tuple(types), training={})
+    network = copy.deepcopy(base.network)
+    if new.n_outputs != old.n_outputs or new.class_names != old.class_names or new.type_names != old.type_names:
+        network = grow_heads(base.network, old, new)
+    return network, new
+
+
+def _freeze(network: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """Set requires_grad by ``trainable`` (all / decoder / head); the parameters left to train."""
+    head = ("segmentation_head.",)
+    keep = {"all": None, "decoder": ("decoder.", *head), "head": head}[trainable]
+    params = []
+    for name, p in network.named_parameters():
+        p.requires_grad_(keep is None or name.startswith(keep))
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def _train_mode(network: nn.Module, trainable: str) -> None:
+    """Train mode, except frozen parts (their batch-norm statistics and dropout stay as trained)."""
+    network.train()
+    if trainable == "all":
+        return
+    for name, module in network.named_modules():
+        if name and not any(p.requires_grad for p in module.parameters(recurse=False)) \
+                and isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
+            module.eval()
+
+
+# -- scoring ---------------------------------------------------------------------------------------------
+def _pad_forward(network: nn.Module, image: np.ndarray, model: ModelConfig, device: torch.device) -> torch.Tensor:
+    h, w = image.shape[:2]
+    ph, pw = (-h) % INPUT_MULTIPLE, (-w) % INPUT_MULTIPLE
+    x = normalize_input(torch.from_numpy(np.array(image, dtype=np.uint8)).unsqueeze(0).to(device), model)
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect")
+    return network(x)[:, :, :h, :w].float()
+
+
+def heldback_loss(network: nn.Module, samples: Sequence[SparseSample], model: ModelConfig, config: FinetuneConfig,
+                  device: torch.device) -> dict[str, float]:
+    """Masked loss terms on whole held-back images (no augmentation), averaged over images."""
+    if not samples:
+        return {}
+    sums: dict[str, float] = {}
+    network.eval()
+    with torch.no_grad():
+        for s in samples:
+            image = _centre_crop(s.image, VAL_TILE_MAX)
+            targets = SparseTargets.from_layers([_centre_crop(a, VAL_TILE_MAX) for a in s.targets.layers()])
+            out = _pad_forward(network, image, model, device)
+            batch = {k: torch.from_numpy(v).to(device) for k, v in stack_batch([image], [targets]).items()}
+            _, terms = total_loss(split_outputs(out, model), batch, model.nucleus_index, config.loss)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+    return {k: v / len(samples) for k, v in sums.items()}
+
+
+def point_scores(network: nn.Module, items: Sequence[tuple[str, np.ndarray, np.ndarray, tuple]], model: ModelConfig,
+                 device: torch.device, radius_um: float) -> dict[str, Any]:
+    """Point detection P / R / F1, per-type F1 and type accuracy of predicted nuclei against annotated points.
+
+    ``items`` are ``(name, image at the model's mpp, points (n, 2) x, y in its pixels, type names)``.
+    Per-type F1 follows HoVer-Net's CRC convention (:func:`histopan.metrics.point_detection`);
+    ``type_weighted_f1`` is the support-weighted F1 of the types of matched nuclei (the figure
+    Sirinukunwattana et al. report for classifying given nuclei).
+    """
+    network.eval()
+    total = None
+    pairs_t, pairs_p = [], []
+    for name, image, xy, names in items:
+        with torch.no_grad():
+            maps = predict_maps(network, image, model, device)
+        labels = postprocess_tile(maps, model.mpp, model.postprocess, model.classes)
+        table = labels.nuclei
+        pred_xy = np.stack([table["centroid_x"].to_numpy() + 0.5, table["centroid_y"].to_numpy() + 0.5], axis=1)
+        pred_types = [model.type_names[int(t)] if model.has_types and t >= 0 else None for t in table["type"]]
+        typed = model.has_types and any(n is not None for n in names)
+        res = point_detection(xy, pred_xy, radius_um / model.mpp, names if typed else None,
+                              pred_types if typed else None, name=name)
+        total = res if total is None else total + res
+        if typed:
+            for i, j in res.pairs:
+                if names[i] is not None:
+                    pairs_t.append(names[i])
+                    pairs_p.append(pred_types[j])
+    if total is None:
+        return {}
+    out: dict[str, Any] = {"detection": total.to_dict(), "images": len(items)}
+    if total.per_class:
+        out["types"] = {n: c.to_dict() for n, c in total.per_class.items()}
+        out["type_accuracy"] = total.type_accuracy
+    if pairs_t:
+        t, p = np.array(pairs_t, object), np.array(pairs_p, object)
+        f1s, support = [], []
+        for n in sorted(set(pairs_t)):
+            tp = int(((t == n) & (p == n)).sum())
+            fp = int(((t != n) & (p == n)).sum())
+            fn = int(((t == n) & (p != n)).sum())
+            f1s.append(2 * tp / max(1, 2 * tp + fp + fn))
+            support.append(int((t == n).sum()))
+        out["type_weighted_f1"] = float(np.average(f1s, weights=support))
+    return out
+
+
+def _point_items(samples: Sequence[SparseSample]) -> list[tuple[str, np.ndarray, np.ndarray, tuple]]:
+    return [(s.name, s.image, s.points, s.point_types) for s in samples if len(s.points)]
+
+
+@dataclass(frozen=True)
+class TestData:
+    points: tuple[tuple[str, np.ndarray, np.ndarray, tuple], ...]
+    nuclei: tuple
+    tiles: tuple
+
+
+def load_test_data(config: FinetuneConfig, model: ModelConfig) -> TestData:
+    """The test sets of ``config`` (every image / tile of each set) at ``model``'s mpp."""
+    from histopan.export.qupath import read_geojson
+    from histopan.training.sparse import resolve_classes
+
+    points = []
+    for pset in config.test.points:
+        images, geo = Path(pset.images), Path(pset.geojson)
+        mpp = _meta_mpp(images.parent, pset.mpp)
+        for gpath in sorted(geo.glob("*.geojson")):
+            stem = gpath.name[: -len(".geojson")]
+            matches = [p for p in images.glob(f"{stem}.*")]
+            if not matches:
+                raise DataError("test GeoJSON without an image of the same name", path=gpath,
+                                fix="name each file after its image")
+            annotations = read_geojson(gpath)
+            seen = sorted({a.class_name for a in annotations if a.class_name is not None})
+            mapping = resolve_classes(pset.classes, model.class_names,
+                                      [model.classes[i].name for i in model.stuff_indices],
+                                      model.classes[model.nucleus_index].name, model.type_names, seen, gpath)
+            image = resample_image(read_rgb(matches[0]), mpp, model.mpp)
+            xy, cls = read_points(annotations, mpp / model.mpp, mapping)
+            points.append((stem, image, xy, _type_name_points(cls, mapping, model.type_names)))
+    nuclei, tiles = [], []
+    for nset in config.test.nuclei:
+        names = tuple(p.stem for p in sorted((Path(nset.path) / "images").iterdir()))
+        _, v = load_nucleus_set(dataclasses.replace(nset, val=names), model.mpp, 1)
+        nuclei += v
+    for tset in config.test.tiles:
+        stems = tuple(p.stem for sub in sorted(Path(tset.path).iterdir()) if sub.is_dir()
+                      and tset.classes.get(sub.name) is not None for p in sorted(sub.iterdir()))
+        _, v = load_tile_set(dataclasses.replace(tset, val=stems), model, 1)
+        tiles += v
+    return TestData(tuple(points), tuple(nuclei), tuple(tiles))
+
+
+def _remap_tiles(tiles, data_model: ModelConfig, model: ModelConfig):
+    """Tile samples whose class index follows ``data_model`` -> ``model``'s index (by name); unknown dropped."""
+    out = []
+    for s in tiles:
+        name = data_model.class_names[s.stuff_class]
+        if name in model.class_names:
+            out.append(dataclasses.replace(s, stuff_class=model.class_names.index(name)))
+    return out
+
+
+def evaluate_tests(network: nn.Module, model: ModelConfig, tests: TestData, data_model: ModelConfig,
+                   device: torch.device, radius_um: float) -> dict[str, Any]:
+    """Scores of ``network`` (configured by ``model``) on the test sets (loaded for ``data_model``)."""
+    out: dict[str, Any] = {}
+    if tests.points:
+        out["points"] = point_scores(network, tests.points, model, device, radius_um)
+    if tests.nuclei or tests.tiles:
+        network.eval()
+        tiles = _remap_tiles(tests.tiles, data_model, model)
+        maps = ValidationMaps(
+            nuclei=tuple((s, predict_maps(network, s.image, model, device, s.native_shape)) for s in tests.nuclei),
+            tiles=tuple((s, predict_maps(network, _centre_crop(s.image, VAL_TILE_MAX), model, device)) for s in tiles))
+        scores = score_maps(maps, model, model.postprocess)
+        if tests.nuclei:
+            out["nuclei"] = {k: scores[k] for k in ("pq", "sq", "rq", "aji", "tp", "fp", "fn", "pq_by_set")}
+        if tests.tiles:
+            out["tiles"] = {"accuracy": scores.get("stuff_tile_accuracy", 0.0) * len(tiles) / len(tests.tiles)
+                            if tiles else 0.0, "tiles": len(tests.tiles), "scorable": len(tiles)}
+    return out
+
+
+def _tile_accuracy(network: nn.Module, samples: Sequence[SparseSample], model: ModelConfig,
+                   device: torch.device) -> float | None:
+    if not samples:
+        return None
+    from histopan.training.data import Sample
+
+    tiles = tuple((Sample(s.name, s.dataset, s.image, None, s.stuff_class, model.mpp),
+                   predict_maps(network, _centre_crop(s.image, VAL_TILE_MAX), model, device)) for s in samples)
+    return score_maps(ValidationMaps((), tiles), model, model.postprocess)["stuff_tile_accuracy"]
+
+
+def _scores(network: nn.Module, data: FinetuneData, model: ModelConfig, config: FinetuneConfig,
+            device: torch.device, with_points: bool = True) -> dict[str, Any]:
+    val = {"loss": heldback_loss(network, (*data.val, *data.val_tiles), model, config, device)}
+    items = _point_items(data.val)
+    if with_points and items:
+        val["points"] = point_scores(network, items, model, device, config.test.radius_um)
+    acc = _tile_accuracy(network, data.val_tiles, model, device)
+    if acc is not None:
+        val["tile_accuracy"] = acc
+    return val
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+def finetune(config: FinetuneConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+             command: str | None = None, stop_after: int | None = None) -> FinetuneResult | None:
+    """Fine-tune ``config.base`` on the sparse data of ``config`` into ``run_dir`` (see the module docstring).
+
+    ``stop_after`` ends this call after that many epochs (continue with ``resume=True``) and returns None.
+    """
+    run = Path(run_dir)
+    last_dir, best_dir = run / "checkpoints" / "last", run / "checkpoints" / "best"
+    if not resume and (last_dir / STATE_FILE).exists():
+        raise ConfigError("run folder already holds a fine-tuning run", path=run,
+                          fix="pass --resume to continue it, or choose another --out folder")
+    if resume and not (last_dir / STATE_FILE).exists():
+        raise DataError("nothing to resume: no checkpoints/last in the run folder", path=run,
+                        fix="start the run without --resume")
+    device = _device(config)  # type: ignore[arg-type]
+    base = load_model(config.base)
+    network, model = build_finetune_model(base, config)
+    data = load_finetune_data(config, model)
+    if not (data.val or data.val_tiles):
+        raise ConfigError("nothing is held back for early stopping", value=config.val_fraction,
+                          fix="annotate at least two images (or list some under 'val', or give tiles a 'val' list)")
+    tests = load_test_data(config, model)
+    run.mkdir(parents=True, exist_ok=True)
+    write_finetune_config(config, run / "finetune.yaml")
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _finetune(config, run, last_dir, best_dir, device, base, network, model, data, tests, resume,
+                         progress, command, stop_after)
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+
+
+def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path, device: torch.device,
+              base: LoadedModel, network: nn.Module, model: ModelConfig, data: FinetuneData, tests: TestData,
+              resume: bool, progress: bool, command: str | None, stop_after: int | None) -> FinetuneResult | None:
+    started = time.time()
+    network = network.to(device)
+    params = _freeze(network, config.trainable)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    sampler = SparseCropSampler(data, config)
+    scores_path = run / "scores.json"
+
+    if resume:
+        state = _load_checkpoint(last_dir, network, optimizer, device)
+        before = json.loads(scores_path.read_text(encoding="utf-8"))["before"]
+        log.info("resuming %s at step %d (epoch %d)", run, state["step"], state["epoch"])
+    else:
+        log.info("scoring the base model %r before fine-tuning", base.name)
+        base_net = base.network.to(device)
+        before = {"val": _scores(network, data, model, config, device, with_points=False),
+                  "test": evaluate_tests(base_net, base.config, tests, model, device, config.test.radius_um)}
+        items = _point_items(data.val)
+        if items:
+            before["val"]["points"] = point_scores(base_net, items, base.config, device, config.test.radius_um)
+        if data.val_tiles:  # the base model's own classes (a class it lacks counts as wrong)
+            known = _remap_tiles(data.val_tiles, model, base.config)
+            acc = _tile_accuracy(base_net, known, base.config, device) if known else 0.0
+            before["val"]["tile_accuracy"] = acc * len(known) / len(data.val_tiles)
+        base.network.cpu()
+        scores_path.write_text(json.dumps(_jsonable({"before": before}), indent=1), encoding="utf-8")
+        state = {"step": 0, "epoch": 0, "best_loss": float(before["val"]["loss"]["loss"]), "best_epoch": 0,
+                 "stale": 0, "history": [], "train_seconds": 0.0, "done": False}
+        _save_checkpoint(best_dir, network, optimizer, {"epoch": 0})
+    deadline = None if config.max_minutes is None else started + 60 * config.max_minutes - state["train_seconds"]
+    epochs_this_call = 0
+    while not state["done"] and state["epoch"] < config.epochs:
+        epoch = state["epoch"]
+        _train_mode(network, config.trainable)
+        sums: dict[str, float] = {}
+        t0 = time.time()
+        bar = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
+                   leave=False)
+        n = 0
+        lr = learning_rate(state["step"], config)  # type: ignore[arg-type]
+        for _ in bar:
+            step = state["step"]
+            lr = learning_rate(step, config)  # type: ignore[arg-type]
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
+                     for k, v in sampler.batch(step, model.mpp).items()}
+            x = normalize_input(batch["image"], model)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                out = network(x)
+            loss, terms = total_loss(split_outputs(out.float(), model), batch, model.nucleus_index, config.loss)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            state["step"] = step + 1
+            n += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
+            if deadline is not None and time.time() > deadline:
+                state["done"] = True
+                log.warning("max_minutes reached at step %d; stopping", state["step"])
+                break
+        bar.close()
+        state["train_seconds"] += time.time() - t0
+        val = _scores(network, data, model, config, device)
+        state["epoch"] = epoch + 1
+        vloss = float(val["loss"]["loss"])
+        record = {"epoch": epoch + 1, "step": state["step"], "lr": lr, "seconds": round(time.time() - t0, 1),
+                  "train": {k: v / max(n, 1) for k, v in sums.items()}, "val": val}
+        state["history"].append(_jsonable(record))
+        with (run / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_jsonable(record)) + "\n")
+        det = val.get("points", {}).get("detection", {}).get("f1")
+        log.info("epoch %d: train loss %.4f, held-back loss %.4f%s", epoch + 1, record["train"].get("loss", math.nan),
+                 vloss, "" if det is None else f", held-back point F1 {det:.3f}")
+        if vloss < state["best_loss"]:
+            state["best_loss"], state["best_epoch"], state["stale"] = vloss, epoch + 1, 0
+            _save_checkpoint(best_dir, network, optimizer, {"epoch": epoch + 1})
+        else:
+            state["stale"] += 1
+            if state["stale"] >= config.patience:
+                log.info("no held-back improvement for %d epochs: stopping early", config.patience)
+                state["done"] = True
+        if state["epoch"] >= config.epochs:
+            state["done"] = True
+        _save_checkpoint(last_dir, network, optimizer, state)
+        _plot(state["history"], before, run / "curves.png")
+        epochs_this_call += 1
+        if stop_after is not None and epochs_this_call >= stop_after and not state["done"]:
+            return None
+    return _finish(config, run, best_dir, device, base, network, model, data, tests, state, before, command)
+
+
+def _finish(config: FinetuneConfig, run: Path, best_dir: Path, device: torch.device, base: LoadedModel,
+            network: nn.Module, model: ModelConfig, data: FinetuneData, tests: TestData, state: dict[str, Any],
+            before: dict[str, Any], command: str | None) -> FinetuneResult:
+    network.load_state_dict(load_file(str(best_dir / WEIGHTS), device=str(device)))
+    for p in network.parameters():
+        p.requires_grad_(True)
+    network.eval()
+    after = {"val": _scores(network, data, model, config, device),
+             "test": evaluate_tests(network, model, tests, model, device, config.test.radius_um)}
+    (run / "scores.json").write_text(json.dumps(_jsonable({"before": before, "after": after}), indent=1),
+                                     encoding="utf-8")
+    record = _jsonable({
+        "kind": "finetune",
+        "histopan_version": __version__,
+        "command": command,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base": {"name": base.name, "path": str(base.path), "weights_sha256": base.weights_sha256},
+        "trainable": config.trainable,
+        "data": {
+            "annotations": [{"images": str(s.images), "geojson": str(s.geojson), "mpp": s.mpp,
+                             "classes": dict(s.classes), "val": list(s.val)} for s in config.annotations],
+            "slides": [{"slide": str(s.slide), "geojson": str(s.geojson), "val": s.val} for s in config.slides],
+            "tiles": [{"path": str(s.path), "mpp": s.mpp, "classes": dict(s.classes), "val": list(s.val)}
+                      for s in config.tiles],
+            **data.summary(),
+            "held_back": [s.name for s in data.val] + [s.name for s in data.val_tiles],
+        },
+        "steps": state["step"], "epochs": state["epoch"], "best_epoch": state["best_epoch"],
+        "crop": config.crop, "batch_size": config.batch_size, "lr": config.lr,
+        "train_minutes": round(state["train_seconds"] / 60, 1),
+        "hardware": {"device": str(device), "threads": config.threads,
+                     "cpu": platform.processor() or platform.machine(), "torch": str(torch.__version__)},
+        "before": before, "after": after,
+    })
+    final = dataclasses.replace(model, training=record)
+    model_dir = run / "model"
+    save_model(model_dir, network.cpu(), final, card=model_card(final, config, record))
+    log.info("exported %s (best epoch %d)", model_dir, state["best_epoch"])
+    return FinetuneResult(run, model_dir, state["best_epoch"], before, after)
+
+
+# -- reporting -------------------------------------------------------------------------------------------------
+def _plot(history: list[dict[str, Any]], before: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    epochs = [h["epoch"] for h in history]
+    ax1.plot(epochs, [h["train"].get("loss", math.nan) for h in history], marker=".", label="train loss")
+    ax1.plot([0, *epochs], [before["val"]["loss"].get("loss", math.nan)]
+             + [h["val"]["loss"].get("loss", math.nan) for h in history], marker="o", label="held-back loss")
+    ax1.set_xlabel("epoch (0 = base model)")
+    ax1.set_ylabel("masked loss")
+    ax1.legend()
+    if any("points" in h["val"] for h in history):
+        f1 = [(h["val"].get("points") or {}).get("detection", {}).get("f1") for h in history]
+        ax2.plot(epochs, [math.nan if v is None else v for v in f1], marker="o", label="held-back point F1")
+        acc = [(h["val"].get("points") or {}).get("type_accuracy") for h in history]
+        ax2.plot(epochs, [math.nan if v is None else v for v in acc], marker="s", label="held-back type accuracy")
+    if any("tile_accuracy" in h["val"] for h in history):
+        ax2.plot(epochs, [h["val"].get("tile_accuracy", math.nan) for h in history], marker="^",
+                 label="held-back tile accuracy")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _f(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def score_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Markdown rows "figure | before | after" for the scores both runs share (or after has)."""
+    rows = []
+
+    def add(label: str, get) -> None:
+        try:
+            b = get(before)
+        except (KeyError, TypeError):
+            b = None
+        try:
+            a = get(after)
+        except (KeyError, TypeError):
+            return
+        rows.append(f"| {label} | {_f(b)} | {_f(a)} |")
+
+    add("held-back masked loss", lambda s: s["val"]["loss"]["loss"])
+    add("held-back point detection F1", lambda s: s["val"]["points"]["detection"]["f1"])
+    add("held-back type accuracy (matched nuclei)", lambda s: s["val"]["points"]["type_accuracy"])
+    add("held-back tile accuracy", lambda s: s["val"]["tile_accuracy"])
+    add("test point detection precision", lambda s: s["test"]["points"]["detection"]["precision"])
+    add("test point detection recall", lambda s: s["test"]["points"]["detection"]["recall"])
+    add("test point detection F1", lambda s: s["test"]["points"]["detection"]["f1"])
+    for name in sorted((after.get("test", {}).get("points", {}).get("types") or {})):
+        add(f"test F1 {name} (HoVer-Net CRC convention)", lambda s, n=name: s["test"]["points"]["types"][n]["f1"])
+    add("test type accuracy (matched nuclei)", lambda s: s["test"]["points"]["type_accuracy"])
+    add("test type weighted F1 (matched nuclei)", lambda s: s["test"]["points"]["type_weighted_f1"])
+    add("test nucleus PQ", lambda s: s["test"]["nuclei"]["pq"])
+    add("test nucleus SQ", lambda s: s["test"]["nuclei"]["sq"])
+    add("test nucleus RQ", lambda s: s["test"]["nuclei"]["rq"])
+    add("test AJI", lambda s: s["test"]["nuclei"]["aji"])
+    add("test tile accuracy", lambda s: s["test"]["tiles"]["accuracy"])
+    return "\n".join(["| figure | before (base) | after |", "|---|---|---|", *rows])
+
+
+def model_card(model: ModelConfig, config: FinetuneConfig, record: dict[str, Any]) -> str:
+    """The ``README.md`` of a fine-tuned model folder: base, data, how it was trained, before / after figures."""
+    d = record["data"]
+    lines = [
+        f"# {model.name}",
+        "",
+        config.description.strip() or f"Fine-tuned from `{record['base']['name']}` on sparse annotations.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{record['base']['name']}` (weights sha256 `{record['base']['weights_sha256'][:16]}...`) |",
+        f"| classes | {', '.join(model.class_names)} |",
+        f"| nucleus types | {', '.join(model.type_names) or 'none'} |",
+        f"| working resolution | {model.mpp} um/px, tile {model.tile} px, halo {model.halo} px |",
+        f"| trained layers | {config.trainable} |",
+        f"| post-processing | the base model's thresholds (`model.yaml`, `postprocess:`) |",
+        "",
+        "## Data",
+        "",
+        f"- training: {d['train_images']} annotated images / regions ({d['train_points']} nucleus points, "
+        f"{d['train_polygons']} nucleus outlines, {d['train_regions']} regions), {d['train_tiles']} tile-class tiles",
+        f"- held back for early stopping: {d['val_images']} images / regions, {d['val_tiles']} tiles",
+    ]
+    for s in d["annotations"]:
+        lines.append(f"- annotations: `{s['images']}` with GeoJSON `{s['geojson']}`")
+    for s in d["slides"]:
+        lines.append(f"- slide: `{s['slide']}` with GeoJSON `{s['geojson']}`")
+    for s in d["tiles"]:
+        lines.append(f"- tiles: `{s['path']}` ({s['mpp']} um/px)")
+    test = config.test
+    for s in test.points:
+        lines.append(f"- test (points, never trained on): `{s.images}`")
+    for s in test.nuclei:
+        lines.append(f"- test (nucleus outlines, never trained on): `{s.path}`")
+    for s in test.tiles:
+        lines.append(f"- test (tile classes, never trained on): `{s.path}`")
+    lines += [
+        "",
+        "Unannotated pixels train nothing: nucleus outlines supervise their pixels and a "
+        f"{config.geometry.ring_um} um ring around them, points a {config.geometry.point_core_um} um nucleus core, "
+        "the centre map around them and (typed points) the type head within "
+        f"{config.geometry.type_radius_um} um; regions and tiles supervise the tissue class.",
+        "",
+        "## Training",
+        "",
+        f"- command: `{record.get('command') or 'histopan finetune'}`",
+        f"- {record['steps']} steps of {config.batch_size} x {config.crop}^2 crops, best epoch {record['best_epoch']} "
+        f"of {record['epochs']} (early stopping on the held-back masked loss, patience {config.patience}); "
+        f"AdamW lr {config.lr}, {record['train_minutes']} min on {record['hardware']['device']} "
+        f"({record['hardware']['threads']} threads)",
+        "",
+        "## Figures (before = the base model, after = this model)",
+        "",
+        score_table(record["before"], record["after"]),
+        "",
+        f"Point matching radius {test.radius_um} um (Hungarian, `histopan.metrics.point_detection`).",
+        "",
+    ]
+    return "\n".join(lines)
