@@ -381,6 +381,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     patience: int = 3
+    distill: float = 0.0
     seed: int = 0
     threads: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -414,6 +415,8 @@ class FinetuneConfig:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if not (math.isfinite(self.distill) and self.distill >= 0):
+            raise ValueError(f"distill must be >= 0, got {self.distill}")
 
     @property
     def total_steps(self) -> int:

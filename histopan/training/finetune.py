@@ -2,7 +2,7 @@
 
 Starts from a model folder, grows its heads for new stuff classes or nucleus types (the existing channels
 keep their weights, :func:`~histopan.model.network.grow_heads`), optionally freezes the encoder (or
-everything but the final convolution; frozen batch-norm layers keep their statistics), and trains on sparse
+everything but the final convolution; batch-norm statistics stay the base model's), and trains on sparse
 targets (:mod:`.sparse`, :mod:`.sparse_data`) with the masked losses of :mod:`.losses`.
 
 Each epoch the masked loss on the held-back images picks the best checkpoint; the run stops after
@@ -51,7 +51,7 @@ from histopan.training.data import _meta_mpp, load_nucleus_set, load_tile_set, r
 from histopan.training.loop import (STATE_FILE, VAL_TILE_MAX, WEIGHTS, ValidationMaps, _centre_crop, _device,
                                     _jsonable, _load_checkpoint, _save_checkpoint, learning_rate, predict_maps,
                                     score_maps)
-from histopan.training.losses import total_loss
+from histopan.training.losses import distill_loss, total_loss
 from histopan.training.sparse import SparseTargets
 from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, SparseSample, _type_name_points,
                                            load_finetune_data, read_points, stack_batch)
@@ -100,14 +100,16 @@ def _freeze(network: nn.Module, trainable: str) -> list[nn.Parameter]:
     return params
 
 
-def _train_mode(network: nn.Module, trainable: str) -> None:
-    """Train mode, except frozen parts (their batch-norm statistics and dropout stay as trained)."""
+def _train_mode(network: nn.Module) -> None:
+    """Train mode with every batch-norm layer's running statistics kept as the base model learnt them.
+
+    Small batches of sparsely labelled crops give noisy batch statistics; with the base model's the
+    network starts out exactly as the base model (and equal to the distillation teacher).  The affine
+    batch-norm parameters of trainable layers still train.
+    """
     network.train()
-    if trainable == "all":
-        return
-    for name, module in network.named_modules():
-        if name and not any(p.requires_grad for p in module.parameters(recurse=False)) \
-                and isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Dropout)):
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
 
 
@@ -305,6 +307,7 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, *, resume: bool = Fals
                         fix="start the run without --resume")
     device = _device(config)  # type: ignore[arg-type]
     base = load_model(config.base)
+    torch.manual_seed(config.seed)  # the new head channels' initialisation
     network, model = build_finetune_model(base, config)
     data = load_finetune_data(config, model)
     if not (data.val or data.val_tiles):
@@ -314,6 +317,7 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, *, resume: bool = Fals
     run.mkdir(parents=True, exist_ok=True)
     write_finetune_config(config, run / "finetune.yaml")
 
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
@@ -324,6 +328,7 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, *, resume: bool = Fals
                          progress, command, stop_after)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        torch.set_num_threads(threads_before)
 
 
 def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path, device: torch.device,
@@ -338,6 +343,12 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     sampler = SparseCropSampler(data, config)
     scores_path = run / "scores.json"
+    teacher = None
+    if config.distill > 0:  # the base model, frozen, for "learning without forgetting"
+        teacher = copy.deepcopy(base.network).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        channels = torch.tensor([model.class_names.index(n) for n in base.config.class_names], device=device)
 
     if resume:
         state = _load_checkpoint(last_dir, network, optimizer, device)
@@ -364,7 +375,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
     epochs_this_call = 0
     while not state["done"] and state["epoch"] < config.epochs:
         epoch = state["epoch"]
-        _train_mode(network, config.trainable)
+        _train_mode(network)
         sums: dict[str, float] = {}
         t0 = time.time()
         bar = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
@@ -381,7 +392,15 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
             x = normalize_input(batch["image"], model)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 out = network(x)
-            loss, terms = total_loss(split_outputs(out.float(), model), batch, model.nucleus_index, config.loss)
+            heads = split_outputs(out.float(), model)
+            loss, terms = total_loss(heads, batch, model.nucleus_index, config.loss)
+            if teacher is not None:
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    t_out = teacher(x)
+                keep = distill_loss(heads, split_outputs(t_out.float(), base.config), batch, channels)
+                loss = loss + config.distill * keep
+                terms["distill"] = float(keep.detach())
+                terms["loss"] = float(loss.detach())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -391,6 +410,9 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
+            if not progress and state["step"] % 50 == 0:
+                log.info("step %d: loss %.4f (lr %.2e, %.2f s/step)", state["step"], terms["loss"], lr,
+                         (time.time() - t0) / n)
             if deadline is not None and time.time() > deadline:
                 state["done"] = True
                 log.warning("max_minutes reached at step %d; stopping", state["step"])
@@ -549,7 +571,9 @@ def model_card(model: ModelConfig, config: FinetuneConfig, record: dict[str, Any
         f"| classes | {', '.join(model.class_names)} |",
         f"| nucleus types | {', '.join(model.type_names) or 'none'} |",
         f"| working resolution | {model.mpp} um/px, tile {model.tile} px, halo {model.halo} px |",
-        f"| trained layers | {config.trainable} |",
+        f"| trained layers | {config.trainable}"
+        + (f"; outputs kept close to the base model where nothing is annotated (distill {config.distill})"
+           if config.distill else "") + " |",
         f"| post-processing | the base model's thresholds (`model.yaml`, `postprocess:`) |",
         "",
         "## Data",

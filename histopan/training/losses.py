@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from histopan.training.config import LossConfig
 
-__all__ = ["masked_bce", "masked_ce", "masked_soft_dice", "partial_label_ce", "stuff_given_tissue_ce", "total_loss"]
+__all__ = ["distill_loss", "masked_bce", "masked_ce", "masked_soft_dice", "partial_label_ce", "stuff_given_tissue_ce", "total_loss"]
 
 
 def _allowed(label_bits: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -92,6 +92,31 @@ def masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return logits.sum() * 0.0
     per_pixel = F.cross_entropy(logits.float(), target.clamp(min=0).long(), reduction="none")
     return (per_pixel * labelled).sum() / labelled.sum()
+
+
+def distill_loss(student: dict[str, torch.Tensor | None], teacher: dict[str, torch.Tensor | None],
+                 batch: dict[str, torch.Tensor], channels: torch.Tensor) -> torch.Tensor:
+    """Keep the base model's outputs where the batch has no label for them ("learning without forgetting").
+
+    ``student`` and ``teacher`` are logits from :func:`histopan.model.network.split_outputs`; ``channels``
+    indexes the student's semantic channels that the teacher's classes map to (by name).  Terms, each a
+    mean over the pixels that head has no label on: the KL divergence of the semantic softmax (the student
+    renormalised over the teacher's classes) where ``label_bits == 0``, and the binary cross-entropy of the
+    centre and boundary maps' Bernoulli KL divergence from the teacher's outside ``centre_valid`` /
+    ``boundary_valid``.  Each is 0 when the student equals the teacher.
+    """
+    free = batch["label_bits"] == 0
+    s_log = torch.log_softmax(student["semantic"].float()[:, channels], dim=1)
+    t_prob = torch.softmax(teacher["semantic"].float(), dim=1)
+    kl = (t_prob * (torch.log(t_prob.clamp(min=1e-8)) - s_log)).sum(1)
+    loss = (kl * free).sum() / free.sum().clamp(min=1)
+    for key, valid in (("centre", "centre_valid"), ("boundary", "boundary_valid")):
+        mask = ~batch.get(valid, batch["nucleus_valid"])
+        t = torch.sigmoid(teacher[key].float())
+        bce = F.binary_cross_entropy_with_logits(student[key].float(), t, reduction="none")
+        entropy = -(t * torch.log(t.clamp(min=1e-8)) + (1 - t) * torch.log((1 - t).clamp(min=1e-8)))
+        loss = loss + ((bce - entropy) * mask).sum() / mask.sum().clamp(min=1)  # Bernoulli KL: 0 when equal
+    return loss
 
 
 def total_loss(heads: dict[str, torch.Tensor | None], batch: dict[str, torch.Tensor], nucleus_index: int,

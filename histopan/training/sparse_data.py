@@ -272,8 +272,12 @@ def load_finetune_data(config: FinetuneConfig, model: ModelConfig) -> FinetuneDa
         a, b = load_tile_set(tset, model, min(config.crop, 32))
         tt += _tile_samples(a, model)
         vt += _tile_samples(b, model)
+    if (config.annotations or config.slides) and not train and val:
+        raise ConfigError("every annotated image or slide is held back ('val'): none is left to train on",
+                          value=[s.name for s in val][:5], fix="hold back fewer images, or annotate more")
     if (config.annotations or config.slides) and not train:
         raise AnnotationError("the annotation set is empty: no image or slide region has a usable annotation",
+                              value=[str(s.geojson) for s in (*config.annotations, *config.slides)],
                               fix="annotate some nuclei (points or outlines) or regions, and map their classes")
     if not train and not tt:
         raise ConfigError("nothing to train on after the held-back split", fix="add annotated images or tiles")

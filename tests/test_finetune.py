@@ -1,0 +1,383 @@
+"""Sparse-label fine-tuning on a tiny network: `histopan finetune` end to end, determinism, resume, bad input."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+import histopan
+from histopan.cli import main
+from histopan.config import from_dict
+from histopan.model.checkpoint import load_model, save_model
+from histopan.model.config import ModelConfig
+from histopan.model.network import build_network
+from histopan.training.config import AugmentConfig, read_finetune_config
+from histopan.training.finetune import build_finetune_model, finetune
+from histopan.training.sparse import SparseTargets
+from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, load_finetune_data,
+                                           load_slide_annotations)
+from histopan.training.targets import class_bits
+
+TINY_ARCH = {"arch": "unet", "encoder": "mobilenet_v2", "encoder_depth": 5,
+             "decoder_channels": [16, 16, 8, 8, 8]}
+TYPES = [{"name": "epithelial", "color": [255, 0, 0]}, {"name": "fibroblast", "color": [0, 255, 0]}]
+SLIDE = "cmu_small_region.svs"  # 2220 x 2967 px at 0.499 um/px
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny untrained base model; low thresholds so that even it finds "nuclei" to score and type."""
+    cfg = from_dict(ModelConfig, {"name": "tiny", "architecture": TINY_ARCH,
+                                  "postprocess": {"nucleus_threshold": 0.1, "centre_threshold": 0.1,
+                                                  "min_area_um2": 1.0}})
+    torch.manual_seed(0)
+    return save_model(tmp_path_factory.mktemp("base") / "base", build_network(cfg), cfg)
+
+
+def _feature(geometry: dict, cls: str | None, object_type: str = "annotation") -> dict:
+    props = {"objectType": object_type}
+    if cls is not None:
+        props["classification"] = {"name": cls}
+    return {"type": "Feature", "geometry": geometry, "properties": props}
+
+
+def _point(x: float, y: float, cls: str | None = None) -> dict:
+    return _feature({"type": "Point", "coordinates": [x, y]}, cls)
+
+
+def _circle(x: float, y: float, r: float, cls: str) -> dict:
+    a = np.linspace(0, 2 * np.pi, 17)
+    ring = [[float(x + r * np.cos(t)), float(y + r * np.sin(t))] for t in a[:-1]]
+    return _feature({"type": "Polygon", "coordinates": [[*ring, ring[0]]]}, cls)
+
+
+def _box(x0: float, y0: float, x1: float, y1: float, cls: str) -> dict:
+    return _feature({"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}, cls)
+
+
+def _write_geojson(path: Path, features: list[dict]) -> Path:
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+def _annotated_set(folder: Path, n: int = 3, seed: int = 0) -> Path:
+    """96 x 96 pale images with dark discs (nuclei) at 0.5 um/px; per image a GeoJSON with typed points on six
+    discs, outlines of two and a stroma region in a pink corner."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    (folder / "geojson").mkdir()
+    yy, xx = np.mgrid[:96, :96]
+    for i in range(n):
+        img = np.full((96, 96, 3), (230, 200, 220), np.uint8)
+        img[70:, :30] = (200, 120, 170)
+        features = [_box(0, 72, 28, 96, "stroma")]
+        for k in range(8):
+            cx, cy = 16 + 20 * (k % 4) + int(rng.integers(-2, 3)), 14 + 24 * (k // 4) + int(rng.integers(-2, 3))
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = (80, 40, 140)
+            if k < 6:
+                features.append(_point(cx + 0.5, cy + 0.5, TYPES[k % 2]["name"]))
+            else:
+                features.append(_circle(cx + 0.5, cy + 0.5, 4.5, "nucleus"))
+        Image.fromarray(img).save(folder / "images" / f"a{i}.png")
+        _write_geojson(folder / "geojson" / f"a{i}.geojson", features)
+    (folder / "meta.json").write_text(json.dumps({"mpp": 0.5}))
+    return folder
+
+
+def _config(root: Path, base: Path, **kw) -> Path:
+    """A fine-tuning YAML in ``root`` over ``root/data`` (annotated, a2 held back) and ``root/test``."""
+    if not (root / "data").exists():
+        _annotated_set(root / "data")
+    if not (root / "test").exists():
+        _annotated_set(root / "test", n=1, seed=1)
+    data = {"name": "ft", "base": str(base), "nucleus_types": TYPES,
+            "add_classes": [{"name": "mucosa", "color": [1, 2, 3], "kind": "stuff"}],
+            "annotations": [{"images": "data/images", "geojson": "data/geojson", "val": ["a2"]}],
+            "test": {"points": [{"images": "test/images", "geojson": "test/geojson"}]},
+            "crop": 64, "batch_size": 2, "epochs": 2, "steps_per_epoch": 2, "warmup_steps": 1, "threads": 1,
+            "device": "cpu", **kw}
+    path = root / "finetune.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "weights.safetensors"))
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _records(run: Path) -> list[dict]:
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        r.pop("seconds")
+        out.append(r)
+    return out
+
+
+def _fails(capsys, argv: list[str]) -> str:
+    """Run the CLI, expect exit code 2 and return its one error line (stderr also holds the log)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("histopan finetune: error: ")]
+    assert len(errors) == 1
+    return errors[0]
+
+
+# -- end to end -------------------------------------------------------------------------------------------
+def test_histopan_finetune_grows_heads_freezes_the_encoder_and_writes_a_model(tmp_path, base, capsys):
+    cfg = _config(tmp_path, base, trainable="decoder")
+    run = tmp_path / "run"
+    assert main(["finetune", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| held-back masked loss |" in out and "best epoch" in out
+
+    model_dir = run / "model"
+    for name in ("weights.safetensors", "model.yaml", "README.md"):
+        assert (model_dir / name).is_file()
+    for name in ("finetune.yaml", "metrics.jsonl", "curves.png", "scores.json"):
+        assert (run / name).is_file()
+    assert len(_records(run)) == 2
+
+    model = load_model(model_dir)
+    assert model.config.type_names == ("epithelial", "fibroblast")
+    assert model.config.class_names == ("background", "stroma", "necrosis", "tumour", "nucleus", "mucosa")
+    assert model.config.n_outputs == 6 + 2 + 2
+    assert model.config.postprocess == load_model(base).config.postprocess  # the base's tuned thresholds travel
+    record = model.config.training
+    assert record["kind"] == "finetune" and record["trainable"] == "decoder"
+    assert record["base"]["weights_sha256"] == load_model(base).weights_sha256
+    assert record["data"]["train_images"] == 2 and record["data"]["held_back"] == ["a2"]
+    assert (record["data"]["train_points"], record["data"]["train_polygons"], record["data"]["train_regions"]) \
+        == (12, 4, 2)
+
+    # a frozen encoder stays bit-identical to the base (weights and batch-norm statistics); the decoder trained
+    before, after = _weights(base), _weights(model_dir)
+    encoder = [k for k in before if k.startswith("encoder.")]
+    decoder = [k for k in before if k.startswith("decoder.") and after[k].is_floating_point()]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)
+
+    scores = json.loads((run / "scores.json").read_text())
+    assert set(scores) == {"before", "after"}
+    for when in ("before", "after"):
+        assert scores[when]["val"]["loss"]["loss"] > 0 and "type" in scores[when]["val"]["loss"]
+        detection = scores[when]["test"]["points"]["detection"]
+        assert detection["tp"] + detection["fn"] == 6  # the test image's six points
+    assert "types" in scores["after"]["test"]["points"]  # the base has no type head, the result does
+
+    card = (model_dir / "README.md").read_text()
+    assert "| figure | before (base) | after |" in card
+    b, a = scores["before"]["val"]["loss"]["loss"], scores["after"]["val"]["loss"]["loss"]
+    assert f"| held-back masked loss | {b:.3f} | {a:.3f} |" in card
+    assert "test F1 epithelial" in card and "trained layers | decoder" in card
+
+    image = np.asarray(Image.open(tmp_path / "test" / "images" / "a0.png"))
+    result = histopan.predict_tile(image, 0.5, model=model_dir)
+    assert len(result.nuclei) > 0
+    assert set(result.nuclei["type"]) <= {"epithelial", "fibroblast"}
+    assert result.class_names[-1] == "mucosa"
+
+    # the same --out again without --resume is refused, naming the folder
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(run), "--no-progress"])
+    assert str(run) in err and "already holds a fine-tuning run" in err and "--resume" in err
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, base) -> Path:
+    """An uninterrupted run (2 epochs of 2 steps)."""
+    root = tmp_path_factory.mktemp("reference")
+    config = read_finetune_config(_config(root, base))
+    result = finetune(config, root / "run", progress=False)
+    assert result is not None and result.model_dir == root / "run" / "model"
+    return root
+
+
+def test_same_seed_gives_identical_weights(reference, tmp_path):
+    config = read_finetune_config(reference / "finetune.yaml")
+    again = finetune(config, tmp_path / "again", progress=False)
+    assert _same(_weights(reference / "run" / "model"), _weights(again.model_dir))
+    assert _records(reference / "run") == _records(tmp_path / "again")
+    # a different seed gives other crops, hence other weights
+    other = finetune(dataclasses.replace(config, seed=1), tmp_path / "other", progress=False)
+    assert not _same(_weights(reference / "run" / "model"), _weights(other.model_dir))
+
+
+def test_resume_after_stop_equals_the_uninterrupted_run(reference, tmp_path):
+    config = read_finetune_config(reference / "finetune.yaml")
+    staged = tmp_path / "staged"
+    assert finetune(config, staged, progress=False, stop_after=1) is None
+    assert len(_records(staged)) == 1 and not (staged / "model").exists()
+    result = finetune(config, staged, resume=True, progress=False)
+    assert result is not None
+    assert _records(staged) == _records(reference / "run")
+    assert _same(_weights(reference / "run" / "model"), _weights(result.model_dir))
+    for part in ("weights", "optimizer"):
+        a = load_file(str(reference / "run" / "checkpoints" / "last" / f"{part}.safetensors"))
+        b = load_file(str(staged / "checkpoints" / "last" / f"{part}.safetensors"))
+        assert _same(a, b)
+    ref_scores = json.loads((reference / "run" / "scores.json").read_text())
+    assert json.loads((staged / "scores.json").read_text()) == ref_scores
+
+
+def test_resume_without_a_run_is_refused(tmp_path, base, capsys):
+    cfg = _config(tmp_path, base)
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "nothing"), "--resume", "--no-progress"])
+    assert str(tmp_path / "nothing") in err and "nothing to resume" in err
+
+
+def test_crops_are_seeded_and_padding_trains_nothing(tmp_path, base):
+    config = read_finetune_config(_config(tmp_path, base))
+    _, model = build_finetune_model(load_model(base), config)
+    data = load_finetune_data(config, model)
+    sampler = SparseCropSampler(data, config)
+    a, b = sampler.crop(3, model.mpp), sampler.crop(3, model.mpp)
+    assert np.array_equal(a[0], b[0]) and all(np.array_equal(x, y) for x, y in zip(a[1].layers(), b[1].layers()))
+    assert not np.array_equal(a[0], sampler.crop(4, model.mpp)[0])
+    assert a[0].shape == (64, 64, 3) and a[0].dtype == np.float32 and 0 <= a[0].min() and a[0].max() <= 1
+    # a sample smaller than the crop is padded with pixels that train nothing
+    plain = AugmentConfig(flips=False, rot90=False, scale=0.0, hed=0.0, brightness=0.0, contrast=0.0, blur_prob=0.0)
+    first = data.train[0]
+    small = dataclasses.replace(first, image=first.image[:40, :48],
+                                targets=SparseTargets.from_layers([x[:40, :48] for x in first.targets.layers()]))
+    pad = SparseCropSampler(FinetuneData((small,), (), (), ()), dataclasses.replace(config, augment=plain))
+    image, t = pad.crop(0, model.mpp)
+    assert image.shape == (64, 64, 3)
+    for x, y in zip(t.layers(), small.targets.layers()):
+        np.testing.assert_array_equal(x[:40, :48], y)
+    outside = np.ones((64, 64), bool)
+    outside[:40, :48] = False
+    assert np.all(t.label_bits[outside] == 0) and np.all(t.types[outside] == -1)
+    assert not (t.nucleus_valid[outside].any() or t.centre_valid[outside].any() or t.boundary_valid[outside].any())
+    batch = pad.batch(0, model.mpp)
+    assert batch["image"].shape == (2, 64, 64, 3) and batch["types"].dtype == np.int64
+
+
+# -- bad annotated images ----------------------------------------------------------------------------------
+def test_annotation_outside_its_image_is_refused(tmp_path, base, capsys):
+    cfg = _config(tmp_path, base)
+    bad = _write_geojson(tmp_path / "data" / "geojson" / "a1.geojson",
+                         [_point(20.5, 20.5, "epithelial"), _point(150.0, 40.0, "fibroblast")])
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert str(bad) in err and "outside its image a1.png" in err and "96 x 96" in err and "x 150.0..150.0" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unmapped_unknown_class_is_refused(tmp_path, base, capsys):
+    cfg = _config(tmp_path, base)
+    bad = _write_geojson(tmp_path / "data" / "geojson" / "a0.geojson",
+                         [_point(20.5, 20.5, "Lymphocyte"), _point(40.5, 40.5, "epithelial")])
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert str(bad) in err and "Lymphocyte" in err and "'classes'" in err
+    # mapping it (here: to null, ignored) makes the same data usable; its point trains nothing
+    config = read_finetune_config(_config(tmp_path, base, annotations=[
+        {"images": "data/images", "geojson": "data/geojson", "val": ["a2"], "classes": {"Lymphocyte": None}}]))
+    _, model = build_finetune_model(load_model(base), config)
+    summary = load_finetune_data(config, model).summary()
+    assert summary["train_images"] == 2 and summary["train_points"] == 6 + 1
+
+
+def test_empty_annotation_set_is_refused(tmp_path, base, capsys):
+    cfg = _config(tmp_path, base)
+    for path in (tmp_path / "data" / "geojson").iterdir():
+        _write_geojson(path, [])
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "annotation set is empty" in err and str(tmp_path / "data" / "geojson") in err
+
+
+def test_unknown_geometry_type_is_refused(tmp_path, base, capsys):
+    cfg = _config(tmp_path, base)
+    bad = _write_geojson(tmp_path / "data" / "geojson" / "a0.geojson", [
+        _point(20.5, 20.5, "epithelial"),
+        _feature({"type": "Circle", "coordinates": [40, 40], "radius": 5}, "nucleus")])
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert str(bad) in err and "feature 1" in err and "'Circle'" in err
+
+
+# -- slides ------------------------------------------------------------------------------------------------
+#: two clusters of annotations on tissue of cmu_small_region.svs (level-0 pixels): two regions
+CLUSTER_A = [_point(1200.5, 2000.5, "epithelial"), _point(1230.5, 2010.5, "fibroblast"),
+             _point(1215.5, 2040.5, "epithelial"), _circle(1250.5, 1990.5, 5.0, "nucleus"),
+             _box(1180, 2050, 1260, 2090, "stroma")]
+CLUSTER_B = [_point(900.5, 2500.5, "fibroblast"), _point(930.5, 2520.5, "epithelial"),
+             _point(910.5, 2540.5, "fibroblast")]
+
+
+def _slide_config(tmp_path: Path, base: Path, slide: Path, features: list[dict], **entry) -> Path:
+    geo = _write_geojson(tmp_path / "slide.geojson", features)
+    data = {"name": "ft-slide", "base": str(base), "nucleus_types": TYPES,
+            "slides": [{"slide": str(slide), "geojson": str(geo), **entry}],
+            "crop": 64, "batch_size": 2, "epochs": 1, "steps_per_epoch": 2, "warmup_steps": 1, "threads": 1,
+            "device": "cpu"}
+    path = tmp_path / "finetune.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_slide_regions_around_annotations_train(tmp_path, base, slides_dir, capsys):
+    slide = slides_dir / SLIDE
+    cfg_path = _slide_config(tmp_path, base, slide, CLUSTER_A + CLUSTER_B)
+    config = read_finetune_config(cfg_path)
+    model = dataclasses.replace(load_model(base).config, nucleus_types=tuple(config.nucleus_types))
+    samples = load_slide_annotations(config.slides[0], model, config)
+    assert len(samples) == 2
+    a = next(s for s in samples if s.counts["regions"] == 1)
+    assert a.counts == {"points": 3, "polygons": 1, "regions": 1}
+    # bbox of cluster A (level 0: x 1180..1260, y 1985.5..2090) + 16 um margin (32.1 px), at 0.5 um/px
+    margin = 16.0 / 0.499
+    w = (np.ceil(1260 + margin) - np.floor(1180 - margin)) * 0.499 / 0.5
+    h = (np.ceil(2090 + margin) - np.floor(1985.5 - margin)) * 0.499 / 0.5
+    assert abs(a.image.shape[1] - w) <= 1.5 and abs(a.image.shape[0] - h) <= 1.5
+    assert a.image.dtype == np.uint8 and a.image.shape[2] == 3 and 30 < a.image.mean() < 240
+    # the points land on their nucleus cores in the region's pixels
+    assert len(a.points) == 3 and a.point_types == ("epithelial", "fibroblast", "epithelial")
+    for x, y in a.points:
+        assert a.targets.label_bits[int(y), int(x)] == class_bits([model.nucleus_index])
+    # the stroma box (x 1180..1260, y 2050..2090) is "stroma or nucleus" (or glass: stroma only)
+    x0 = (1180 - np.floor(1180 - margin)) * 0.998
+    y0 = (2050 - np.floor(1985.5 - margin)) * 0.998
+    inner = a.targets.label_bits[int(y0) + 3:int(y0) + 36, int(x0) + 3:int(x0) + 75]
+    stroma = class_bits([1])
+    assert np.all((inner == stroma | class_bits([model.nucleus_index])) | (inner == stroma))
+
+    run = tmp_path / "run"
+    assert main(["finetune", str(cfg_path), "--out", str(run), "--no-progress"]) == 0
+    record = load_model(run / "model").config.training
+    d = record["data"]
+    assert d["train_images"] + d["val_images"] == 2 and d["val_images"] == 1  # one region held back
+    assert d["train_regions"] + d["val_regions"] == 1
+    assert d["train_points"] + d["val_points"] == 6 and d["train_polygons"] + d["val_polygons"] == 1
+    assert record["steps"] == 2
+    assert all(name.startswith("cmu_small_region@") for name in d["held_back"])
+
+
+def test_slide_identity_mismatch_is_refused(tmp_path, base, slides_dir, capsys):
+    slide = slides_dir / SLIDE
+    cfg = _slide_config(tmp_path, base, slide, CLUSTER_B, identity="0000")
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert str(slide) in err and "not the 0000" in err and "slide.geojson" in err
+
+
+def test_annotations_outside_the_slide_are_refused(tmp_path, base, slides_dir, capsys):
+    slide = slides_dir / SLIDE
+    cfg = _slide_config(tmp_path, base, slide, [*CLUSTER_B, _point(2500.5, 100.5, "epithelial")])
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert str(tmp_path / "slide.geojson") in err and f"outside the slide {SLIDE}" in err
+    assert "2220 x 2967" in err and "x 2500.5..2500.5" in err
