@@ -49,8 +49,8 @@ from histopan.postprocess import postprocess_tile
 from histopan.training.config import FinetuneConfig, write_finetune_config
 from histopan.training.data import _meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
 from histopan.training.loop import (STATE_FILE, VAL_TILE_MAX, WEIGHTS, ValidationMaps, _centre_crop, _device,
-                                    _jsonable, _load_checkpoint, _save_checkpoint, learning_rate, predict_maps,
-                                    score_maps)
+                                    _jsonable, _load_checkpoint, _save_checkpoint, amp_setup, append_record,
+                                    learning_rate, log_step, optimizer_step, predict_maps, score_maps)
 from histopan.training.losses import distill_loss, total_loss
 from histopan.training.sparse import SparseTargets
 from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, SparseSample, _type_name_points,
@@ -338,9 +338,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
     network = network.to(device)
     params = _freeze(network, config.trainable)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    use_amp, amp_dtype, scaler = amp_setup(device)
     sampler = SparseCropSampler(data, config)
     scores_path = run / "scores.json"
     teacher = None
@@ -401,18 +399,13 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
                 loss = loss + config.distill * keep
                 terms["distill"] = float(keep.detach())
                 terms["loss"] = float(loss.detach())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(optimizer, scaler, loss)
             state["step"] = step + 1
             n += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
-            if not progress and state["step"] % 50 == 0:
-                log.info("step %d: loss %.4f (lr %.2e, %.2f s/step)", state["step"], terms["loss"], lr,
-                         (time.time() - t0) / n)
+            log_step(state, terms, lr, t0, n, progress)
             if deadline is not None and time.time() > deadline:
                 state["done"] = True
                 log.warning("max_minutes reached at step %d; stopping", state["step"])
@@ -422,11 +415,9 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
         val = _scores(network, data, model, config, device)
         state["epoch"] = epoch + 1
         vloss = float(val["loss"]["loss"])
-        record = {"epoch": epoch + 1, "step": state["step"], "lr": lr, "seconds": round(time.time() - t0, 1),
-                  "train": {k: v / max(n, 1) for k, v in sums.items()}, "val": val}
-        state["history"].append(_jsonable(record))
-        with (run / "metrics.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_jsonable(record)) + "\n")
+        record = append_record(state["history"], run / "metrics.jsonl", {
+            "epoch": epoch + 1, "step": state["step"], "lr": lr, "seconds": round(time.time() - t0, 1),
+            "train": {k: v / max(n, 1) for k, v in sums.items()}, "val": val})
         det = val.get("points", {}).get("detection", {}).get("f1")
         log.info("epoch %d: train loss %.4f, held-back loss %.4f%s", epoch + 1, record["train"].get("loss", math.nan),
                  vloss, "" if det is None else f", held-back point F1 {det:.3f}")

@@ -286,6 +286,39 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+# -- shared by the training and fine-tuning loops -------------------------------------------------------
+def amp_setup(device: torch.device) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
+    """Mixed precision on CUDA (bfloat16 where supported, else float16 with a gradient scaler); off on CPU."""
+    use_amp = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    return use_amp, amp_dtype, torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor) -> None:
+    """One backward pass and parameter update (through the AMP gradient scaler)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def log_step(state: dict[str, Any], terms: dict[str, float], lr: float, started: float, n: int,
+             progress: bool) -> None:
+    """Without a progress bar (log files), a line every 50 steps."""
+    if not progress and state["step"] % 50 == 0:
+        log.info("step %d: loss %.4f (lr %.2e, %.2f s/step)", state["step"], terms["loss"], lr,
+                 (time.time() - started) / n)
+
+
+def append_record(history: list[dict[str, Any]], path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Add an epoch's record to the run state's history and to ``metrics.jsonl``; returns it as plain data."""
+    record = _jsonable(record)
+    history.append(record)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return record
+
+
 # -- the loop ------------------------------------------------------------------------------------------
 def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
           data: TrainingData | None = None, stop_after: int | None = None,
@@ -337,9 +370,7 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
     if device.type == "cuda":
         network = network.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    use_amp, amp_dtype, scaler = amp_setup(device)
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "best_pq": -1.0, "best_epoch": -1, "history": [],
                              "train_seconds": 0.0, "done": False}
@@ -370,18 +401,13 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 out = network(x)
             loss, terms = total_loss(split_outputs(out.float(), model), batch, model.nucleus_index, config.loss)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(optimizer, scaler, loss)
             state["step"] = step + 1
             n += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
-            if not progress and state["step"] % 50 == 0:
-                log.info("step %d: loss %.4f (lr %.2e, %.2f s/step)", state["step"], terms["loss"], lr,
-                         (time.time() - t0) / n)
+            log_step(state, terms, lr, t0, n, progress)
             if deadline is not None and time.time() > deadline:
                 state["done"] = True
                 log.warning("max_minutes reached at step %d; stopping early", state["step"])
@@ -390,11 +416,9 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
         state["train_seconds"] += time.time() - t0
         val = score_maps(_validation_maps(network, data, config, device), model, model.postprocess)
         state["epoch"] = epoch + 1
-        record = {"epoch": epoch + 1, "step": state["step"], "lr": lr, "seconds": round(time.time() - t0, 1),
-                  "train": {k: v / max(n, 1) for k, v in sums.items()}, "val": val}
-        state["history"].append(_jsonable(record))
-        with metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_jsonable(record)) + "\n")
+        record = append_record(state["history"], metrics_path, {
+            "epoch": epoch + 1, "step": state["step"], "lr": lr, "seconds": round(time.time() - t0, 1),
+            "train": {k: v / max(n, 1) for k, v in sums.items()}, "val": val})
         log.info("epoch %d: loss %.4f, val PQ %.4f (SQ %.3f RQ %.3f AJI %.3f)%s", epoch + 1,
                  record["train"].get("loss", math.nan), val["pq"], val["sq"], val["rq"], val.get("aji", math.nan),
                  f", stuff acc {val['stuff_tile_accuracy']:.2f}" if "stuff_tile_accuracy" in val else "")
