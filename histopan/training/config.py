@@ -37,6 +37,16 @@ __all__ = [
 ]
 
 
+def _check_mpp(mpp: float | None, where: object, optional: bool = False) -> None:
+    if (mpp is None and not optional) or (mpp is not None and not (math.isfinite(mpp) and mpp > 0)):
+        raise ValueError(f"mpp of {where} must be a positive number of microns per pixel, got {mpp}")
+
+
+def _check_weight(weight: float, where: object) -> None:
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"weight of {where} must be >= 0, got {weight}")
+
+
 @dataclass(frozen=True)
 class NucleusSetConfig:
     """A folder of ``images/<name>.png`` + ``labels/<name>.tif`` (nucleus instances) + ``meta.json``.
@@ -55,10 +65,8 @@ class NucleusSetConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "val", tuple(self.val))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
-            raise ValueError(f"mpp of {self.path} must be a positive number of microns per pixel, got {self.mpp}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight of {self.path} must be >= 0, got {self.weight}")
+        _check_mpp(self.mpp, self.path, optional=True)
+        _check_weight(self.weight, self.path)
 
 
 @dataclass(frozen=True)
@@ -80,10 +88,8 @@ class TileSetConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "val", tuple(self.val))
-        if not (math.isfinite(self.mpp) and self.mpp > 0):
-            raise ValueError(f"mpp of {self.path} must be a positive number of microns per pixel, got {self.mpp}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight of {self.path} must be >= 0, got {self.weight}")
+        _check_mpp(self.mpp, self.path)
+        _check_weight(self.weight, self.path)
         if not self.classes:
             raise ValueError(f"classes of {self.path} must map at least one folder to a class")
 
@@ -289,10 +295,8 @@ class AnnotatedSetConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "val", tuple(self.val))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
-            raise ValueError(f"mpp of {self.images} must be a positive number of microns per pixel, got {self.mpp}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight of {self.images} must be >= 0, got {self.weight}")
+        _check_mpp(self.mpp, self.images, optional=True)
+        _check_weight(self.weight, self.images)
 
 
 @dataclass(frozen=True)
@@ -315,12 +319,10 @@ class SlideAnnotationConfig:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
-            raise ValueError(f"mpp of {self.slide} must be a positive number of microns per pixel, got {self.mpp}")
+        _check_mpp(self.mpp, self.slide, optional=True)
         if not (math.isfinite(self.margin_um) and self.margin_um >= 0):
             raise ValueError(f"margin_um of {self.slide} must be >= 0, got {self.margin_um}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight of {self.slide} must be >= 0, got {self.weight}")
+        _check_weight(self.weight, self.slide)
 
 
 @dataclass(frozen=True)
