@@ -95,7 +95,8 @@ def masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(student: dict[str, torch.Tensor | None], teacher: dict[str, torch.Tensor | None],
-                 batch: dict[str, torch.Tensor], channels: torch.Tensor) -> torch.Tensor:
+                 batch: dict[str, torch.Tensor], channels: torch.Tensor,
+                 weights: LossConfig | None = None) -> torch.Tensor:
     """Keep the base model's outputs where the batch has no label for them ("learning without forgetting").
 
     ``student`` and ``teacher`` are logits from :func:`histopan.model.network.split_outputs`; ``channels``
@@ -103,15 +104,21 @@ def distill_loss(student: dict[str, torch.Tensor | None], teacher: dict[str, tor
     mean over the pixels that head has no label on: the KL divergence of the semantic softmax (the student
     renormalised over the teacher's classes) where ``label_bits == 0``, and the binary cross-entropy of the
     centre and boundary maps' Bernoulli KL divergence from the teacher's outside ``centre_valid`` /
-    ``boundary_valid``.  Each is 0 when the student equals the teacher.
+    ``boundary_valid``.  Each is 0 when the student equals the teacher.  A head whose supervised loss is
+    switched off in ``weights`` is distilled everywhere (e.g. points that should train only the type head).
     """
+    w = weights or LossConfig()
     free = batch["label_bits"] == 0
+    if w.semantic == 0 and w.stuff == 0 and w.dice == 0:
+        free = torch.ones_like(free)
     s_log = torch.log_softmax(student["semantic"].float()[:, channels], dim=1)
     t_prob = torch.softmax(teacher["semantic"].float(), dim=1)
     kl = (t_prob * (torch.log(t_prob.clamp(min=1e-8)) - s_log)).sum(1)
     loss = (kl * free).sum() / free.sum().clamp(min=1)
     for key, valid in (("centre", "centre_valid"), ("boundary", "boundary_valid")):
         mask = ~batch.get(valid, batch["nucleus_valid"])
+        if getattr(w, key) == 0:
+            mask = torch.ones_like(mask)
         t = torch.sigmoid(teacher[key].float())
         bce = F.binary_cross_entropy_with_logits(student[key].float(), t, reduction="none")
         entropy = -(t * torch.log(t.clamp(min=1e-8)) + (1 - t) * torch.log((1 - t).clamp(min=1e-8)))
