@@ -371,3 +371,16 @@ def test_total_loss_without_sparse_masks_or_types_falls_back_to_nucleus_valid():
     _, terms = total_loss(split_outputs(logits[:, :no_types.n_outputs], no_types), batch, no_types.nucleus_index,
                           LossConfig())
     assert "type" not in terms
+
+
+def test_crop_sampler_picks_a_set_by_weight_then_its_samples_alike():
+    from histopan.training.sparse_data import SparseCropSampler, SparseSample
+
+    def sample(ds):
+        return SparseSample(name=ds, dataset=ds, image=np.zeros((4, 4, 3), np.uint8), targets=None)
+
+    samples = [sample("a"), sample("a"), sample("a"), sample("b")]
+    p = SparseCropSampler._probabilities(samples, {"a": 1.0, "b": 3.0})
+    np.testing.assert_allclose(p, [1 / 12, 1 / 12, 1 / 12, 3 / 4])
+    np.testing.assert_allclose(SparseCropSampler._probabilities(samples, {}), [1 / 6] * 3 + [1 / 2])
+    assert SparseCropSampler._probabilities([], {}) is None

@@ -307,20 +307,30 @@ class SparseCropSampler:
             self.tile_fraction = len(self.tiles) / n if n else 0.0
         if not self.images:
             self.tile_fraction = 1.0
-        weights = {s.dataset: 1.0 for s in self.images}
-        for aset in config.annotations:
-            weights[Path(aset.images).parent.name] = aset.weight
-        for sset in config.slides:
-            weights[Path(sset.slide).name] = sset.weight
-        w = np.array([weights.get(s.dataset, 1.0) for s in self.images], np.float64)
-        self._p = w / w.sum() if self.images and w.sum() > 0 else None
+        image_weights = {Path(a.images).parent.name: a.weight for a in config.annotations}
+        image_weights.update({Path(a.slide).name: a.weight for a in config.slides})
+        self._p = self._probabilities(self.images, image_weights)
+        self._p_tiles = self._probabilities(self.tiles, {Path(t.path).name: t.weight for t in config.tiles})
+
+    @staticmethod
+    def _probabilities(samples: list[SparseSample], weights: dict[str, float]) -> np.ndarray | None:
+        """Per-sample probabilities: a data set by its weight, then its samples alike (as in CropSampler)."""
+        if not samples:
+            return None
+        sizes: dict[str, int] = {}
+        for s in samples:
+            sizes[s.dataset] = sizes.get(s.dataset, 0) + 1
+        p = np.array([weights.get(s.dataset, 1.0) / sizes[s.dataset] for s in samples], np.float64)
+        if p.sum() <= 0:
+            raise ConfigError("every data set has weight 0", value=weights, fix="give some set a weight > 0")
+        return p / p.sum()
 
     def crop(self, index: int, mpp: float) -> tuple[np.ndarray, SparseTargets]:
         """Crop ``index``: float32 (H, W, 3) image in 0..1 and its targets."""
         rng = np.random.default_rng([self.config.seed, index])
         use_tile = rng.random() < self.tile_fraction
         if use_tile:
-            sample = self.tiles[int(rng.integers(len(self.tiles)))]
+            sample = self.tiles[int(rng.choice(len(self.tiles), p=self._p_tiles))]
         else:
             sample = self.images[int(rng.choice(len(self.images), p=self._p))]
         size = self.config.crop

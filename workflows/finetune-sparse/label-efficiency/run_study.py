@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time")
     args = parser.parse_args(argv)
+    args.work = args.work.resolve()
     if 1.0 not in args.fractions:
         parser.error("--fractions must include 1.0 (the reference)")
     names = sorted(p.stem for p in (MONUSEG / "images").glob("*.png"))

@@ -1,0 +1,71 @@
+"""The shipped fine-tuned model models/crc-nucleus-types: types on real CRC tiles and in a slide store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import histopan
+from histopan.evaluation import read_points_geojson
+from histopan.metrics import point_detection
+from histopan.model.checkpoint import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "crc-nucleus-types"
+TYPES = ("epithelial", "fibroblast", "inflammatory", "others")
+
+
+@pytest.fixture(scope="module")
+def crc_model():
+    if not (MODEL / "weights.safetensors").is_file():
+        raise FileNotFoundError(f"the fine-tuned model is missing from {MODEL}")
+    return load_model("crc-nucleus-types")
+
+
+def test_model_folder_is_the_default_plus_a_type_head(crc_model):
+    default = load_model("default")
+    assert crc_model.config.type_names == TYPES
+    assert crc_model.config.class_names == default.config.class_names
+    assert crc_model.config.postprocess == default.config.postprocess  # the base's thresholds travel along
+    assert (MODEL / "weights.safetensors").stat().st_size < 30e6
+    record = crc_model.config.training
+    assert record["kind"] == "finetune" and record["base"]["weights_sha256"] == default.weights_sha256
+    card = (MODEL / "README.md").read_text(encoding="utf-8")
+    assert "| test point detection F1 |" in card and "Sirinukunwattana" in card
+
+
+def test_predict_tile_fills_types_on_held_out_crc_tiles(crc_model, data_dir):
+    val = data_dir / "crc_points" / "val"
+    totals = None
+    for path in sorted((val / "images").glob("*.png"))[:4]:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        result = histopan.predict_tile(image, 0.5, model=crc_model)
+        nuclei = result.nuclei
+        assert isinstance(nuclei, pd.DataFrame) and len(nuclei) > 20
+        assert set(nuclei["type"]) <= set(TYPES) and nuclei["type"].notna().all()
+        assert ((nuclei["type_prob"] > 0) & (nuclei["type_prob"] <= 1)).all()
+        xy, names = read_points_geojson(val / "points" / f"{path.stem}.geojson")
+        res = point_detection(xy, nuclei[["centroid_x", "centroid_y"]].to_numpy() + 0.5, 3.0 / 0.5, names,
+                              nuclei["type"].tolist())
+        totals = res if totals is None else totals + res
+    assert totals.f1 > 0.5  # detection on tiles it never saw
+    assert totals.type_accuracy > 0.6  # four types: chance is about 0.3 on this data
+
+
+def test_segment_with_the_typed_model_writes_types_into_the_store(crc_model, slides_dir, tmp_path):
+    from histopan.cli import main
+    from histopan.store import open_store
+
+    out = tmp_path / "cmu.zarr"
+    assert main(["segment", str(slides_dir / "cmu_small_region.svs"), "-o", str(out), "--model",
+                 "crc-nucleus-types", "--device", "cpu"]) == 0
+    store = open_store(out)
+    table = pd.read_parquet(out / "tables" / "nuclei.parquet")
+    assert len(table) > 100
+    assert set(table["type"].dropna()) <= set(TYPES) and table["type"].notna().all()
+    assert "crc-nucleus-types" in json.dumps(store.attrs)  # provenance names the model
