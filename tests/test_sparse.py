@@ -384,3 +384,23 @@ def test_crop_sampler_picks_a_set_by_weight_then_its_samples_alike():
     np.testing.assert_allclose(p, [1 / 12, 1 / 12, 1 / 12, 3 / 4])
     np.testing.assert_allclose(SparseCropSampler._probabilities(samples, {}), [1 / 6] * 3 + [1 / 2])
     assert SparseCropSampler._probabilities([], {}) is None
+
+
+def test_distill_is_zero_for_the_teacher_and_keeps_p_nucleus_on_tile_pixels():
+    from histopan.training.losses import distill_loss
+    from histopan.training.targets import class_bits
+
+    torch.manual_seed(0)
+    n, c, h, w = 1, 5, 8, 8
+    teacher = {"semantic": torch.randn(n, c, h, w), "centre": torch.randn(n, h, w), "boundary": torch.randn(n, h, w)}
+    bits = torch.full((n, h, w), class_bits([1, 4]), dtype=torch.int64)  # a stroma tile: {stroma, nucleus}
+    batch = {"label_bits": bits, "nucleus_valid": torch.zeros(n, h, w, dtype=torch.bool)}
+    channels = torch.arange(c)
+    same = distill_loss(teacher, teacher, batch, channels, teacher_nucleus=4)
+    assert abs(float(same)) < 1e-5
+    student = {k: v.clone() for k, v in teacher.items()}
+    with torch.no_grad():
+        student["semantic"][:, 4] += 3.0  # more "nucleus" on the tile's tissue
+    more = distill_loss(student, teacher, batch, channels, teacher_nucleus=4)
+    assert float(more) > 0.1
+    assert float(distill_loss(student, teacher, batch, channels)) < 1e-5  # without it, tile pixels are free

@@ -395,7 +395,8 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
             if teacher is not None:
                 with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     t_out = teacher(x)
-                keep = distill_loss(heads, split_outputs(t_out.float(), base.config), batch, channels, config.loss)
+                keep = distill_loss(heads, split_outputs(t_out.float(), base.config), batch, channels, config.loss,
+                                    base.config.nucleus_index)
                 loss = loss + config.distill * keep
                 terms["distill"] = float(keep.detach())
                 terms["loss"] = float(loss.detach())

@@ -96,7 +96,7 @@ def masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def distill_loss(student: dict[str, torch.Tensor | None], teacher: dict[str, torch.Tensor | None],
                  batch: dict[str, torch.Tensor], channels: torch.Tensor,
-                 weights: LossConfig | None = None) -> torch.Tensor:
+                 weights: LossConfig | None = None, teacher_nucleus: int | None = None) -> torch.Tensor:
     """Keep the base model's outputs where the batch has no label for them ("learning without forgetting").
 
     ``student`` and ``teacher`` are logits from :func:`histopan.model.network.split_outputs`; ``channels``
@@ -106,15 +106,31 @@ def distill_loss(student: dict[str, torch.Tensor | None], teacher: dict[str, tor
     centre and boundary maps' Bernoulli KL divergence from the teacher's outside ``centre_valid`` /
     ``boundary_valid``.  Each is 0 when the student equals the teacher.  A head whose supervised loss is
     switched off in ``weights`` is distilled everywhere (e.g. points that should train only the type head).
+    With ``teacher_nucleus`` (the teacher's nucleus class index), pixels whose label allows the nucleus and a
+    tissue class (tile classes, regions: "this tissue, or a nucleus in it") keep the teacher's p(nucleus)
+    (a Bernoulli KL term), so training tissue classes cannot turn tissue into nuclei.
     """
     w = weights or LossConfig()
-    free = batch["label_bits"] == 0
+    bits = batch["label_bits"]
+    free = bits == 0
     if w.semantic == 0 and w.stuff == 0 and w.dice == 0:
         free = torch.ones_like(free)
     s_log = torch.log_softmax(student["semantic"].float()[:, channels], dim=1)
     t_prob = torch.softmax(teacher["semantic"].float(), dim=1)
     kl = (t_prob * (torch.log(t_prob.clamp(min=1e-8)) - s_log)).sum(1)
     loss = (kl * free).sum() / free.sum().clamp(min=1)
+    # where the label allows "nucleus" and some tissue class (tile classes, regions), it does not say whether
+    # a pixel is a nucleus: keep the base model's p(nucleus) there
+    t_nuc = teacher_nucleus
+    if t_nuc is not None:
+        s_nuc = int(channels[t_nuc])
+        nucleus_bit = torch.tensor(1, dtype=torch.int64, device=bits.device) << s_nuc
+        undecided = ~free & ((bits & nucleus_bit) != 0) & ((bits & ~nucleus_bit) != 0)
+        if bool(undecided.any()):
+            p_s = torch.softmax(student["semantic"].float(), dim=1)[:, s_nuc].clamp(1e-6, 1 - 1e-6)
+            p_t = t_prob[:, t_nuc].clamp(1e-6, 1 - 1e-6)
+            bern = p_t * torch.log(p_t / p_s) + (1 - p_t) * torch.log((1 - p_t) / (1 - p_s))
+            loss = loss + (bern * undecided).sum() / undecided.sum()
     for key, valid in (("centre", "centre_valid"), ("boundary", "boundary_valid")):
         mask = ~batch.get(valid, batch["nucleus_valid"])
         if getattr(w, key) == 0:
