@@ -23,8 +23,8 @@ __all__ = [
     "AnnotationGeometry",
     "AugmentConfig",
     "FinetuneConfig",
+    "HeldOutSetsConfig",
     "SlideAnnotationConfig",
-    "TestSetsConfig",
     "LossConfig",
     "NucleusSetConfig",
     "TileSetConfig",
@@ -326,7 +326,7 @@ class SlideAnnotationConfig:
 
 
 @dataclass(frozen=True)
-class TestSetsConfig:
+class HeldOutSetsConfig:
     """Data scored before and after fine-tuning (never trained on), reported in the model card.
 
     ``points``: image folders with point GeoJSON (detection F1, per-type F1); ``nuclei``: dense instance
@@ -371,7 +371,7 @@ class FinetuneConfig:
     annotations: tuple[AnnotatedSetConfig, ...] = ()
     slides: tuple[SlideAnnotationConfig, ...] = ()
     tiles: tuple[TileSetConfig, ...] = ()
-    test: TestSetsConfig = field(default_factory=TestSetsConfig)
+    test: HeldOutSetsConfig = field(default_factory=HeldOutSetsConfig)
     val_fraction: float = 0.15
     trainable: Literal["all", "decoder", "head"] = "all"
     crop: int = 256

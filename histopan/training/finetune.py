@@ -194,13 +194,13 @@ def _point_items(samples: Sequence[SparseSample]) -> list[tuple[str, np.ndarray,
 
 
 @dataclass(frozen=True)
-class TestData:
+class HeldOutData:
     points: tuple[tuple[str, np.ndarray, np.ndarray, tuple], ...]
     nuclei: tuple
     tiles: tuple
 
 
-def load_test_data(config: FinetuneConfig, model: ModelConfig) -> TestData:
+def load_test_data(config: FinetuneConfig, model: ModelConfig) -> HeldOutData:
     """The test sets of ``config`` (every image / tile of each set) at ``model``'s mpp."""
     from histopan.export.qupath import read_geojson
     from histopan.training.sparse import resolve_classes
@@ -233,7 +233,7 @@ def load_test_data(config: FinetuneConfig, model: ModelConfig) -> TestData:
                       and tset.classes.get(sub.name) is not None for p in sorted(sub.iterdir()))
         _, v = load_tile_set(dataclasses.replace(tset, val=stems), model, 1)
         tiles += v
-    return TestData(tuple(points), tuple(nuclei), tuple(tiles))
+    return HeldOutData(tuple(points), tuple(nuclei), tuple(tiles))
 
 
 def _remap_tiles(tiles, data_model: ModelConfig, model: ModelConfig):
@@ -246,7 +246,7 @@ def _remap_tiles(tiles, data_model: ModelConfig, model: ModelConfig):
     return out
 
 
-def evaluate_tests(network: nn.Module, model: ModelConfig, tests: TestData, data_model: ModelConfig,
+def evaluate_tests(network: nn.Module, model: ModelConfig, tests: HeldOutData, data_model: ModelConfig,
                    device: torch.device, radius_um: float) -> dict[str, Any]:
     """Scores of ``network`` (configured by ``model``) on the test sets (loaded for ``data_model``)."""
     out: dict[str, Any] = {}
@@ -332,7 +332,7 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, *, resume: bool = Fals
 
 
 def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path, device: torch.device,
-              base: LoadedModel, network: nn.Module, model: ModelConfig, data: FinetuneData, tests: TestData,
+              base: LoadedModel, network: nn.Module, model: ModelConfig, data: FinetuneData, tests: HeldOutData,
               resume: bool, progress: bool, command: str | None, stop_after: int | None) -> FinetuneResult | None:
     started = time.time()
     network = network.to(device)
@@ -441,7 +441,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
 
 
 def _finish(config: FinetuneConfig, run: Path, best_dir: Path, device: torch.device, base: LoadedModel,
-            network: nn.Module, model: ModelConfig, data: FinetuneData, tests: TestData, state: dict[str, Any],
+            network: nn.Module, model: ModelConfig, data: FinetuneData, tests: HeldOutData, state: dict[str, Any],
             before: dict[str, Any], command: str | None) -> FinetuneResult:
     network.load_state_dict(load_file(str(best_dir / WEIGHTS), device=str(device)))
     for p in network.parameters():
