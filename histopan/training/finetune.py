@@ -33,23 +33,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
 from histopan import __version__
-from histopan.config import to_dict
 from histopan.errors import ConfigError, DataError
 from histopan.metrics import point_detection
 from histopan.model.checkpoint import LoadedModel, load_model, save_model
 from histopan.model.config import ModelConfig
-from histopan.model.network import INPUT_MULTIPLE, grow_heads, normalize_input, split_outputs
+from histopan.model.network import grow_heads, normalize_input, split_outputs
 from histopan.postprocess import postprocess_tile
 from histopan.training.config import FinetuneConfig, write_finetune_config
 from histopan.training.data import _meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
 from histopan.training.loop import (STATE_FILE, VAL_TILE_MAX, WEIGHTS, ValidationMaps, _centre_crop, _device,
-                                    _jsonable, _load_checkpoint, _save_checkpoint, amp_setup, append_record,
+                                    _jsonable, _load_checkpoint, _save_checkpoint, amp_setup, append_record, forward_padded,
                                     learning_rate, log_step, optimizer_step, predict_maps, score_maps)
 from histopan.training.losses import distill_loss, total_loss
 from histopan.training.sparse import SparseTargets
@@ -114,15 +112,6 @@ def _train_mode(network: nn.Module) -> None:
 
 
 # -- scoring ---------------------------------------------------------------------------------------------
-def _pad_forward(network: nn.Module, image: np.ndarray, model: ModelConfig, device: torch.device) -> torch.Tensor:
-    h, w = image.shape[:2]
-    ph, pw = (-h) % INPUT_MULTIPLE, (-w) % INPUT_MULTIPLE
-    x = normalize_input(torch.from_numpy(np.array(image, dtype=np.uint8)).unsqueeze(0).to(device), model)
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="reflect")
-    return network(x)[:, :, :h, :w].float()
-
-
 def heldback_loss(network: nn.Module, samples: Sequence[SparseSample], model: ModelConfig, config: FinetuneConfig,
                   device: torch.device) -> dict[str, float]:
     """Masked loss terms on whole held-back images (no augmentation), averaged over images."""
@@ -134,7 +123,7 @@ def heldback_loss(network: nn.Module, samples: Sequence[SparseSample], model: Mo
         for s in samples:
             image = _centre_crop(s.image, VAL_TILE_MAX)
             targets = SparseTargets.from_layers([_centre_crop(a, VAL_TILE_MAX) for a in s.targets.layers()])
-            out = _pad_forward(network, image, model, device)
+            out = forward_padded(network, image, model, device)
             batch = {k: torch.from_numpy(v).to(device) for k, v in stack_batch([image], [targets]).items()}
             _, terms = total_loss(split_outputs(out, model), batch, model.nucleus_index, config.loss)
             for k, v in terms.items():
@@ -566,7 +555,7 @@ def model_card(model: ModelConfig, config: FinetuneConfig, record: dict[str, Any
         f"| trained layers | {config.trainable}"
         + (f"; outputs kept close to the base model where nothing is annotated (distill {config.distill})"
            if config.distill else "") + " |",
-        f"| post-processing | the base model's thresholds (`model.yaml`, `postprocess:`) |",
+        "| post-processing | the base model's thresholds (`model.yaml`, `postprocess:`) |",
         "",
         "## Data",
         "",

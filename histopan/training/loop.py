@@ -143,6 +143,16 @@ def _load_checkpoint(folder: Path, network: nn.Module, optimizer: torch.optim.Op
 
 
 # -- prediction and scoring ----------------------------------------------------------------------------
+def forward_padded(network: nn.Module, image: np.ndarray, model: ModelConfig, device: torch.device) -> torch.Tensor:
+    """Raw float32 network output (1, C, H, W) of one RGB uint8 image, reflect-padded to a multiple of 32."""
+    h, w = image.shape[:2]
+    ph, pw = (-h) % INPUT_MULTIPLE, (-w) % INPUT_MULTIPLE
+    x = normalize_input(torch.from_numpy(np.array(image, dtype=np.uint8)).unsqueeze(0).to(device), model)
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="reflect")
+    return network(x)[:, :, :h, :w].float()
+
+
 def predict_maps(network: nn.Module, image: np.ndarray, model: ModelConfig, device: torch.device,
                  out_shape: tuple[int, int] | None = None) -> ProbabilityMaps:
     """Probabilities of one whole RGB uint8 image at the model's mpp (padded to a multiple of 32).
@@ -150,13 +160,8 @@ def predict_maps(network: nn.Module, image: np.ndarray, model: ModelConfig, devi
     ``out_shape`` resizes the maps (bilinear) to another resolution, e.g. the data's own.
     """
     h, w = image.shape[:2]
-    ph, pw = (-h) % INPUT_MULTIPLE, (-w) % INPUT_MULTIPLE
-    x = torch.from_numpy(np.array(image, dtype=np.uint8)).unsqueeze(0).to(device)
-    x = normalize_input(x, model)
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="reflect")
     with torch.no_grad():
-        out = network(x)[:, :, :h, :w].float()
+        out = forward_padded(network, image, model, device)
         if out_shape is not None and tuple(out_shape) != (h, w):
             out = F.interpolate(out, size=tuple(out_shape), mode="bilinear", align_corners=False)
         heads = split_outputs(out, model)
