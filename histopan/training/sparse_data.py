@@ -38,6 +38,8 @@ __all__ = ["FinetuneData", "SparseCropSampler", "SparseSample", "load_annotated_
 
 #: the longest side of one region read from a slide, in pixels at the model's mpp
 MAX_REGION_PX = 2048
+#: the smallest tile side accepted from a tile-class folder (smaller than the crop is padded, see crop())
+MIN_TILE_PX = 32
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,7 @@ def load_finetune_data(config: FinetuneConfig, model: ModelConfig) -> FinetuneDa
         train = [s for i, s in enumerate(train) if i not in held]
     tt, vt = [], []
     for tset in config.tiles:
-        a, b = load_tile_set(tset, model, min(config.crop, 32))
+        a, b = load_tile_set(tset, model, MIN_TILE_PX)
         tt += _tile_samples(a, model)
         vt += _tile_samples(b, model)
     if (config.annotations or config.slides) and not train and val:
