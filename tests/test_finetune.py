@@ -18,9 +18,9 @@ from histopan.model.checkpoint import load_model, save_model
 from histopan.model.config import ModelConfig
 from histopan.model.network import build_network
 from histopan.training.config import AugmentConfig, read_finetune_config
-from histopan.training.finetune import build_finetune_model, finetune
+from histopan.training.finetune import build_finetune_model, finetune, type_weights
 from histopan.training.sparse import SparseTargets
-from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, load_finetune_data,
+from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, SparseSample, load_finetune_data,
                                            load_slide_annotations)
 from histopan.training.targets import class_bits
 
@@ -381,3 +381,25 @@ def test_annotations_outside_the_slide_are_refused(tmp_path, base, slides_dir, c
     err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
     assert str(tmp_path / "slide.geojson") in err and f"outside the slide {SLIDE}" in err
     assert "2220 x 2967" in err and "x 2500.5..2500.5" in err
+
+
+def test_type_balance_weights_types_by_inverse_frequency(tmp_path, base, capsys):
+    model = from_dict(ModelConfig, {"name": "t", "architecture": TINY_ARCH,
+                                    "nucleus_types": [*TYPES, {"name": "others", "color": [9, 9, 9]}]})
+    types = np.full((8, 8), -1, np.int16)
+    types[:4, :] = 0          # 32 epithelial pixels
+    types[4, :4] = 1          # 4 fibroblast pixels, no "others"
+    blank = [np.zeros((8, 8), t) for t in (np.int64, np.float32, bool, np.float32, bool, np.float32, bool)]
+    sample = SparseSample("s", "d", np.zeros((8, 8, 3), np.uint8), SparseTargets(*blank, types))
+    assert type_weights([sample], model, 0.0) is None
+    w = type_weights([sample, sample], model, 1.0)
+    assert torch.allclose(w, torch.tensor([36 / (2 * 32), 36 / (2 * 4), 1.0]))
+    assert torch.allclose(type_weights([sample], model, 0.5), w.sqrt())
+    # a balanced run records its weights in the card; a balance outside 0..1 is refused
+    result = finetune(read_finetune_config(_config(tmp_path, base, type_balance=1.0, epochs=1)), tmp_path / "run",
+                      progress=False)
+    weights = load_model(result.model_dir).config.training["type_weights"]
+    assert set(weights) == {"epithelial", "fibroblast"} and all(v > 0 for v in weights.values())
+    assert "type loss weights" in (result.model_dir / "README.md").read_text()
+    bad = _config(tmp_path / "bad", base, type_balance=1.5)
+    assert "type_balance" in _fails(capsys, ["finetune", str(bad), "--out", str(tmp_path / "bad" / "run")])

@@ -104,6 +104,36 @@ def test_resume_gives_the_same_state_as_uninterrupted(tmp_path):
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_init_starts_from_a_model_and_a_mismatch_is_refused(tmp_path):
+    data_dir = _synthetic_set(tmp_path / "data")
+    first = train(_config(data_dir), tmp_path / "first", progress=False)
+    start = load_file(str(first.model_dir / "weights.safetensors"))
+    # one step at lr ~0 from the first model: the second run's weights stay the first model's
+    cfg = _config(data_dir, init=str(first.model_dir), epochs=1, lr=1e-12, weight_decay=0.0)
+    second = train(cfg, tmp_path / "second", progress=False)
+    after = load_file(str(second.model_dir / "weights.safetensors"))
+    conv = [k for k in start if k.endswith(".weight") and start[k].ndim == 4]
+    assert conv and all(torch.allclose(start[k], after[k], atol=1e-6) for k in conv)
+    assert load_model(second.model_dir).config.training["init"] == str(first.model_dir)
+    # from scratch the same run ends elsewhere
+    scratch = load_file(str(train(_config(data_dir, epochs=1, lr=1e-12), tmp_path / "scratch",
+                                  progress=False).model_dir / "weights.safetensors"))
+    assert not all(torch.allclose(start[k], scratch[k], atol=1e-6) for k in conv)
+    # a new class grows the head; a different architecture is refused
+    grown = _config(data_dir, init=str(first.model_dir), epochs=1,
+                    model={"name": "tiny", "architecture": TINY_ARCH, "mpp": 0.5,
+                           "classes": [{"name": "background", "color": [255, 255, 255], "kind": "stuff"},
+                                       {"name": "stroma", "color": [240, 160, 200], "kind": "stuff"},
+                                       {"name": "fat", "color": [250, 250, 150], "kind": "stuff"},
+                                       {"name": "nucleus", "color": [40, 40, 220], "kind": "thing"}]})
+    assert load_model(train(grown, tmp_path / "grown", progress=False).model_dir).config.n_classes == 4
+    other = {**TINY_ARCH, "decoder_channels": [16, 16, 8, 8, 4]}
+    wrong = _config(data_dir, init=str(first.model_dir),
+                    model={"name": "tiny", "architecture": other, "mpp": 0.5})
+    with pytest.raises(ConfigError, match="different architecture"):
+        train(wrong, tmp_path / "wrong", progress=False)
+
+
 def test_histopan_train_on_real_monuseg_tiles_writes_a_loadable_model(tmp_path, data_dir, capsys):
     monuseg = data_dir / "monuseg_train"
     names = sorted(p.stem for p in (monuseg / "images").glob("*.png"))

@@ -5,7 +5,7 @@ import math
 import torch
 
 from histopan.training.config import LossConfig
-from histopan.training.losses import masked_bce, masked_soft_dice, partial_label_ce, total_loss
+from histopan.training.losses import masked_bce, masked_ce, masked_soft_dice, partial_label_ce, total_loss
 from histopan.training.targets import class_bits
 
 
@@ -99,3 +99,16 @@ def test_stuff_given_tissue_ce_only_on_tile_pixels():
     grad[0, :, 0, 0] = 0
     assert not grad.any()                       # only the tile pixel gets a gradient
     assert logits.grad[0, 4, 0, 0] == 0         # and never through p(nucleus)
+
+
+def test_masked_ce_class_weights_give_the_weighted_mean():
+    logits = _logits(3, (1, 3, 2, 2)).detach()
+    target = torch.tensor([[[0, 1], [-1, 2]]])
+    logp = torch.log_softmax(logits, dim=1)[0]
+    nll = [-logp[0, 0, 0], -logp[1, 0, 1], -logp[2, 1, 1]]
+    assert math.isclose(masked_ce(logits, target).item(), float(sum(nll) / 3), rel_tol=1e-6)
+    w = torch.tensor([1.0, 3.0, 0.5])
+    expected = (nll[0] * 1.0 + nll[1] * 3.0 + nll[2] * 0.5) / 4.5
+    assert math.isclose(masked_ce(logits, target, w).item(), float(expected), rel_tol=1e-6)
+    assert math.isclose(masked_ce(logits, target, torch.ones(3)).item(), masked_ce(logits, target).item(),
+                        rel_tol=1e-6)

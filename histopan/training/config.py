@@ -172,7 +172,12 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything one training run needs; saved as ``train.yaml`` in the run folder."""
+    """Everything one training run needs; saved as ``train.yaml`` in the run folder.
+
+    ``init`` (a model name or folder) starts the network from that model's weights instead of a random
+    initialisation: a warm start, e.g. to train a shipped model for longer.  Its architecture must equal
+    ``model.architecture``; output channels are matched by class name (new classes start fresh).
+    """
 
     model: ModelConfig
     nuclei: tuple[NucleusSetConfig, ...]
@@ -190,6 +195,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_minutes: float | None = None
     val_max_images: int | None = None
+    init: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -216,6 +222,8 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.val_max_images is not None and self.val_max_images < 1:
             raise ValueError(f"val_max_images must be >= 1, got {self.val_max_images}")
+        if self.init is not None and not str(self.init).strip():
+            raise ValueError("init must name a model (a name such as 'default' or a model folder), got ''")
         stuff = {self.model.classes[i].name for i in self.model.stuff_indices}
         for tiles in self.tiles:
             for folder, name in tiles.classes.items():
@@ -241,6 +249,9 @@ def read_train_config(path: str | PathLike[str]) -> TrainConfig:
             for item in items:
                 if isinstance(item, dict) and isinstance(item.get("path"), str):
                     item["path"] = str((base / Path(item["path"]).expanduser()).resolve())
+    init = data.get("init")
+    if isinstance(init, str) and ("/" in init or init.startswith(".")):
+        data["init"] = str((base / Path(init).expanduser()).resolve())
     config = from_dict(TrainConfig, data, source=p)
     return config
 
@@ -360,7 +371,9 @@ class FinetuneConfig:
     Images named in a set's ``val`` (or, when no set names any, ``val_fraction`` of the annotated images,
     chosen with ``seed``) are held back: the masked loss on them picks the best epoch and stops the run
     after ``patience`` epochs without improvement.  ``tile_fraction`` is the share of crops drawn from
-    tile-class folders (default: in proportion to the number of images).
+    tile-class folders (default: in proportion to the number of images).  ``type_balance`` (0..1) weights
+    the type loss by inverse type frequency to that power (0: every annotated nucleus alike, 1: every type
+    alike), for rare types.
     """
 
     name: str
@@ -384,6 +397,7 @@ class FinetuneConfig:
     warmup_steps: int = 20
     patience: int = 3
     distill: float = 0.0
+    type_balance: float = 0.0
     seed: int = 0
     threads: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -417,6 +431,9 @@ class FinetuneConfig:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if not (math.isfinite(self.type_balance) and 0 <= self.type_balance <= 1):
+            raise ValueError(f"type_balance must be within 0..1 (0: no weighting, 1: every type alike), "
+                             f"got {self.type_balance}")
         if not (math.isfinite(self.distill) and self.distill >= 0):
             raise ValueError(f"distill must be >= 0, got {self.distill}")
 

@@ -111,10 +111,33 @@ def _train_mode(network: nn.Module) -> None:
             module.eval()
 
 
+def type_weights(samples: Sequence[SparseSample], model: ModelConfig, balance: float) -> torch.Tensor | None:
+    """Per-type loss weights ``(n / (K n_t)) ** balance`` from the typed pixels of ``samples`` (None for balance 0).
+
+    ``n_t`` counts the pixels labelled with type t, ``K`` the types that occur; a type that never occurs
+    gets weight 1 (it has no pixel to weigh).  Balance 1 makes every type weigh alike in the loss.
+    """
+    if balance == 0 or not model.has_types:
+        return None
+    counts = np.zeros(model.n_types, dtype=np.float64)
+    for s in samples:
+        t = s.targets.types
+        counts += np.bincount(t[t >= 0].ravel(), minlength=model.n_types)[: model.n_types]
+    present = counts > 0
+    if not present.any():
+        return None
+    weights = np.ones(model.n_types)
+    weights[present] = (counts[present].sum() / (present.sum() * counts[present])) ** balance
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 # -- scoring ---------------------------------------------------------------------------------------------
 def heldback_loss(network: nn.Module, samples: Sequence[SparseSample], model: ModelConfig, config: FinetuneConfig,
-                  device: torch.device) -> dict[str, float]:
-    """Masked loss terms on whole held-back images (no augmentation), averaged over images."""
+                  device: torch.device, weights: torch.Tensor | None = None) -> dict[str, float]:
+    """Masked loss terms on whole held-back images (no augmentation), averaged over images.
+
+    ``weights``: the type loss weights of the training run (see :func:`type_weights`).
+    """
     if not samples:
         return {}
     sums: dict[str, float] = {}
@@ -125,7 +148,7 @@ def heldback_loss(network: nn.Module, samples: Sequence[SparseSample], model: Mo
             targets = SparseTargets.from_layers([_centre_crop(a, VAL_TILE_MAX) for a in s.targets.layers()])
             out = forward_padded(network, image, model, device)
             batch = {k: torch.from_numpy(v).to(device) for k, v in stack_batch([image], [targets]).items()}
-            _, terms = total_loss(split_outputs(out, model), batch, model.nucleus_index, config.loss)
+            _, terms = total_loss(split_outputs(out, model), batch, model.nucleus_index, config.loss, weights)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
     return {k: v / len(samples) for k, v in sums.items()}
@@ -269,7 +292,8 @@ def _tile_accuracy(network: nn.Module, samples: Sequence[SparseSample], model: M
 
 def _scores(network: nn.Module, data: FinetuneData, model: ModelConfig, config: FinetuneConfig,
             device: torch.device, with_points: bool = True) -> dict[str, Any]:
-    val = {"loss": heldback_loss(network, (*data.val, *data.val_tiles), model, config, device)}
+    weights = type_weights(data.train, model, config.type_balance)
+    val = {"loss": heldback_loss(network, (*data.val, *data.val_tiles), model, config, device, weights)}
     items = _point_items(data.val)
     if with_points and items:
         val["points"] = point_scores(network, items, model, device, config.test.radius_um)
@@ -329,6 +353,9 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     use_amp, amp_dtype, scaler = amp_setup(device)
     sampler = SparseCropSampler(data, config)
+    weights = type_weights(data.train, model, config.type_balance)
+    if weights is not None:
+        log.info("type loss weights: %s", ", ".join(f"{n} {w:.2f}" for n, w in zip(model.type_names, weights.tolist())))
     scores_path = run / "scores.json"
     teacher = None
     if config.distill > 0:  # the base model, frozen, for "learning without forgetting"
@@ -380,7 +407,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 out = network(x)
             heads = split_outputs(out.float(), model)
-            loss, terms = total_loss(heads, batch, model.nucleus_index, config.loss)
+            loss, terms = total_loss(heads, batch, model.nucleus_index, config.loss, weights)
             if teacher is not None:
                 with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     t_out = teacher(x)
@@ -458,6 +485,8 @@ def _finish(config: FinetuneConfig, run: Path, best_dir: Path, device: torch.dev
         },
         "steps": state["step"], "epochs": state["epoch"], "best_epoch": state["best_epoch"],
         "crop": config.crop, "batch_size": config.batch_size, "lr": config.lr,
+        "type_weights": (None if (w := type_weights(data.train, model, config.type_balance)) is None
+                         else dict(zip(model.type_names, w.tolist()))),
         "train_minutes": round(state["train_seconds"] / 60, 1),
         "hardware": {"device": str(device), "threads": config.threads,
                      "cpu": platform.processor() or platform.machine(), "torch": str(torch.__version__)},
@@ -555,6 +584,9 @@ def model_card(model: ModelConfig, config: FinetuneConfig, record: dict[str, Any
         f"| trained layers | {config.trainable}"
         + (f"; outputs kept close to the base model where nothing is annotated (distill {config.distill})"
            if config.distill else "") + " |",
+        *([f"| type loss weights | "
+           + ", ".join(f"{n} {v:.2f}" for n, v in record["type_weights"].items())
+           + f" (inverse frequency to the power {config.type_balance}) |"] if record.get("type_weights") else []),
         "| post-processing | the base model's thresholds (`model.yaml`, `postprocess:`) |",
         "",
         "## Data",

@@ -23,6 +23,7 @@ probability over its non-nucleus pixels).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -45,9 +46,9 @@ from histopan import __version__
 from histopan.config import to_dict
 from histopan.errors import ConfigError, DataError
 from histopan.metrics import PQStats, aji, binary_pq
-from histopan.model.checkpoint import save_model
+from histopan.model.checkpoint import load_model, save_model
 from histopan.model.config import ModelConfig
-from histopan.model.network import INPUT_MULTIPLE, build_network, normalize_input, split_outputs
+from histopan.model.network import INPUT_MULTIPLE, build_network, grow_heads, normalize_input, split_outputs
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps, postprocess_tile
 from histopan.training.config import TrainConfig, write_train_config
 from histopan.training.data import CropSampler, Sample, TrainingData, load_training_data
@@ -360,6 +361,26 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         torch.use_deterministic_algorithms(deterministic_before)
 
 
+def initial_network(config: TrainConfig) -> nn.Module:
+    """The network for ``config.model`` started from the weights of the model ``config.init`` (a warm start).
+
+    Channels are matched by name (:func:`~histopan.model.network.grow_heads`): classes the init model lacks
+    start from a fresh initialisation, classes it has and ``config.model`` lacks are dropped.
+    """
+    init = load_model(config.init)
+    if init.config.architecture != config.model.architecture:
+        raise ConfigError(
+            "init model has a different architecture from the config's model",
+            path=init.path, value={"init": to_dict(init.config.architecture), "model": to_dict(config.model.architecture)},
+            fix="set model.architecture to the init model's architecture, or drop 'init' to train from scratch",
+        )
+    same = (init.config.class_names == config.model.class_names
+            and init.config.type_names == config.model.type_names)
+    network = copy.deepcopy(init.network) if same else grow_heads(init.network, init.config, config.model)
+    log.info("starting from the weights of %s", init.path)
+    return network
+
+
 def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, device: torch.device, resume: bool,
            progress: bool, data: TrainingData | None, stop_after: int | None,
            command: str | None) -> TrainResult | None:
@@ -371,7 +392,7 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
                           fix="hold out a few whole images (several organs / sets) for validation")
     sampler = CropSampler(data, config)
     model = config.model
-    network = build_network(model).to(device)
+    network = (initial_network(config) if config.init is not None and not resume else build_network(model)).to(device)
     if device.type == "cuda":
         network = network.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -462,6 +483,7 @@ def _finish(config: TrainConfig, run: Path, best_dir: Path, device: torch.device
             "train_images": len(data.train_nuclei), "train_tiles": len(data.train_tiles),
             "val_images": len(data.val_nuclei), "val_tiles": len(data.val_tiles),
         },
+        "init": None if config.init is None else str(config.init),
         "steps": state["step"], "epochs": state["epoch"], "best_epoch": state["best_epoch"],
         "crop": config.crop, "batch_size": config.batch_size,
         "train_minutes": round(state["train_seconds"] / 60, 1),

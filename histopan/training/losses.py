@@ -85,13 +85,21 @@ def masked_soft_dice(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return 1.0 - (2.0 * inter + eps) / (p.sum() + t.sum() + eps)
 
 
-def masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of (N, K, H, W) logits over pixels whose (N, H, W) target index is >= 0; 0 if none."""
+def masked_ce(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of (N, K, H, W) logits over pixels whose (N, H, W) target index is >= 0; 0 if none.
+
+    With ``class_weights`` (K,) each pixel counts with its target's weight (a weighted mean, as in
+    :func:`torch.nn.functional.cross_entropy`).
+    """
     labelled = target >= 0
     if not bool(labelled.any()):
         return logits.sum() * 0.0
-    per_pixel = F.cross_entropy(logits.float(), target.clamp(min=0).long(), reduction="none")
-    return (per_pixel * labelled).sum() / labelled.sum()
+    index = target.clamp(min=0).long()
+    per_pixel = F.cross_entropy(logits.float(), index, reduction="none")
+    weight = labelled.float()
+    if class_weights is not None:
+        weight = weight * class_weights.to(per_pixel.device, torch.float32)[index]
+    return (per_pixel * weight).sum() / weight.sum().clamp(min=1e-12)
 
 
 def distill_loss(student: dict[str, torch.Tensor | None], teacher: dict[str, torch.Tensor | None],
@@ -143,7 +151,7 @@ def distill_loss(student: dict[str, torch.Tensor | None], teacher: dict[str, tor
 
 
 def total_loss(heads: dict[str, torch.Tensor | None], batch: dict[str, torch.Tensor], nucleus_index: int,
-               weights: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+               weights: LossConfig, type_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the masked losses of one batch, and the value of each term (floats, for logging).
 
     ``heads`` are the logits of :func:`histopan.model.network.split_outputs`; ``batch`` holds
@@ -151,7 +159,7 @@ def total_loss(heads: dict[str, torch.Tensor | None], batch: dict[str, torch.Ten
     ``nucleus_valid`` (N, H, W) bool; optionally ``centre_valid`` and ``boundary_valid`` (N, H, W) bool,
     where those maps are known when that differs from ``nucleus_valid`` (sparse labels: a point gives a
     centre but no boundary), and ``types`` (N, H, W) int nucleus-type index, -1 where unknown (trains the
-    type head, weighted by ``weights.type``).
+    type head, weighted by ``weights.type``; ``type_weights`` (K,) weights its pixels by type).
     """
     semantic = heads["semantic"]
     valid = batch["nucleus_valid"]
@@ -168,7 +176,7 @@ def total_loss(heads: dict[str, torch.Tensor | None], batch: dict[str, torch.Ten
     terms = {"ce": float(ce.detach()), "stuff": float(stuff.detach()), "dice": float(dice.detach()),
              "centre": float(centre.detach()), "boundary": float(boundary.detach())}
     if heads.get("types") is not None and "types" in batch:
-        type_ce = masked_ce(heads["types"], batch["types"])
+        type_ce = masked_ce(heads["types"], batch["types"], type_weights)
         loss = loss + weights.type * type_ce
         terms["type"] = float(type_ce.detach())
     terms["loss"] = float(loss.detach())
