@@ -303,13 +303,13 @@ def _worker_model(ref: Any) -> Any:
         return _MODELS[key]
 
 
-def _worker_inferencer(ref: Any, device: str | None, batch_size: int) -> Any:
+def _worker_inferencer(ref: Any, device: str | None, batch_size: int, tta: bool = False) -> Any:
     from histopan.inference import TileInferencer
 
-    key = (str(ref.path), ref.weights_sha256, device, batch_size)
+    key = (str(ref.path), ref.weights_sha256, device, batch_size, tta)
     with _CACHE_LOCK:
         if key not in _INFERENCERS:
-            _INFERENCERS[key] = TileInferencer(_worker_model(ref), device=device, batch_size=batch_size)
+            _INFERENCERS[key] = TileInferencer(_worker_model(ref), device=device, batch_size=batch_size, tta=tta)
         return _INFERENCERS[key]
 
 
@@ -361,12 +361,12 @@ def _read_task(plan: RunPlan, batch: np.ndarray) -> tuple[np.ndarray, float]:
     return windows, time.perf_counter() - t
 
 
-def _infer_task(plan: RunPlan, read: tuple[np.ndarray, float], device: str | None, batch_size: int
-                ) -> tuple[list[Any], float, float]:
+def _infer_task(plan: RunPlan, read: tuple[np.ndarray, float], device: str | None, batch_size: int,
+                tta: bool = False) -> tuple[list[Any], float, float]:
     import torch
 
     windows, t_read = read
-    inferencer = _worker_inferencer(plan.model, device, batch_size)
+    inferencer = _worker_inferencer(plan.model, device, batch_size, tta)
     t = time.perf_counter()
     maps = inferencer.predict(windows)
     if inferencer.device.type == "cuda":
@@ -524,7 +524,7 @@ class _Runner:
             batch = s.queue.popleft()
             read = self._submit(_read_task, s.view, batch, kind="read", slide=s, resources=self.cpu_resources,
                                 priority=1, track=False)
-            maps = self._submit(_infer_task, s.view, read, seg.device, seg.batch_size, kind="infer", slide=s,
+            maps = self._submit(_infer_task, s.view, read, seg.device, seg.batch_size, seg.tta, kind="infer", slide=s,
                                 resources=self.gpu_resources, priority=2, track=False)
             post = self._submit(_post_task, s.view, maps, batch, kind="post", slide=s,
                                 resources=self.cpu_resources, priority=3)

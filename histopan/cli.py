@@ -214,6 +214,8 @@ def _segment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device: cuda, cuda:1, cpu (default: cuda if present)")
     parser.add_argument("--tile", type=_positive_int, default=None, help="tile core size in pixels at the model's mpp")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per network batch")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the network over 8 flips / rotations (8x inference)")
     parser.add_argument("--workers", type=_positive_int, default=2, help="threads for reading and post-processing")
     parser.add_argument("--min-tissue", type=float, default=0.01,
                         help="skip tiles with less tissue than this fraction (0 = process every tile)")
@@ -231,7 +233,7 @@ def _segment_run(args: argparse.Namespace) -> int:
 
     options = SegmentOptions(model=args.model, mpp=args.mpp, device=args.device, tile=args.tile,
                              batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite,
-                             min_tissue=args.min_tissue)
+                             min_tissue=args.min_tissue, tta=args.tta)
     bar = None
 
     def progress(event: str, data: dict) -> None:
@@ -363,6 +365,8 @@ def _batch_args(parser: argparse.ArgumentParser) -> None:
                         help="torch device on the inference workers (default: cuda if present)")
     parser.add_argument("--tile", type=_positive_int, default=None, help="tile core size in pixels at the model's mpp")
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per network batch (one task chain)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: average the network over 8 flips / rotations (8x inference)")
     parser.add_argument("--min-tissue", type=float, default=0.01,
                         help="skip tiles with less tissue than this fraction (0 = process every tile)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing stores (complete ones included)")
@@ -386,7 +390,7 @@ def _batch_run(args: argparse.Namespace) -> int:
     jobs = find_slides(args.slides, outdir)
     options = BatchOptions(
         segment=SegmentOptions(model=args.model, device=args.device, tile=args.tile, batch_size=args.batch_size,
-                               overwrite=args.overwrite, min_tissue=args.min_tissue),
+                               overwrite=args.overwrite, min_tissue=args.min_tissue, tta=args.tta),
         scheduler=args.scheduler, workers=args.workers, gpus=args.gpus, threads_per_worker=args.threads_per_worker,
         dashboard_address=args.dashboard_address)
     outdir.mkdir(exist_ok=True)

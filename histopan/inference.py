@@ -4,6 +4,11 @@
 CPU; on CUDA it uses mixed precision (float16 autocast) and the channels_last memory format.  Tiles are
 normalised as the model's config says, padded by reflection to multiples of 32 and cropped back, so any
 tile of at least :data:`MIN_TILE_PX` pixels per side works.  Probabilities are computed in float32.
+
+With ``tta=True`` (test-time augmentation) every batch also goes through the network flipped and rotated:
+the eight symmetries of the square, each output mapped back and the logits averaged.  For tiles whose sides
+are multiples of 32 (no padding; the pipeline's tile + halo windows are) the maps are then equivariant
+under flips and 90-degree rotations of the input.  Inference costs eight times as much.
 """
 
 from __future__ import annotations
@@ -66,11 +71,12 @@ class TileInferencer:
     """Runs a loaded model on tiles.  The model's network is moved to ``device`` (in place).
 
     ``batch_size`` tiles go through the network at once; ``amp`` (default: on for CUDA) enables float16
-    autocast; ``channels_last`` (default: on for CUDA) sets the memory format.
+    autocast; ``channels_last`` (default: on for CUDA) sets the memory format; ``tta`` averages the logits
+    over the eight flips / 90-degree rotations of each tile (see the module docstring).
     """
 
     def __init__(self, model: LoadedModel, *, device: str | torch.device | None = None, batch_size: int = 8,
-                 amp: bool | None = None, channels_last: bool | None = None) -> None:
+                 amp: bool | None = None, channels_last: bool | None = None, tta: bool = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError("batch_size must be a positive integer", value=batch_size, fix="use e.g. 8")
         self.model = model
@@ -80,6 +86,9 @@ class TileInferencer:
         self.amp = on_cuda if amp is None else bool(amp) and on_cuda
         self.channels_last = on_cuda if channels_last is None else bool(channels_last)
         self.batch_size = batch_size
+        if not isinstance(tta, bool):
+            raise ConfigError("tta must be True or False", value=tta, fix="pass tta=True for test-time augmentation")
+        self.tta = tta
         network = model.network.to(self.device).eval()
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
@@ -98,7 +107,7 @@ class TileInferencer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
-            out = self.network(x)
+            out = self._tta_forward(x) if self.tta else self.network(x)
         probs = to_probabilities(out[:, :, :h, :w], self.config)
         arrays = {k: (v.float().cpu().numpy() if v is not None else None) for k, v in probs.items()}
         return [
@@ -110,6 +119,20 @@ class TileInferencer:
             )
             for i in range(n)
         ]
+
+    def _tta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean float32 logits over the eight symmetries of the square (each output transformed back)."""
+        total = None
+        for flip in (False, True):
+            xf = torch.flip(x, dims=(3,)) if flip else x
+            for k in range(4):
+                xr = torch.rot90(xf, k, dims=(2, 3))
+                xr = xr.contiguous(memory_format=torch.channels_last) if self.channels_last else xr.contiguous()
+                out = torch.rot90(self.network(xr).float(), -k, dims=(2, 3))
+                if flip:
+                    out = torch.flip(out, dims=(3,))
+                total = out if total is None else total + out
+        return total / 8
 
     def predict(self, tiles: np.ndarray) -> list[ProbabilityMaps]:
         """Probability maps for a stack of equally sized tiles, (N, H, W, 3) or one (H, W, 3) uint8."""
@@ -171,6 +194,6 @@ def _starts(size: int, core: int) -> list[int]:
 
 
 def predict_maps(model: LoadedModel, tiles: np.ndarray, *, device: str | torch.device | None = None,
-                 batch_size: int = 8, amp: bool | None = None) -> list[ProbabilityMaps]:
+                 batch_size: int = 8, amp: bool | None = None, tta: bool = False) -> list[ProbabilityMaps]:
     """One-shot convenience: :meth:`TileInferencer.predict` with a fresh inferencer."""
-    return TileInferencer(model, device=device, batch_size=batch_size, amp=amp).predict(tiles)
+    return TileInferencer(model, device=device, batch_size=batch_size, amp=amp, tta=tta).predict(tiles)

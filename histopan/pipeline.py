@@ -65,6 +65,7 @@ class SegmentOptions:
     overwrite: bool = False
     min_tissue: float = 0.01  # minimum tissue fraction of a tile's core (0 = every tile)
     origin: tuple[int, int] = (0, 0)  # grid origin (for seam tests); chunks always start at 0
+    tta: bool = False  # test-time augmentation: logits averaged over 8 flips / rotations (8x inference)
 
     def __post_init__(self) -> None:
         if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp)
@@ -79,6 +80,8 @@ class SegmentOptions:
         if self.tile is not None and (self.tile < 64 or self.tile % 32):
             raise ConfigError("--tile must be a multiple of 32 and at least 64", value=self.tile,
                               fix="pass e.g. --tile 512")
+        if not isinstance(self.tta, bool):
+            raise ConfigError("tta must be true or false", value=self.tta, fix="pass --tta to switch it on")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError("the minimum tissue fraction must be in [0, 1]", value=self.min_tissue,
                               fix="use e.g. 0.01")
@@ -262,7 +265,7 @@ def plan_run(slide: str | PathLike[str], out: str | PathLike[str], options: Segm
 
         run_key = {"slide": reader.identity, "model": model.weights_sha256, "mpp": work_mpp, "tile": tile_size,
                    "halo": halo, "origin": list(grid.origin), "min_tissue": options.min_tissue,
-                   "postprocess": to_dict(cfg.postprocess), "histopan": __version__}
+                   "postprocess": to_dict(cfg.postprocess), "tta": options.tta, "histopan": __version__}
         store = open_for_run(out, run_key, options.overwrite)
         if store is None:
             image_mpp = max(work_mpp * IMAGE_MPP_FACTOR, MIN_IMAGE_MPP)
@@ -360,7 +363,7 @@ def segment_slide(slide: str | PathLike[str], out: str | PathLike[str], options:
     if resumed:
         log.info("resuming: %d of %d tissue tiles already done", resumed, len(selected))
     emit("tiles_done", {"done": resumed, "nuclei": 0})
-    inferencer = TileInferencer(plan.model, device=options.device, batch_size=options.batch_size)
+    inferencer = TileInferencer(plan.model, device=options.device, batch_size=options.batch_size, tta=options.tta)
     n_nuclei_pass1 = 0
     with open_slide(plan.slide, mpp=plan.slide_mpp) as reader, \
             ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="histopan-post") as post_pool, \

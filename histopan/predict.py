@@ -110,12 +110,13 @@ def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
 
 
 def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | LoadedModel = "default",
-                 device: str | torch.device | None = None) -> TileResult:
+                 device: str | torch.device | None = None, tta: bool = False) -> TileResult:
     """Panoptic labels of one RGB uint8 image whose pixels are ``mpp`` microns wide.
 
     ``model`` is a model name, a model folder or a :class:`~histopan.model.checkpoint.LoadedModel`
     (names and folders are loaded once and cached); ``device`` as in
-    :func:`~histopan.inference.resolve_device` (default: CUDA when available).  The image must cover at
+    :func:`~histopan.inference.resolve_device` (default: CUDA when available); ``tta`` averages the network
+    over flips and 90-degree rotations (eight times the inference time).  The image must cover at
     least 32 px at the model's resolution and at most 4096 px per side (use the slide pipeline for more).
     Labels are mapped back by sampling the model-grid labels at the input pixel centres, so ``semantic`` and
     ``instances`` agree; a nucleus that no input pixel centre falls on (possible when the input is coarser
@@ -150,7 +151,7 @@ def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | Loa
     else:
         work, h, w = rgb, in_h, in_w
 
-    maps = TileInferencer(loaded, device=device).predict_image(work)
+    maps = TileInferencer(loaded, device=device, tta=tta).predict_image(work)
     labels = postprocess_tile(maps, cfg.mpp, cfg.postprocess, cfg.classes)
 
     if resampled:

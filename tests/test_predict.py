@@ -219,3 +219,32 @@ def test_bad_tiles_and_batch_size(model_dir):
         predict_maps(model, np.zeros((1, 64, 64, 3), np.float64))
     with pytest.raises(ConfigError, match="batch_size"):
         TileInferencer(model, batch_size=0)
+
+
+def test_tta_maps_are_equivariant_and_average_the_eight_views(tile, typed_model_dir):
+    model = load_model(typed_model_dir)
+    square = tile[:96, :96]  # a multiple of 32: no padding
+    tta = TileInferencer(model, tta=True)
+    plain = TileInferencer(model)
+    a = tta.predict(square)[0]
+    # a rotated / flipped input gives the rotated / flipped maps (untrained networks are not symmetric)
+    for view in (lambda m: np.rot90(m, 1, axes=(-2, -1)), lambda m: m[..., ::-1], lambda m: m[..., ::-1, :]):
+        b = tta.predict(np.ascontiguousarray(view(square.transpose(2, 0, 1)).transpose(1, 2, 0)))[0]
+        for name in ("semantic", "centre", "boundary", "types"):
+            np.testing.assert_allclose(getattr(b, name), view(getattr(a, name)), atol=2e-5)
+        p = plain.predict(np.ascontiguousarray(view(square.transpose(2, 0, 1)).transpose(1, 2, 0)))[0]
+        assert not np.allclose(p.centre, view(plain.predict(square)[0].centre), atol=1e-3)
+    # the TTA logits are the mean of the eight views' logits: check the centre map's
+    views = []
+    for flip in (False, True):
+        img = square[:, ::-1] if flip else square
+        for k in range(4):
+            m = plain.predict(np.ascontiguousarray(np.rot90(img, k)))[0]
+            logit = np.log(m.centre) - np.log1p(-m.centre)
+            logit = np.rot90(logit, -k)
+            views.append(logit[:, ::-1] if flip else logit)
+    np.testing.assert_allclose(a.centre, 1 / (1 + np.exp(-np.mean(views, axis=0))), atol=1e-4)
+    result = predict_tile(tile, MPP, model=typed_model_dir, tta=True)
+    check_result(result, tile.shape[:2], MPP)
+    with pytest.raises(ConfigError, match="tta"):
+        TileInferencer(model, tta="yes")
