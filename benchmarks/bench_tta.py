@@ -1,0 +1,131 @@
+"""Benchmark of test-time augmentation (`--tta`): what it costs and what it buys.  Writes JSON (default
+benchmarks/results/tta.json).
+
+    python benchmarks/bench_tta.py [--model default] [--config models/default/train.yaml] [--threads 2]
+
+Measurements, side by side in one run:
+- `histopan segment` on the CMU slide without and with `--tta`, alternating (plain, tta, plain, tta), each
+  in its own process: wall time, megapixels per second, nuclei; the TTA / plain wall-time ratio;
+- nucleus PQ / SQ / RQ on the validation split of a training config (its `val` images, scored at each
+  image's own resolution as in training), with the model's own thresholds, from plain maps and from TTA maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HISTOPAN_SHARED", REPO.parent / "shared"))
+
+
+def child_segment(slide: str, out: str, model: str, threads: str, tta: str) -> None:
+    """Runs in a child process: one segment run; prints its summary as JSON."""
+    import torch
+
+    from histopan.pipeline import SegmentOptions, segment_slide
+
+    torch.set_num_threads(int(threads))
+    t = time.perf_counter()
+    result = segment_slide(slide, out, SegmentOptions(model=model, overwrite=True, tta=tta == "1"))
+    summary = result.to_json()
+    summary["wall_s"] = time.perf_counter() - t
+    print(json.dumps(summary))
+
+
+def run_child(slide: Path, out: Path, model: str, threads: int, tta: bool) -> dict:
+    cmd = [sys.executable, __file__, "_segment", str(slide), str(out), model, str(threads), "1" if tta else "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def validation_pq(model_name: str, config_path: Path, threads: int) -> dict:
+    """PQ of the model on the config's validation images, plain and with TTA, with the model's thresholds."""
+    import torch
+    import torch.nn.functional as F
+
+    from histopan.inference import TileInferencer
+    from histopan.metrics import PQStats, binary_pq
+    from histopan.model.checkpoint import load_model
+    from histopan.postprocess import ProbabilityMaps, postprocess_tile
+    from histopan.training.config import read_train_config
+    from histopan.training.data import load_nucleus_set
+
+    torch.set_num_threads(threads)
+    model = load_model(model_name)
+    cfg = model.config
+    config = read_train_config(config_path)
+    samples = [s for nset in config.nuclei for s in load_nucleus_set(nset, cfg.mpp, config.crop)[1]]
+    out: dict = {"images": len(samples), "config": str(config_path)}
+    for tta in (False, True):
+        inferencer = TileInferencer(model, device="cpu", tta=tta)
+        total, per_set, t = PQStats(), {}, time.perf_counter()
+        for s in samples:
+            maps = inferencer.predict_image(s.image)
+            # resize to the image's own resolution, as training's validation does
+            arrays = {k: torch.from_numpy(getattr(maps, k)[None] if getattr(maps, k).ndim == 3
+                                          else getattr(maps, k)[None, None]) for k in ("semantic", "centre",
+                                                                                        "boundary")}
+            size = tuple(s.native_shape)
+            up = {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False)[0].numpy()
+                  for k, v in arrays.items()}
+            native = ProbabilityMaps(up["semantic"], up["centre"][0], up["boundary"][0])
+            inst = postprocess_tile(native, s.source_mpp, cfg.postprocess, cfg.classes).instances
+            stats = binary_pq(s.native_labels, inst)
+            total = total + stats
+            per_set[s.dataset] = per_set.get(s.dataset, PQStats()) + stats
+        out["tta" if tta else "plain"] = {"pq": total.pq, "sq": total.sq, "rq": total.rq, "tp": total.tp,
+                                          "fp": total.fp, "fn": total.fn, "seconds": time.perf_counter() - t,
+                                          "pq_by_set": {k: v.pq for k, v in per_set.items()}}
+    out["pq_gain"] = out["tta"]["pq"] - out["plain"]["pq"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--config", type=Path, default=REPO / "models" / "default" / "train.yaml",
+                        help="training config whose validation split is scored")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "histopan-bench")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tta.json")
+    args = parser.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                                 "cuda": torch.cuda.is_available(), "threads": args.threads,
+                                 "load_start": list(os.getloadavg())}, "model": args.model}
+    slide = SHARED / "slides" / "cmu_small_region.svs"
+    runs: dict[str, list] = {"plain": [], "tta": []}
+    for tta in (False, True, False, True):
+        key = "tta" if tta else "plain"
+        summary = run_child(slide, args.cache / f"tta_{key}.zarr", args.model, args.threads, tta)
+        runs[key].append({k: summary[k] for k in ("wall_s", "megapixels_per_second", "n_nuclei", "n_tissue_tiles")})
+        print(f"{key}: {summary['wall_s']:.1f} s, {summary['n_nuclei']} nuclei", file=sys.stderr)
+    best = {k: min(r["wall_s"] for r in v) for k, v in runs.items()}
+    results["segment_cmu"] = {"runs": runs, "best_wall_s": best, "tta_over_plain": best["tta"] / best["plain"]}
+    results["validation"] = validation_pq(args.model, args.config, args.threads)
+    print(f"TTA/plain wall time {results['segment_cmu']['tta_over_plain']:.2f}; validation PQ "
+          f"{results['validation']['plain']['pq']:.4f} -> {results['validation']['tta']['pq']:.4f}", file=sys.stderr)
+    results["machine"]["load_end"] = list(os.getloadavg())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_segment":
+        child_segment(*sys.argv[2:])
+    else:
+        main()
