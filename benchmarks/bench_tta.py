@@ -54,11 +54,11 @@ def validation_pq(model_name: str, config_path: Path, threads: int) -> dict:
     import torch.nn.functional as F
 
     from histopan.inference import TileInferencer
-    from histopan.metrics import PQStats, binary_pq
     from histopan.model.checkpoint import load_model
-    from histopan.postprocess import ProbabilityMaps, postprocess_tile
+    from histopan.postprocess import ProbabilityMaps
     from histopan.training.config import read_train_config
     from histopan.training.data import load_nucleus_set
+    from histopan.training.loop import ValidationMaps, score_maps
 
     torch.set_num_threads(threads)
     model = load_model(model_name)
@@ -66,26 +66,22 @@ def validation_pq(model_name: str, config_path: Path, threads: int) -> dict:
     config = read_train_config(config_path)
     samples = [s for nset in config.nuclei for s in load_nucleus_set(nset, cfg.mpp, config.crop)[1]]
     out: dict = {"images": len(samples), "config": str(config_path)}
+
+    def native(maps: ProbabilityMaps, size: tuple[int, int]) -> ProbabilityMaps:
+        """The maps resized (bilinear) to the image's own resolution, as training's validation does."""
+        def up(a):
+            t = torch.from_numpy(a if a.ndim == 3 else a[None])[None]
+            return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
+        return ProbabilityMaps(up(maps.semantic), up(maps.centre)[0], up(maps.boundary)[0])
+
     for tta in (False, True):
         inferencer = TileInferencer(model, device="cpu", tta=tta)
-        total, per_set, t = PQStats(), {}, time.perf_counter()
-        for s in samples:
-            maps = inferencer.predict_image(s.image)
-            # resize to the image's own resolution, as training's validation does
-            arrays = {k: torch.from_numpy(getattr(maps, k)[None] if getattr(maps, k).ndim == 3
-                                          else getattr(maps, k)[None, None]) for k in ("semantic", "centre",
-                                                                                        "boundary")}
-            size = tuple(s.native_shape)
-            up = {k: F.interpolate(v, size=size, mode="bilinear", align_corners=False)[0].numpy()
-                  for k, v in arrays.items()}
-            native = ProbabilityMaps(up["semantic"], up["centre"][0], up["boundary"][0])
-            inst = postprocess_tile(native, s.source_mpp, cfg.postprocess, cfg.classes).instances
-            stats = binary_pq(s.native_labels, inst)
-            total = total + stats
-            per_set[s.dataset] = per_set.get(s.dataset, PQStats()) + stats
-        out["tta" if tta else "plain"] = {"pq": total.pq, "sq": total.sq, "rq": total.rq, "tp": total.tp,
-                                          "fp": total.fp, "fn": total.fn, "seconds": time.perf_counter() - t,
-                                          "pq_by_set": {k: v.pq for k, v in per_set.items()}}
+        t = time.perf_counter()
+        maps = ValidationMaps(tuple((s, native(inferencer.predict_image(s.image), tuple(s.native_shape)))
+                                    for s in samples), ())
+        scores = score_maps(maps, cfg, cfg.postprocess, with_aji=False)
+        scores["seconds"] = time.perf_counter() - t
+        out["tta" if tta else "plain"] = scores
     out["pq_gain"] = out["tta"]["pq"] - out["plain"]["pq"]
     return out
 

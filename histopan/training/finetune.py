@@ -291,8 +291,7 @@ def _tile_accuracy(network: nn.Module, samples: Sequence[SparseSample], model: M
 
 
 def _scores(network: nn.Module, data: FinetuneData, model: ModelConfig, config: FinetuneConfig,
-            device: torch.device, with_points: bool = True) -> dict[str, Any]:
-    weights = type_weights(data.train, model, config.type_balance)
+            device: torch.device, weights: torch.Tensor | None, with_points: bool = True) -> dict[str, Any]:
     val = {"loss": heldback_loss(network, (*data.val, *data.val_tiles), model, config, device, weights)}
     items = _point_items(data.val)
     if with_points and items:
@@ -371,7 +370,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
     else:
         log.info("scoring the base model %r before fine-tuning", base.name)
         base_net = base.network.to(device)
-        before = {"val": _scores(network, data, model, config, device, with_points=False),
+        before = {"val": _scores(network, data, model, config, device, weights, with_points=False),
                   "test": evaluate_tests(base_net, base.config, tests, model, device, config.test.radius_um)}
         items = _point_items(data.val)
         if items:
@@ -429,7 +428,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
                 break
         bar.close()
         state["train_seconds"] += time.time() - t0
-        val = _scores(network, data, model, config, device)
+        val = _scores(network, data, model, config, device, weights)
         state["epoch"] = epoch + 1
         vloss = float(val["loss"]["loss"])
         record = append_record(state["history"], run / "metrics.jsonl", {
@@ -453,17 +452,18 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
         epochs_this_call += 1
         if stop_after is not None and epochs_this_call >= stop_after and not state["done"]:
             return None
-    return _finish(config, run, best_dir, device, base, network, model, data, tests, state, before, command)
+    return _finish(config, run, best_dir, device, base, network, model, data, tests, state, before, command,
+                   weights)
 
 
 def _finish(config: FinetuneConfig, run: Path, best_dir: Path, device: torch.device, base: LoadedModel,
             network: nn.Module, model: ModelConfig, data: FinetuneData, tests: HeldOutData, state: dict[str, Any],
-            before: dict[str, Any], command: str | None) -> FinetuneResult:
+            before: dict[str, Any], command: str | None, weights: torch.Tensor | None) -> FinetuneResult:
     network.load_state_dict(load_file(str(best_dir / WEIGHTS), device=str(device)))
     for p in network.parameters():
         p.requires_grad_(True)
     network.eval()
-    after = {"val": _scores(network, data, model, config, device),
+    after = {"val": _scores(network, data, model, config, device, weights),
              "test": evaluate_tests(network, model, tests, model, device, config.test.radius_um)}
     (run / "scores.json").write_text(json.dumps(_jsonable({"before": before, "after": after}), indent=1),
                                      encoding="utf-8")
@@ -485,8 +485,7 @@ def _finish(config: FinetuneConfig, run: Path, best_dir: Path, device: torch.dev
         },
         "steps": state["step"], "epochs": state["epoch"], "best_epoch": state["best_epoch"],
         "crop": config.crop, "batch_size": config.batch_size, "lr": config.lr,
-        "type_weights": (None if (w := type_weights(data.train, model, config.type_balance)) is None
-                         else dict(zip(model.type_names, w.tolist()))),
+        "type_weights": None if weights is None else dict(zip(model.type_names, weights.tolist())),
         "train_minutes": round(state["train_seconds"] / 60, 1),
         "hardware": {"device": str(device), "threads": config.threads,
                      "cpu": platform.processor() or platform.machine(), "torch": str(torch.__version__)},
