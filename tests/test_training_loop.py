@@ -15,7 +15,7 @@ from histopan.cli import main
 from histopan.config import from_dict
 from histopan.errors import ConfigError
 from histopan.model.checkpoint import load_model
-from histopan.training.config import TrainConfig
+from histopan.training.config import TrainConfig, read_train_config
 from histopan.training.data import load_training_data
 from histopan.training.loop import learning_rate, train
 
@@ -163,3 +163,38 @@ def test_histopan_train_on_real_monuseg_tiles_writes_a_loadable_model(tmp_path, 
     assert 0.0 <= record["validation"]["pq"] <= 1.0
     # a second run into the same folder without --resume is refused with exit code 2
     assert main(["train", str(cfg_path), "--out", str(out), "--no-progress"]) == 2
+
+
+def test_extends_starts_from_another_config_with_paths_relative_to_each_file(tmp_path):
+    base_dir, child_dir = tmp_path / "base", tmp_path / "child"
+    base_dir.mkdir()
+    child_dir.mkdir()
+    _synthetic_set(tmp_path / "set")
+    base = {"model": {"name": "tiny", "architecture": TINY_ARCH, "mpp": 0.5},
+            "nuclei": [{"path": "../set", "val": ["s2"]}], "epochs": 3, "lr": 0.01, "tile_fraction": 0.0}
+    (base_dir / "train.yaml").write_text(yaml.safe_dump(base))
+    (child_dir / "longer.yaml").write_text(yaml.safe_dump(
+        {"extends": "../base/train.yaml", "epochs": 9, "init": "../runs/first/model"}))
+    cfg = read_train_config(child_dir / "longer.yaml")
+    assert cfg.epochs == 9 and cfg.lr == 0.01 and cfg.model.name == "tiny"
+    assert Path(cfg.nuclei[0].path) == (tmp_path / "set").resolve()          # relative to base/train.yaml
+    assert Path(cfg.init) == (tmp_path / "runs" / "first" / "model").resolve()  # relative to child/longer.yaml
+
+    (base_dir / "train.yaml").write_text(yaml.safe_dump({**base, "extends": "../child/longer.yaml"}))
+    with pytest.raises(ConfigError, match="loop"):
+        read_train_config(child_dir / "longer.yaml")
+    (child_dir / "bad.yaml").write_text(yaml.safe_dump({"extends": 3}))
+    with pytest.raises(ConfigError, match="extends"):
+        read_train_config(child_dir / "bad.yaml")
+    (child_dir / "missing.yaml").write_text(yaml.safe_dump({"extends": "nope.yaml"}))
+    with pytest.raises(ConfigError, match="not found"):
+        read_train_config(child_dir / "missing.yaml")
+
+
+def test_shipped_default_training_configs_read():
+    repo_root = Path(__file__).resolve().parents[1]
+    stage1 = read_train_config(repo_root / "models" / "default" / "train.yaml")
+    warm = read_train_config(repo_root / "models" / "default" / "train-warm.yaml")
+    assert warm.model == stage1.model and warm.tiles == stage1.tiles
+    assert (warm.epochs, warm.tile_fraction, warm.nuclei[0].weight) == (8, 0.3, 3.0)
+    assert warm.init is not None and Path(warm.init).parts[-3:] == ("runs", "default", "model")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from histopan.config import from_dict, load_yaml, save_yaml, to_dict
+from histopan.errors import ConfigError
 from histopan.model.config import ClassSpec, ModelConfig, NucleusTypeSpec
 
 __all__ = [
@@ -238,11 +239,10 @@ class TrainConfig:
         return self.epochs * self.steps_per_epoch
 
 
-def read_train_config(path: str | PathLike[str]) -> TrainConfig:
-    """Read and validate a training config; relative data paths are taken relative to the YAML's folder."""
-    p = Path(path)
-    data = load_yaml(p)
-    base = p.resolve().parent
+def _train_config_data(path: Path, chain: tuple[Path, ...]) -> dict:
+    """The mapping of one training YAML with its paths made absolute, merged over the config it ``extends``."""
+    data = load_yaml(path)
+    base = path.parent
     for key in ("nuclei", "tiles"):
         items = data.get(key)
         if isinstance(items, list):
@@ -252,8 +252,29 @@ def read_train_config(path: str | PathLike[str]) -> TrainConfig:
     init = data.get("init")
     if isinstance(init, str) and ("/" in init or init.startswith(".")):
         data["init"] = str((base / Path(init).expanduser()).resolve())
-    config = from_dict(TrainConfig, data, source=p)
-    return config
+    if "extends" not in data:
+        return data
+    parent = data.pop("extends")
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError("'extends' must name another training config", path=path, value=parent,
+                          fix="write e.g. 'extends: train.yaml' (relative to this file)")
+    parent_path = (base / Path(parent).expanduser()).resolve()
+    if parent_path in chain:
+        raise ConfigError("training configs extend each other in a loop", path=path, value=parent,
+                          fix="make the chain of 'extends' end at a config without one")
+    merged = _train_config_data(parent_path, (*chain, parent_path))
+    merged.update(data)
+    return merged
+
+
+def read_train_config(path: str | PathLike[str]) -> TrainConfig:
+    """Read and validate a training config; relative data paths are taken relative to the YAML's folder.
+
+    ``extends: OTHER.yaml`` (relative to this file) starts from that config: each top-level key given here
+    replaces the other's whole value (a list such as ``nuclei`` is replaced, not merged).
+    """
+    p = Path(path).resolve()
+    return from_dict(TrainConfig, _train_config_data(p, (p,)), source=Path(path))
 
 
 def write_train_config(config: TrainConfig, path: str | PathLike[str]) -> None:
