@@ -198,3 +198,37 @@ def test_shipped_default_training_configs_read():
     assert warm.model == stage1.model and warm.tiles == stage1.tiles
     assert (warm.epochs, warm.tile_fraction, warm.nuclei[0].weight) == (8, 0.3, 3.0)
     assert warm.init is not None and Path(warm.init).parts[-3:] == ("runs", "default", "model")
+    stage3 = read_train_config(repo_root / "models" / "default" / "train-stage3.yaml")
+    assert stage3.model == stage1.model and stage3.nuclei == warm.nuclei
+    assert (stage3.epochs, stage3.tile_fraction, stage3.lr) == (4, 0.5, 0.0005)
+    assert stage3.init is not None and Path(stage3.init).parts[-3:] == ("runs", "default-warm", "model")
+
+
+def test_stuff_tile_scores_count_the_argmax_and_the_true_class_share():
+    """Two tiles of the default class list: one called right by a clear margin, one lost by a near-tie."""
+    from histopan.model.config import ModelConfig
+    from histopan.postprocess import PostprocessConfig, ProbabilityMaps
+    from histopan.training.data import Sample
+    from histopan.training.loop import ValidationMaps, score_maps
+
+    model = ModelConfig()
+    names = [c.name for c in model.classes]
+    stroma, necrosis, nucleus = names.index("stroma"), names.index("necrosis"), model.nucleus_index
+
+    def tile(probs: dict[int, float], true: int) -> tuple[Sample, ProbabilityMaps]:
+        semantic = np.zeros((len(names), 8, 8), np.float32)
+        for index, value in probs.items():
+            semantic[index] = value
+        semantic[nucleus, :2] = 1.0          # two rows of nucleus pixels: not counted for the tissue class
+        semantic[[i for i in range(len(names)) if i != nucleus], :2] = 0.0
+        zeros = np.zeros((8, 8), np.float32)
+        sample = Sample(name=f"t{true}", dataset="tiles", image=np.zeros((8, 8, 3), np.uint8), labels=None,
+                        stuff_class=true, source_mpp=0.5)
+        return sample, ProbabilityMaps(semantic, zeros, zeros)
+
+    maps = ValidationMaps((), (tile({stroma: 0.8, necrosis: 0.2}, stroma),
+                               tile({stroma: 0.49, necrosis: 0.51}, stroma)))
+    scores = score_maps(maps, model, PostprocessConfig())
+    assert scores["stuff_tiles"] == 2
+    assert scores["stuff_tile_accuracy"] == pytest.approx(0.5)
+    assert scores["stuff_tile_true_share"] == pytest.approx((0.8 + 0.49) / 2, abs=1e-6)
