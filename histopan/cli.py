@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from histopan import __version__
-from histopan.errors import HistopanError
+from histopan.errors import ConfigError, HistopanError
 
 log = logging.getLogger("histopan")
 
@@ -148,11 +148,18 @@ def _info_run(args: argparse.Namespace) -> int:
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="training config YAML (see models/default/train.yaml)")
-    parser.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, curves.png, model/)")
+    parser.add_argument("--out", default=None,
+                        help="run folder (checkpoints, metrics.jsonl, curves.png, model/); required unless --pack-data")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint (a finished run: re-tune and export)")
     parser.add_argument("--export", default=None, metavar="FOLDER",
                         help="also copy the finished model folder here (e.g. models/default)")
+    parser.add_argument("--pack-data", default=None, metavar="DIR",
+                        help="only read the config's data sets and pack them into DIR (to train elsewhere with --data)")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="train from a pack written by --pack-data instead of the config's data folders")
+    parser.add_argument("--train-only", action="store_true",
+                        help="stop after the last epoch; a later --resume tunes and exports (e.g. on another machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for log files)")
 
 
@@ -160,9 +167,31 @@ def _train_run(args: argparse.Namespace) -> int:
     from histopan.training.config import read_train_config
     from histopan.training.loop import train
 
+    if args.pack_data and (args.out or args.data or args.resume):
+        raise ConfigError("--pack-data only packs the data; it takes no --out, --data or --resume",
+                          value=args.pack_data, fix="pack first, then train with --data DIR --out RUN")
+    if not args.pack_data and not args.out:
+        raise ConfigError("histopan train needs --out RUN_DIR", fix="add --out runs/NAME (or --pack-data DIR)")
     config = read_train_config(args.config)
-    command = " ".join(["histopan train", args.config, "--out", args.out] + (["--resume"] if args.resume else []))
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress, command=command)
+    if args.pack_data:
+        from histopan.training.data import load_training_data
+        from histopan.training.packed import pack_training_data
+
+        folder = pack_training_data(config, load_training_data(config), args.pack_data)
+        print(f"packed the training data of {args.config} into {folder}")
+        return 0
+    data = None
+    if args.data:
+        from histopan.training.packed import load_packed
+
+        data = load_packed(args.data, config)
+    command = " ".join(["histopan train", args.config, "--out", args.out] + (["--data", args.data] if args.data else [])
+                       + (["--resume"] if args.resume else []))
+    result = train(config, args.out, resume=args.resume, progress=not args.no_progress, command=command, data=data,
+                   export=not args.train_only)
+    if result is None:
+        print(f"trained {args.out}; tune and export it with: histopan train {args.config} --out {args.out} --resume")
+        return 0
     print(f"model: {result.model_dir}  validation nucleus PQ {result.scores['pq']:.4f} "
           f"(SQ {result.scores['sq']:.4f}, RQ {result.scores['rq']:.4f}, AJI {result.scores.get('aji', float('nan')):.4f})"
           f"  best epoch {result.best_epoch}")

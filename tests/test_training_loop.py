@@ -1,6 +1,7 @@
 """The training loop on a tiny network: determinism, resume == uninterrupted, and `histopan train` end to end."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from histopan.cli import main
 from histopan.config import from_dict
-from histopan.errors import ConfigError
+from histopan.errors import ConfigError, DataError
 from histopan.model.checkpoint import load_model
 from histopan.training.config import TrainConfig, read_train_config
 from histopan.training.data import load_training_data
@@ -232,3 +233,47 @@ def test_stuff_tile_scores_count_the_argmax_and_the_true_class_share():
     assert scores["stuff_tiles"] == 2
     assert scores["stuff_tile_accuracy"] == pytest.approx(0.5)
     assert scores["stuff_tile_true_share"] == pytest.approx((0.8 + 0.49) / 2, abs=1e-6)
+
+
+def test_worker_processes_make_the_same_batches_and_the_same_run(tmp_path):
+    from histopan.training.data import CropSampler
+    from histopan.training.loop import batches
+
+    cfg = _config(_synthetic_set(tmp_path / "data"), epochs=2, steps_per_epoch=2)
+    data = load_training_data(cfg)
+    sampler = CropSampler(data, cfg)
+    here = list(batches(sampler, 1, 4))
+    workers = list(batches(sampler, 1, 4, workers=2))
+    assert len(here) == len(workers) == 3
+    for a, b in zip(here, workers):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], np.asarray(b[k])) for k in a)
+    a = train(cfg, tmp_path / "a", progress=False, data=data)
+    b = train(_config(tmp_path / "data", epochs=2, steps_per_epoch=2, workers=2), tmp_path / "b", progress=False,
+              data=data)
+    assert _losses(a.run_dir) == _losses(b.run_dir)
+    wa, wb = (load_file(str(r.model_dir / "weights.safetensors")) for r in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert load_model(b.model_dir).config.training["hardware"]["workers"] == 2
+    with pytest.raises(ConfigError, match="workers"):
+        _config(tmp_path / "data", workers=-1)
+
+
+def test_a_finished_run_is_tuned_and_exported_from_its_best_weights_and_state_alone(tmp_path):
+    """A run trained elsewhere (e.g. on a GPU node) comes back as best weights + state; --resume exports it."""
+    cfg = _config(_synthetic_set(tmp_path / "data"))
+    data = load_training_data(cfg)
+    first = train(cfg, tmp_path / "run", progress=False, data=data)
+    best = load_file(str(tmp_path / "run" / "checkpoints" / "best" / "weights.safetensors"))
+    for name in ("weights.safetensors", "optimizer.safetensors"):
+        (tmp_path / "run" / "checkpoints" / "last" / name).unlink()
+    shutil.rmtree(first.model_dir)
+    again = train(cfg, tmp_path / "run", resume=True, progress=False, data=data)
+    exported = load_file(str(again.model_dir / "weights.safetensors"))
+    assert all(torch.equal(best[k], exported[k]) for k in best)
+    assert again.best_epoch == first.best_epoch and again.scores["pq"] == pytest.approx(first.scores["pq"])
+    assert load_model(again.model_dir).config.training["steps"] == 2
+    # an unfinished run still needs its last checkpoint to continue
+    assert train(cfg, tmp_path / "staged", progress=False, data=data, stop_after=1) is None
+    (tmp_path / "staged" / "checkpoints" / "last" / "optimizer.safetensors").unlink()
+    with pytest.raises(DataError, match="incomplete"):
+        train(cfg, tmp_path / "staged", resume=True, progress=False, data=data)

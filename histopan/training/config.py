@@ -178,6 +178,8 @@ class TrainConfig:
     ``init`` (a model name or folder) starts the network from that model's weights instead of a random
     initialisation: a warm start, e.g. to train a shipped model for longer.  Its architecture must equal
     ``model.architecture``; output channels are matched by class name (new classes start fresh).
+    ``workers`` > 0 makes the training crops in that many background processes (a GPU is otherwise kept
+    waiting by the CPU); crop ``i`` is the same whatever the number of workers, so the run is too.
     """
 
     model: ModelConfig
@@ -193,6 +195,7 @@ class TrainConfig:
     warmup_steps: int = 50
     seed: int = 0
     threads: int = 2
+    workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_minutes: float | None = None
     val_max_images: int | None = None
@@ -213,6 +216,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: crops are made in the training process), got {self.workers}")
         if not 0 <= self.tile_fraction <= 1:
             raise ValueError(f"tile_fraction must be within 0..1, got {self.tile_fraction}")
         if self.tile_fraction > 0 and not self.tiles:

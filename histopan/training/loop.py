@@ -97,10 +97,46 @@ def _device(config: TrainConfig) -> torch.device:
     return torch.device(config.device)
 
 
-def _to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    out = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+def _to_tensors(batch: dict[str, np.ndarray | torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    non_blocking = device.type == "cuda"
+    out = {k: torch.as_tensor(np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v).to(
+        device, non_blocking=non_blocking) for k, v in batch.items()}
     out["image"] = out["image"].permute(0, 3, 1, 2)
     return out
+
+
+class _SamplerBatches(torch.utils.data.Dataset):
+    """Batch ``step`` of a :class:`CropSampler` as a map-style data set (for worker processes)."""
+
+    def __init__(self, sampler: CropSampler) -> None:
+        self.sampler = sampler
+
+    def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+        return self.sampler.batch(step)
+
+
+def batches(sampler: CropSampler, start: int, stop: int, workers: int = 0, pin_memory: bool = False):
+    """Batches ``start .. stop - 1`` of ``sampler``, made in ``workers`` background processes (0: here).
+
+    A batch depends only on its step (see :class:`CropSampler`), so the stream is the same for any number
+    of workers; the workers only keep the next batches ready while the network trains on this one.
+    """
+    if workers == 0:
+        for step in range(start, stop):
+            yield sampler.batch(step)
+        return
+    loader = torch.utils.data.DataLoader(
+        _SamplerBatches(sampler), batch_size=None, sampler=range(start, stop), num_workers=workers,
+        pin_memory=pin_memory, prefetch_factor=4)
+    yield from loader
+
+
+def _hardware(device: torch.device, config: TrainConfig) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(device), "threads": config.threads, "workers": config.workers,
+                            "cpu": platform.processor() or platform.machine(), "torch": str(torch.__version__)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
@@ -122,6 +158,15 @@ def _save_checkpoint(folder: Path, network: nn.Module, optimizer: torch.optim.Op
     for name in (WEIGHTS, OPTIMIZER, STATE_FILE):
         (tmp / name).replace(folder / name)
     tmp.rmdir()
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    path = folder / STATE_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read the run state: {exc}", path=path,
+                        fix="start a new run (without --resume) or point --out at a complete run") from exc
 
 
 def _load_checkpoint(folder: Path, network: nn.Module, optimizer: torch.optim.Optimizer,
@@ -335,7 +380,7 @@ def append_record(history: list[dict[str, Any]], path: Path, record: dict[str, A
 # -- the loop ------------------------------------------------------------------------------------------
 def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
           data: TrainingData | None = None, stop_after: int | None = None,
-          command: str | None = None) -> TrainResult | None:
+          command: str | None = None, export: bool = True) -> TrainResult | None:
     """Train ``config`` into ``run_dir``; with ``resume`` continue from ``run_dir/checkpoints/last``.
 
     ``data`` may pass already loaded data (else it is read from the config's folders).  When all epochs are
@@ -343,7 +388,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     and the model folder ``run_dir/model`` is written.  A finished run given ``resume=True`` only re-tunes and
     re-exports.  ``stop_after`` ends this call after that many epochs (a staged run, continued later
     with ``resume=True``) and then returns ``None`` without tuning or exporting.  ``command`` (the command
-    line that started the run) is recorded in the model's ``training`` section.
+    line that started the run) is recorded in the model's ``training`` section.  ``export=False`` ends
+    after the last epoch without tuning or exporting (returns ``None``): a later ``resume=True`` call, on any
+    machine, needs only ``checkpoints/best/weights.safetensors`` and ``checkpoints/last/state.json`` to do that.
     """
     run = Path(run_dir)
     last_dir, best_dir = run / "checkpoints" / "last", run / "checkpoints" / "best"
@@ -360,12 +407,16 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
+    benchmark_before = torch.backends.cudnn.benchmark
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    else:  # fixed crop size: let cuDNN pick the fastest convolution algorithms once
+        torch.backends.cudnn.benchmark = True
     try:
-        return _train(config, run, last_dir, best_dir, device, resume, progress, data, stop_after, command)
+        return _train(config, run, last_dir, best_dir, device, resume, progress, data, stop_after, command, export)
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        torch.backends.cudnn.benchmark = benchmark_before
 
 
 def initial_network(config: TrainConfig) -> nn.Module:
@@ -390,13 +441,20 @@ def initial_network(config: TrainConfig) -> nn.Module:
 
 def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, device: torch.device, resume: bool,
            progress: bool, data: TrainingData | None, stop_after: int | None,
-           command: str | None) -> TrainResult | None:
+           command: str | None, export: bool = True) -> TrainResult | None:
     started = time.time()
     if data is None:
         data = load_training_data(config)
     if not data.val_nuclei:
         raise ConfigError("no validation images: list whole images under 'val' of a nucleus set",
                           fix="hold out a few whole images (several organs / sets) for validation")
+    if resume:
+        finished = _read_state(last_dir)
+        if finished.get("done"):  # only re-tune and re-export: the best weights and the state are enough
+            if not export:
+                return None
+            log.info("%s is a finished run: tuning and exporting its best checkpoint", run)
+            return _finish(config, run, best_dir, device, data, finished, command)
     sampler = CropSampler(data, config)
     model = config.model
     network = (initial_network(config) if config.init is not None and not resume else build_network(model)).to(device)
@@ -410,10 +468,13 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
     if resume:
         state = _load_checkpoint(last_dir, network, optimizer, device)
         log.info("resuming %s at step %d (epoch %d)", run, state["step"], state["epoch"])
+    state["hardware"] = _hardware(device, config)
+    state.setdefault("command", command)  # the command that started the run, kept when it is resumed
     network.train()
     deadline = None if config.max_minutes is None else started + 60 * config.max_minutes - state["train_seconds"]
     metrics_path = run / "metrics.jsonl"
     epochs_this_call = 0
+    stream = batches(sampler, state["step"], config.total_steps, config.workers, pin_memory=device.type == "cuda")
 
     while not state["done"] and state["epoch"] < config.epochs:
         epoch = state["epoch"]
@@ -427,7 +488,7 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = _to_tensors(sampler.batch(step), device)
+            batch = _to_tensors(next(stream), device)
             x = normalize_input(batch["image"], model)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -467,6 +528,9 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
         if stop_after is not None and epochs_this_call >= stop_after and not state["done"]:
             return None
 
+    if not export:
+        log.info("training of %s is done; tune and export it with resume", run)
+        return None
     return _finish(config, run, best_dir, device, data, state, command)
 
 
@@ -482,7 +546,7 @@ def _finish(config: TrainConfig, run: Path, best_dir: Path, device: torch.device
                                                           "trials": trials}), indent=1), encoding="utf-8")
     record = {
         "histopan_version": __version__,
-        "command": command,
+        "command": state.get("command") or command,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": {
             "nuclei": [{"path": str(s.path), "mpp": s.mpp, "val": list(s.val)} for s in config.nuclei],
@@ -495,8 +559,8 @@ def _finish(config: TrainConfig, run: Path, best_dir: Path, device: torch.device
         "steps": state["step"], "epochs": state["epoch"], "best_epoch": state["best_epoch"],
         "crop": config.crop, "batch_size": config.batch_size,
         "train_minutes": round(state["train_seconds"] / 60, 1),
-        "hardware": {"device": str(device), "threads": config.threads, "cpu": platform.processor() or platform.machine(),
-                     "torch": str(torch.__version__)},
+        # where the network was trained (a finished run may be tuned and exported on another machine)
+        "hardware": state.get("hardware") or _hardware(device, config),
         "validation": {"resolution": "scored at each image's own resolution", **scores},
     }
     record = _jsonable(record)
