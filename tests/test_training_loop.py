@@ -203,6 +203,13 @@ def test_shipped_default_training_configs_read():
     assert stage3.model == stage1.model and stage3.nuclei == warm.nuclei
     assert (stage3.epochs, stage3.tile_fraction, stage3.lr) == (4, 0.5, 0.0005)
     assert stage3.init is not None and Path(stage3.init).parts[-3:] == ("runs", "default-warm", "model")
+    gpu = read_train_config(repo_root / "models" / "default" / "train-gpu.yaml")
+    assert gpu.model == stage1.model and gpu.nuclei == warm.nuclei and gpu.tiles == warm.tiles
+    assert (gpu.batch_size, gpu.workers, gpu.epochs * gpu.steps_per_epoch, gpu.device) == (16, 14, 7890, "auto")
+    assert Path(gpu.init) == (repo_root / "models" / "default").resolve()
+    # the shipped pack signature: the GPU run's config packs the same data as stage 2's
+    from histopan.training.packed import data_signature
+    assert data_signature(gpu) == data_signature(warm)
 
 
 def test_stuff_tile_scores_count_the_argmax_and_the_true_class_share():
