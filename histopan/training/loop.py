@@ -185,7 +185,7 @@ def _load_checkpoint(folder: Path, network: nn.Module, optimizer: torch.optim.Op
         per_param.setdefault(int(pid), {})[name] = value.to(device) if name != "step" else value
     opt_state["state"] = per_param
     optimizer.load_state_dict(opt_state)
-    return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    return _read_state(folder)
 
 
 # -- prediction and scoring ----------------------------------------------------------------------------
