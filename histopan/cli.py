@@ -9,6 +9,7 @@ functions registered in :data:`_COMMANDS`: ``_<name>_args(parser)`` adds its arg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -161,6 +162,37 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-only", action="store_true",
                         help="stop after the last epoch; a later --resume tunes and exports (e.g. on another machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for log files)")
+
+
+def _tune_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model name (e.g. default) or model folder")
+    parser.add_argument("--config", required=True,
+                        help="training config YAML whose validation images ('val' lists) and 'tune' grid are used")
+    parser.add_argument("--tta", action="store_true",
+                        help="tune on test-time-augmented maps (for runs that segment with --tta)")
+    parser.add_argument("--out", default=None, metavar="FOLDER",
+                        help="write the re-tuned model folder here (same weights; may be the model's own folder); "
+                             "without it only the scores are shown")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+
+
+def _tune_run(args: argparse.Namespace) -> int:
+    from histopan.training.config import read_train_config
+    from histopan.training.retune import retune
+
+    config = read_train_config(args.config)
+    command = " ".join(["histopan tune", args.model, "--config", args.config] + (["--tta"] if args.tta else [])
+                       + (["--out", args.out] if args.out else []))
+    result = retune(args.model, config, tta=args.tta, device=args.device, out=args.out, command=command,
+                    config_path=args.config)
+    b, a = result.before, result.after
+    print(f"validation nucleus PQ {b['pq']:.4f} with the model's thresholds -> {a['pq']:.4f} tuned "
+          f"(SQ {a['sq']:.4f}, RQ {a['rq']:.4f}, AJI {a.get('aji', float('nan')):.4f}; {len(result.trials)} trials"
+          f"{', TTA maps' if result.tta else ''})")
+    print("tuned postprocess: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(result.postprocess).items()))
+    if result.out is not None:
+        print(f"wrote {result.out}")
+    return 0
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -465,6 +497,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
     "evaluate": ("score predictions against truth: PQ / SQ / RQ, AJI, Dice, point F1", _evaluate_args, _evaluate_run),
     "train": ("train a model from a training config (checkpoints, validation PQ, tuned thresholds)", _train_args,
               _train_run),
+    "tune": ("re-tune a model's post-processing thresholds on the validation split of a training config (no "
+             "training); --out writes the re-tuned model", _tune_args, _tune_run),
     "finetune": ("fine-tune a model on sparse annotations (QuPath GeoJSON points / outlines / regions, tile-class "
                  "folders): masked losses, new classes or types, early stopping, before / after figures",
                  _finetune_args, _finetune_run),

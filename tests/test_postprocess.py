@@ -204,3 +204,36 @@ def test_random_maps_keep_invariants(seed, mpp, weight, fill):
         assert not np.any((labels.instances > 0) & (maps.semantic[NUC] <= 0.5))
     again = postprocess_tile(maps, mpp, cfg, CLASSES)
     assert np.array_equal(again.instances, labels.instances)
+
+
+def _two_bump_maps(dip: float):
+    """One elongated nucleus mask (two overlapping discs, centres 4 um apart) whose centre map has two bumps
+    of height 0.9 and 0.8 with the centre map falling by ``dip`` below the lower bump between them."""
+    maps = render([(16, 14, 4.0), (16, 18, 4.0)], 32, 0.5)
+    n = maps.shape[0]
+    yy, xx = (np.indices((n, n)) + 0.5) * 0.5
+    r2 = lambda cx: (yy - 16) ** 2 + (xx - cx) ** 2  # noqa: E731
+    saddle = 0.8 - dip
+    centre = np.maximum(saddle * np.exp(-r2(16) / 40.0),
+                        np.maximum(0.9 * np.exp(-r2(14) / 1.0), 0.8 * np.exp(-r2(18) / 1.0)))
+    return ProbabilityMaps(maps.semantic, centre.astype(np.float32), maps.boundary)
+
+
+def test_centre_h_keeps_one_marker_for_a_shallow_dip_and_two_for_a_deep_one():
+    close = PostprocessConfig(nucleus_threshold=0.5, centre_threshold=0.3, min_distance_um=1.0, min_area_um2=4.0)
+    shallow, deep = _two_bump_maps(dip=0.05), _two_bump_maps(dip=0.5)
+    # plain peaks at a short minimum distance: both bumps become nuclei, whatever lies between them
+    assert len(postprocess_tile(shallow, 0.5, close, CLASSES).nuclei) == 2
+    assert len(postprocess_tile(deep, 0.5, close, CLASSES).nuclei) == 2
+    # an h-maximum test of 0.15: the bump 0.05 above its pass is not a centre; the one 0.5 above it is
+    with_h = PostprocessConfig(**{**close.__dict__, "centre_h": 0.15})
+    one = postprocess_tile(shallow, 0.5, with_h, CLASSES)
+    check_consistency(one)
+    assert len(one.nuclei) == 1
+    assert len(postprocess_tile(deep, 0.5, with_h, CLASSES).nuclei) == 2
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_centre_h_outside_0_1_is_refused(bad):
+    with pytest.raises(ValueError, match="centre_h"):
+        PostprocessConfig(centre_h=bad)

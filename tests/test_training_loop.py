@@ -279,3 +279,37 @@ def test_a_finished_run_is_tuned_and_exported_from_its_best_weights_and_state_al
     (tmp_path / "staged" / "checkpoints" / "last" / "optimizer.safetensors").unlink()
     with pytest.raises(DataError, match="incomplete"):
         train(cfg, tmp_path / "staged", resume=True, progress=False, data=data)
+
+
+def test_histopan_tune_searches_the_grid_and_writes_the_same_weights_with_new_thresholds(tmp_path, capsys):
+    folder = _synthetic_set(tmp_path / "data")
+    trained = train(_config(folder), tmp_path / "run", progress=False)
+    grid = {"nucleus_threshold": [0.3, 0.5], "centre_threshold": [0.2], "boundary_weight": [0.5],
+            "min_distance_um": [1.0], "centre_h": [0.0, 0.15]}
+    cfg = {"extends": str(tmp_path / "base.yaml"), "tune": grid}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(
+        {"model": {"name": "tiny", "architecture": TINY_ARCH, "mpp": 0.5},
+         "nuclei": [{"path": str(folder), "val": ["s2"]}], "tile_fraction": 0.0, "crop": 64, "device": "cpu"}))
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(cfg))
+    # without --out only the scores are shown
+    assert main(["tune", str(trained.model_dir), "--config", str(tmp_path / "tune.yaml"), "--device", "cpu"]) == 0
+    assert "validation nucleus PQ" in capsys.readouterr().out and not (tmp_path / "tuned").exists()
+    out = tmp_path / "tuned"
+    assert main(["tune", str(trained.model_dir), "--config", str(tmp_path / "tune.yaml"), "--device", "cpu",
+                 "--out", str(out)]) == 0
+    before, after = load_model(trained.model_dir), load_model(out)
+    assert after.weights_sha256 == before.weights_sha256  # the network is untouched
+    pp = after.config.postprocess
+    assert pp.nucleus_threshold in (0.3, 0.5) and pp.centre_h in (0.0, 0.15) and pp.min_distance_um == 1.0
+    record = after.config.training["postprocess_tuning"]
+    assert record["trials"] == 4 and record["tta"] is False and record["validation_images"] == 1
+    assert record["validation"]["pq"] >= record["before"]["pq"] - 1e-12
+    assert record["command"].startswith("histopan tune ") and str(out) in record["command"]
+    assert after.config.training["steps"] == before.config.training["steps"]  # the training record is kept
+    # a config whose data sets hold no validation image is refused, and nothing is written
+    (tmp_path / "noval.yaml").write_text(yaml.safe_dump(
+        {"model": {"name": "tiny", "architecture": TINY_ARCH, "mpp": 0.5},
+         "nuclei": [{"path": str(folder)}], "tile_fraction": 0.0, "crop": 64}))
+    assert main(["tune", str(trained.model_dir), "--config", str(tmp_path / "noval.yaml"), "--out",
+                 str(tmp_path / "never")]) == 2
+    assert "no validation images" in capsys.readouterr().err and not (tmp_path / "never").exists()

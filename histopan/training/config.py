@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from histopan.config import from_dict, load_yaml, save_yaml, to_dict
 from histopan.errors import ConfigError
@@ -156,15 +156,23 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Grid of post-processing thresholds searched on the validation split after training."""
+    """Grid of post-processing thresholds searched on the validation split after training.
+
+    ``centre_h`` 0 means plain centre-map peaks (no h-maximum test); see
+    :class:`~histopan.postprocess.PostprocessConfig`.
+    """
 
     nucleus_threshold: tuple[float, ...] = (0.4, 0.5, 0.6)
     centre_threshold: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
     boundary_weight: tuple[float, ...] = (0.3, 0.6)
     min_distance_um: tuple[float, ...] = (2.0, 3.0)
+    centre_h: tuple[float, ...] = (0.0,)
+
+    #: the grid's axes, in the order trials are listed
+    AXES: ClassVar[tuple[str, ...]] = ("nucleus_threshold", "centre_threshold", "boundary_weight", "min_distance_um", "centre_h")
 
     def __post_init__(self) -> None:
-        for name in ("nucleus_threshold", "centre_threshold", "boundary_weight", "min_distance_um"):
+        for name in self.AXES:
             values = tuple(getattr(self, name))
             object.__setattr__(self, name, values)
             if not values:

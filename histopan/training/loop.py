@@ -288,13 +288,11 @@ def tune_postprocess(maps: ValidationMaps, model: ModelConfig, config: TrainConf
     grid = config.tune
     trials = []
     best_pq, best_pp = -math.inf, base
-    for nt, ct, bw, md in itertools.product(grid.nucleus_threshold, grid.centre_threshold, grid.boundary_weight,
-                                            grid.min_distance_um):
-        pp = dataclasses.replace(base, nucleus_threshold=nt, centre_threshold=ct, boundary_weight=bw,
-                                 min_distance_um=md)
+    for values in itertools.product(*(getattr(grid, axis) for axis in grid.AXES)):
+        setting = dict(zip(grid.AXES, values))
+        pp = dataclasses.replace(base, **setting)
         s = score_maps(maps, model, pp, with_aji=False)
-        trials.append({"nucleus_threshold": nt, "centre_threshold": ct, "boundary_weight": bw,
-                       "min_distance_um": md, "pq": s["pq"]})
+        trials.append({**setting, "pq": s["pq"]})
         if s["pq"] > best_pq:
             best_pq, best_pp = s["pq"], pp
     return best_pp, score_maps(maps, model, best_pp), trials
