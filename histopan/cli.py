@@ -169,7 +169,8 @@ def _tune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True,
                         help="training config YAML whose validation images ('val' lists) and 'tune' grid are used")
     parser.add_argument("--tta", action="store_true",
-                        help="tune on test-time-augmented maps (for runs that segment with --tta)")
+                        help="tune on test-time-augmented maps; --out stores the result as the model's "
+                             "postprocess_tta, which runs with --tta use")
     parser.add_argument("--out", default=None, metavar="FOLDER",
                         help="write the re-tuned model folder here (same weights; may be the model's own folder); "
                              "without it only the scores are shown")

@@ -245,6 +245,7 @@ def plan_run(slide: str | PathLike[str], out: str | PathLike[str], options: Segm
     with open_slide(slide, mpp=options.mpp) as reader:
         base_mpp = reader.require_mpp()
         model = model if model is not None else load_model(options.model)
+        model = model.for_tta(options.tta)  # TTA runs use the thresholds tuned on TTA maps, where the model has them
         cfg = model.config
         tile_size = options.tile or cfg.tile
         halo = cfg.halo if options.halo is None else options.halo

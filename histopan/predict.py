@@ -128,7 +128,7 @@ def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | Loa
                        fix="pass the image's resolution, e.g. mpp=0.5 for a 20x scan")
     mpp = float(mpp)
     rgb = _as_rgb_uint8(image)
-    loaded = _get_model(model)
+    loaded = _get_model(model).for_tta(tta)
     cfg = loaded.config
     in_h, in_w = rgb.shape[:2]
     scale = mpp / cfg.mpp

@@ -248,3 +248,17 @@ def test_tta_maps_are_equivariant_and_average_the_eight_views(tile, typed_model_
     check_result(result, tile.shape[:2], MPP)
     with pytest.raises(ConfigError, match="tta"):
         TileInferencer(model, tta="yes")
+
+
+def test_tta_runs_use_the_thresholds_tuned_for_tta(tile, model_dir, tmp_path):
+    """A model with ``postprocess_tta`` post-processes TTA maps with it and plain maps with ``postprocess``."""
+    loaded = load_model(model_dir)
+    assert loaded.for_tta(True) is loaded  # no TTA thresholds: the same config either way
+    nothing = replace(loaded.config.postprocess, nucleus_threshold=1.0)  # p(nucleus) > 1 never holds
+    folder = save_model(tmp_path / "tta", loaded.network, replace(loaded.config, postprocess_tta=nothing))
+    model = load_model(folder)
+    assert model.for_tta(True).config.postprocess == nothing and model.for_tta(False) is model
+    plain = predict_tile(tile, MPP, model=model)
+    tta = predict_tile(tile, MPP, model=model, tta=True)
+    assert len(plain.nuclei) > 0 and len(tta.nuclei) == 0
+    assert len(predict_tile(tile, MPP, model=loaded, tta=True).nuclei) > 0

@@ -306,6 +306,16 @@ def test_histopan_tune_searches_the_grid_and_writes_the_same_weights_with_new_th
     assert record["validation"]["pq"] >= record["before"]["pq"] - 1e-12
     assert record["command"].startswith("histopan tune ") and str(out) in record["command"]
     assert after.config.training["steps"] == before.config.training["steps"]  # the training record is kept
+    assert after.config.postprocess_tta is None
+    # --tta tunes on augmented maps into postprocess_tta (here in place); the plain thresholds stay
+    assert main(["tune", str(out), "--config", str(tmp_path / "tune.yaml"), "--device", "cpu", "--tta",
+                 "--out", str(out)]) == 0
+    both = load_model(out)
+    assert both.weights_sha256 == before.weights_sha256 and both.config.postprocess == pp
+    assert both.config.postprocess_tta is not None and both.config.postprocess_tta.min_distance_um == 1.0
+    assert both.for_tta(True).config.postprocess == both.config.postprocess_tta
+    assert both.config.training["postprocess_tuning_tta"]["tta"] is True
+    assert both.config.training["postprocess_tuning"] == record
     # a config whose data sets hold no validation image is refused, and nothing is written
     (tmp_path / "noval.yaml").write_text(yaml.safe_dump(
         {"model": {"name": "tiny", "architecture": TINY_ARCH, "mpp": 0.5},

@@ -12,6 +12,7 @@ and then in the ``models/`` folder of the repository this package lives in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -65,6 +66,11 @@ class LoadedModel:
     network: nn.Module
     path: Path
     weights_sha256: str
+
+    def for_tta(self, tta: bool) -> LoadedModel:
+        """This model with the config a run with ``tta`` uses (:meth:`ModelConfig.for_tta`); same network."""
+        config = self.config.for_tta(tta)
+        return self if config is self.config else dataclasses.replace(self, config=config)
 
     @property
     def name(self) -> str:

@@ -18,6 +18,7 @@ forward pass on one CPU thread.  Measured alternatives (same decoder, 8 outputs)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from os import PathLike
@@ -139,7 +140,11 @@ DEFAULT_CLASSES: tuple[ClassSpec, ...] = (
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild, run and post-process a model (the ``model.yaml`` of a model folder)."""
+    """Everything needed to rebuild, run and post-process a model (the ``model.yaml`` of a model folder).
+
+    ``postprocess_tta`` (optional) holds thresholds tuned on test-time-augmented maps, which are smoother
+    than plain ones; runs with TTA use them (:meth:`for_tta`), plain runs use ``postprocess``.
+    """
 
     name: str = "default"
     format_version: int = FORMAT_VERSION
@@ -151,6 +156,7 @@ class ModelConfig:
     tile: int = 512
     halo: int = 64
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    postprocess_tta: PostprocessConfig | None = None
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -191,6 +197,13 @@ class ModelConfig:
             raise ValueError(f"halo must be >= 0 pixels, got {self.halo}")
         if self.training is None:
             object.__setattr__(self, "training", {})
+
+    def for_tta(self, tta: bool) -> ModelConfig:
+        """The config a run with ``tta`` post-processes with: ``postprocess_tta`` in place of ``postprocess``
+        when TTA is on and the model has thresholds tuned for it; otherwise this config."""
+        if tta and self.postprocess_tta is not None:
+            return dataclasses.replace(self, postprocess=self.postprocess_tta)
+        return self
 
     # -- derived layout -------------------------------------------------------------------------------
     @property

@@ -7,6 +7,8 @@ to each image's own resolution, exactly as training's validation scores them.  T
 is then searched for the best nucleus PQ.  With ``out`` a complete model folder is written: the same
 weights, ``model.yaml`` with the tuned ``postprocess`` and a ``training.postprocess_tuning`` record (the
 command, the grid, the scores before and after), and the model card copied from the source folder.
+With ``tta`` the maps are test-time augmented and the result goes to ``postprocess_tta`` (and the record to
+``training.postprocess_tuning_tta``): runs with ``--tta`` use those thresholds, plain runs keep theirs.
 
 Use it after a change of the post-processing (a new threshold, such as ``centre_h``), or to fit the
 thresholds of a shipped model to a lab's own annotated images.
@@ -138,15 +140,16 @@ def retune(model: str | Path, config: TrainConfig, *, tta: bool = False, device:
     started = time.perf_counter()
     maps = validation_maps(loaded, config, tta=tta, device=device)
     mc = loaded.config
-    before = score_maps(maps, mc, mc.postprocess)
-    best, after, trials = tune_postprocess(maps, mc, config)
+    run_config = mc.for_tta(tta)  # a TTA tuning starts from (and replaces) the model's TTA thresholds, if any
+    before = score_maps(maps, run_config, run_config.postprocess)
+    best, after, trials = tune_postprocess(maps, run_config, config)
     seconds = time.perf_counter() - started
     log.info("validation PQ %.4f with the model's thresholds, %.4f tuned (%d trials, %.0f s)", before["pq"],
              after["pq"], len(trials), seconds)
     written = None
     if out is not None:
         record = dict(mc.training or {})
-        record["postprocess_tuning"] = _jsonable({
+        record["postprocess_tuning_tta" if tta else "postprocess_tuning"] = _jsonable({
             "histopan_version": __version__,
             "command": command,
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -155,10 +158,11 @@ def retune(model: str | Path, config: TrainConfig, *, tta: bool = False, device:
             "grid": to_dict(config.tune),
             "trials": len(trials),
             "validation_images": len(maps.nuclei), "validation_tiles": len(maps.tiles),
-            "before": {"postprocess": to_dict(mc.postprocess), **before},
+            "before": {"postprocess": to_dict(run_config.postprocess), **before},
             "validation": {"resolution": "scored at each image's own resolution", **after},
         })
-        final = dataclasses.replace(mc, postprocess=best, training=record)
+        final = (dataclasses.replace(mc, postprocess_tta=best, training=record) if tta
+                 else dataclasses.replace(mc, postprocess=best, training=record))
         written = write_tuned(loaded, final, Path(out))
     return RetuneResult(model=str(model), postprocess=best, before=before, after=after, trials=trials, tta=tta,
                         out=written)
