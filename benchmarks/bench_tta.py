@@ -7,7 +7,8 @@ Measurements, side by side in one run:
 - `histopan segment` on the CMU slide without and with `--tta`, alternating (plain, tta, plain, tta), each
   in its own process: wall time, megapixels per second, nuclei; the TTA / plain wall-time ratio;
 - nucleus PQ / SQ / RQ on the validation split of a training config (its `val` images, scored at each
-  image's own resolution as in training), with the model's own thresholds, from plain maps and from TTA maps.
+  image's own resolution as in training), from plain maps with the model's `postprocess` thresholds and from
+  TTA maps with its `postprocess_tta` (the same thresholds where the model has none), as the pipeline runs them.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def validation_pq(model_name: str, config_path: Path, threads: int) -> dict:
         t = time.perf_counter()
         maps = ValidationMaps(tuple((s, native(inferencer.predict_image(s.image), tuple(s.native_shape)))
                                     for s in samples), ())
-        scores = score_maps(maps, cfg, cfg.postprocess, with_aji=False)
+        run_cfg = cfg.for_tta(tta)  # TTA runs post-process with the model's postprocess_tta, where it has one
+        scores = score_maps(maps, run_cfg, run_cfg.postprocess, with_aji=False)
+        scores["postprocess"] = "postprocess_tta" if run_cfg is not cfg else "postprocess"
         scores["seconds"] = time.perf_counter() - t
         out["tta" if tta else "plain"] = scores
     out["pq_gain"] = out["tta"]["pq"] - out["plain"]["pq"]
