@@ -167,7 +167,10 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 def _tune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model name (e.g. default) or model folder")
     parser.add_argument("--config", required=True,
-                        help="training config YAML whose validation images ('val' lists) and 'tune' grid are used")
+                        help="training config YAML whose validation images ('val' lists) and 'tune' grid are used "
+                             "(with --points: a fine-tuning config, whose held-back point annotations are used)")
+    parser.add_argument("--points", action="store_true",
+                        help="--config is a fine-tuning config: tune for point detection F1 on its held-back points")
     parser.add_argument("--tta", action="store_true",
                         help="tune on test-time-augmented maps; --out stores the result as the model's "
                              "postprocess_tta, which runs with --tta use")
@@ -178,18 +181,24 @@ def _tune_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _tune_run(args: argparse.Namespace) -> int:
-    from histopan.training.config import read_train_config
+    from histopan.training.config import read_finetune_config, read_train_config
     from histopan.training.retune import retune
 
-    config = read_train_config(args.config)
-    command = " ".join(["histopan tune", args.model, "--config", args.config] + (["--tta"] if args.tta else [])
-                       + (["--out", args.out] if args.out else []))
+    config = read_finetune_config(args.config) if args.points else read_train_config(args.config)
+    command = " ".join(["histopan tune", args.model, "--config", args.config] + (["--points"] if args.points else [])
+                       + (["--tta"] if args.tta else []) + (["--out", args.out] if args.out else []))
     result = retune(args.model, config, tta=args.tta, device=args.device, out=args.out, command=command,
                     config_path=args.config)
-    b, a = result.before, result.after
-    print(f"validation nucleus PQ {b['pq']:.4f} with the model's thresholds -> {a['pq']:.4f} tuned "
-          f"(SQ {a['sq']:.4f}, RQ {a['rq']:.4f}, AJI {a.get('aji', float('nan')):.4f}; {len(result.trials)} trials"
-          f"{', TTA maps' if result.tta else ''})")
+    a = result.after
+    if result.metric == "pq":
+        detail = f"SQ {a['sq']:.4f}, RQ {a['rq']:.4f}, AJI {a.get('aji', float('nan')):.4f}"
+        what = "validation nucleus PQ"
+    else:
+        d = a["detection"]
+        detail = f"precision {d['precision']:.4f}, recall {d['recall']:.4f}"
+        what = "held-back point detection F1"
+    print(f"{what} {result.before_value:.4f} with the model's thresholds -> {result.after_value:.4f} tuned "
+          f"({detail}; {len(result.trials)} trials{', TTA maps' if result.tta else ''})")
     print("tuned postprocess: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(result.postprocess).items()))
     if result.out is not None:
         print(f"wrote {result.out}")

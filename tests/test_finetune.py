@@ -404,3 +404,30 @@ def test_type_balance_weights_types_by_inverse_frequency(tmp_path, base, capsys)
     assert "type loss weights" in (result.model_dir / "README.md").read_text()
     bad = _config(tmp_path / "bad", base, type_balance=1.5)
     assert "type_balance" in _fails(capsys, ["finetune", str(bad), "--out", str(tmp_path / "bad" / "run")])
+
+
+def test_histopan_tune_points_fits_thresholds_to_held_back_points(reference, tmp_path, capsys):
+    """`histopan tune MODEL --config FINETUNE.yaml --points`: grid search for point detection F1 on the
+    config's held-back images (a2), same weights, the tuning recorded."""
+    data = yaml.safe_load((reference / "finetune.yaml").read_text())
+    data["tune"] = {"nucleus_threshold": [0.1, 0.3], "centre_threshold": [0.1], "boundary_weight": [0.5],
+                    "min_distance_um": [1.0, 3.0], "centre_h": [0.0]}
+    cfg = reference / "finetune-tune.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    model, out = reference / "run" / "model", tmp_path / "tuned"
+    capsys.readouterr()
+    assert main(["tune", str(model), "--config", str(cfg), "--points", "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-back point detection F1" in printed and "4 trials" in printed
+    tuned, before = load_model(out), load_model(model)
+    assert tuned.weights_sha256 == before.weights_sha256
+    record = tuned.config.training["postprocess_tuning"]
+    assert record["metric"] == "detection_f1" and record["heldback_point_images"] == 1 and record["points"] == 6
+    assert record["validation"]["detection"]["f1"] >= record["before"]["detection"]["f1"] - 1e-12
+    pp = tuned.config.postprocess
+    assert pp.nucleus_threshold in (0.1, 0.3) and pp.min_distance_um in (1.0, 3.0) and pp.centre_threshold == 0.1
+    assert tuned.config.type_names == before.config.type_names  # the type head travels along
+    # a training config is not a fine-tuning config: --points names the file and the fix
+    capsys.readouterr()
+    assert main(["tune", str(model), "--config", str(cfg), "--device", "cpu"]) == 2
+    assert str(cfg) in capsys.readouterr().err

@@ -407,7 +407,8 @@ class FinetuneConfig:
     after ``patience`` epochs without improvement.  ``tile_fraction`` is the share of crops drawn from
     tile-class folders (default: in proportion to the number of images).  ``type_balance`` (0..1) weights
     the type loss by inverse type frequency to that power (0: every annotated nucleus alike, 1: every type
-    alike), for rare types.
+    alike), for rare types.  ``tune`` is the threshold grid ``histopan tune MODEL --config THIS.yaml --points``
+    searches for the best detection F1 on the held-back point annotations (fine-tuning itself does not use it).
     """
 
     name: str
@@ -439,6 +440,7 @@ class FinetuneConfig:
     augment: AugmentConfig = STRONG_AUGMENT
     loss: LossConfig = field(default_factory=LossConfig)
     geometry: AnnotationGeometry = field(default_factory=AnnotationGeometry)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         for name in ("add_classes", "nucleus_types", "annotations", "slides", "tiles"):

@@ -43,7 +43,7 @@ from histopan.metrics import point_detection
 from histopan.model.checkpoint import LoadedModel, load_model, save_model
 from histopan.model.config import ModelConfig
 from histopan.model.network import grow_heads, normalize_input, split_outputs
-from histopan.postprocess import postprocess_tile
+from histopan.postprocess import ProbabilityMaps, postprocess_tile
 from histopan.training.config import FinetuneConfig, write_finetune_config
 from histopan.training.data import _meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
 from histopan.training.loop import (STATE_FILE, VAL_TILE_MAX, WEIGHTS, ValidationMaps, _centre_crop, _device,
@@ -56,7 +56,7 @@ from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, Spar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneResult", "build_finetune_model", "evaluate_tests", "finetune", "point_scores"]
+__all__ = ["FinetuneResult", "build_finetune_model", "evaluate_tests", "finetune", "point_scores", "score_points"]
 
 
 @dataclass(frozen=True)
@@ -164,12 +164,19 @@ def point_scores(network: nn.Module, items: Sequence[tuple[str, np.ndarray, np.n
     Sirinukunwattana et al. report for classifying given nuclei).
     """
     network.eval()
+    with torch.no_grad():
+        maps = [predict_maps(network, image, model, device) for _, image, _, _ in items]
+    return score_points(items, maps, model, radius_um)
+
+
+def score_points(items: Sequence[tuple[str, np.ndarray, np.ndarray, tuple]], maps: Sequence[ProbabilityMaps],
+                 model: ModelConfig, radius_um: float) -> dict[str, Any]:
+    """:func:`point_scores` of maps already computed (one per item, at the model's mpp), post-processed
+    with ``model.postprocess``: e.g. to search thresholds without running the network again."""
     total = None
     pairs_t, pairs_p = [], []
-    for name, image, xy, names in items:
-        with torch.no_grad():
-            maps = predict_maps(network, image, model, device)
-        labels = postprocess_tile(maps, model.mpp, model.postprocess, model.classes)
+    for (name, _image, xy, names), m in zip(items, maps, strict=True):
+        labels = postprocess_tile(m, model.mpp, model.postprocess, model.classes)
         table = labels.nuclei
         pred_xy = np.stack([table["centroid_x"].to_numpy() + 0.5, table["centroid_y"].to_numpy() + 0.5], axis=1)
         pred_types = [model.type_names[int(t)] if model.has_types and t >= 0 else None for t in table["type"]]

@@ -33,6 +33,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ from histopan.model.checkpoint import load_model, save_model
 from histopan.model.config import ModelConfig
 from histopan.model.network import INPUT_MULTIPLE, build_network, grow_heads, normalize_input, split_outputs
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps, postprocess_tile
-from histopan.training.config import TrainConfig, write_train_config
+from histopan.training.config import TrainConfig, TuneConfig, write_train_config
 from histopan.training.data import CropSampler, Sample, TrainingData, load_training_data
 from histopan.training.losses import total_loss
 
@@ -281,21 +282,28 @@ def score_maps(maps: ValidationMaps, model: ModelConfig, pp: PostprocessConfig,
     return scores
 
 
-def tune_postprocess(maps: ValidationMaps, model: ModelConfig, config: TrainConfig
-                     ) -> tuple[PostprocessConfig, dict[str, Any], list[dict[str, Any]]]:
-    """Grid search of the post-processing thresholds (``config.tune``) for the best validation PQ."""
-    base = model.postprocess
-    grid = config.tune
+def grid_search(grid: TuneConfig, base: PostprocessConfig, score: Callable[[PostprocessConfig], float],
+                metric: str = "pq") -> tuple[PostprocessConfig, list[dict[str, Any]]]:
+    """Every setting of ``grid`` (its :attr:`~TuneConfig.AXES`) applied to ``base`` and scored with ``score``
+    (higher is better; the first of equal scores wins): the best thresholds and the trials."""
     trials = []
-    best_pq, best_pp = -math.inf, base
+    best_value, best_pp = -math.inf, base
     for values in itertools.product(*(getattr(grid, axis) for axis in grid.AXES)):
         setting = dict(zip(grid.AXES, values))
         pp = dataclasses.replace(base, **setting)
-        s = score_maps(maps, model, pp, with_aji=False)
-        trials.append({**setting, "pq": s["pq"]})
-        if s["pq"] > best_pq:
-            best_pq, best_pp = s["pq"], pp
-    return best_pp, score_maps(maps, model, best_pp), trials
+        value = score(pp)
+        trials.append({**setting, metric: value})
+        if value > best_value:
+            best_value, best_pp = value, pp
+    return best_pp, trials
+
+
+def tune_postprocess(maps: ValidationMaps, model: ModelConfig, config: TrainConfig
+                     ) -> tuple[PostprocessConfig, dict[str, Any], list[dict[str, Any]]]:
+    """Grid search of the post-processing thresholds (``config.tune``) for the best validation PQ."""
+    best, trials = grid_search(config.tune, model.postprocess,
+                               lambda pp: score_maps(maps, model, pp, with_aji=False)["pq"])
+    return best, score_maps(maps, model, best), trials
 
 
 # -- logging helpers -----------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ command, the grid, the scores before and after), and the model card copied from 
 With ``tta`` the maps are test-time augmented and the result goes to ``postprocess_tta`` (and the record to
 ``training.postprocess_tuning_tta``): runs with ``--tta`` use those thresholds, plain runs keep theirs.
 
+With a fine-tuning config (``--points``) the maps are those of its held-back images with point annotations
+(e.g. nuclei clicked in QuPath), and the grid is searched for the best point detection F1 within the
+config's ``test.radius_um``: thresholds fitted to what a lab clicked, with no outlines drawn.
+
 Use it after a change of the post-processing (a new threshold, such as ``centre_h``), or to fit the
 thresholds of a shipped model to a lab's own annotated images.
 """
@@ -38,13 +42,15 @@ from histopan.inference import TileInferencer
 from histopan.model.checkpoint import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, LoadedModel, load_model
 from histopan.model.config import ModelConfig
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps
-from histopan.training.config import TrainConfig
+from histopan.training.config import FinetuneConfig, TrainConfig
 from histopan.training.data import Sample, load_nucleus_set, load_tile_set
-from histopan.training.loop import VAL_TILE_MAX, ValidationMaps, _centre_crop, _jsonable, score_maps, tune_postprocess
+from histopan.training.finetune import _point_items, score_points
+from histopan.training.loop import VAL_TILE_MAX, ValidationMaps, _centre_crop, _jsonable, grid_search, score_maps
+from histopan.training.sparse_data import load_finetune_data
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RetuneResult", "retune", "validation_maps", "write_tuned"]
+__all__ = ["RetuneResult", "point_maps", "retune", "validation_maps", "write_tuned"]
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,11 @@ class RetuneResult:
 
     model: str
     postprocess: PostprocessConfig
+    metric: str  # "pq" (a training config's val images) or "detection_f1" (a fine-tuning config's points)
     before: dict[str, Any]
     after: dict[str, Any]
+    before_value: float
+    after_value: float
     trials: list[dict[str, Any]]
     tta: bool
     out: Path | None
@@ -131,21 +140,55 @@ def write_tuned(loaded: LoadedModel, config: ModelConfig, out: Path) -> Path:
     return out
 
 
-def retune(model: str | Path, config: TrainConfig, *, tta: bool = False, device: str | torch.device | None = None,
-           out: str | Path | None = None, command: str | None = None, config_path: str | Path | None = None
-           ) -> RetuneResult:
-    """Search ``config.tune`` for the thresholds with the best validation PQ of ``model``; see the module
-    docstring.  With ``out``, write the re-tuned model folder there (it may be the model's own folder)."""
+def point_maps(model: LoadedModel, config: FinetuneConfig, *, tta: bool = False,
+               device: str | torch.device | None = None) -> tuple[list[tuple], list[ProbabilityMaps]]:
+    """The held-back images of a fine-tuning config that carry point annotations (at the model's mpp), and
+    their maps from the pipeline's tile + halo windows, optionally with TTA."""
+    items = _point_items(load_finetune_data(config, model.config).val)
+    if not items:
+        raise ConfigError("the fine-tuning config holds back no image with point annotations to tune on",
+                          value=config.name, fix="name some annotated images under 'val' of an annotation set")
+    inferencer = TileInferencer(model, device=device, tta=tta)
+    return items, [inferencer.predict_image(image) for _, image, _, _ in items]
+
+
+def retune(model: str | Path, config: TrainConfig | FinetuneConfig, *, tta: bool = False,
+           device: str | torch.device | None = None, out: str | Path | None = None, command: str | None = None,
+           config_path: str | Path | None = None) -> RetuneResult:
+    """Search ``config.tune`` for the thresholds that score best on ``config``'s validation data; see the
+    module docstring.  A :class:`TrainConfig` scores nucleus PQ on its ``val`` images; a
+    :class:`FinetuneConfig` scores point detection F1 on its held-back point annotations.  With ``out``,
+    write the re-tuned model folder there (it may be the model's own folder)."""
     loaded = load_model(model)
     started = time.perf_counter()
-    maps = validation_maps(loaded, config, tta=tta, device=device)
     mc = loaded.config
     run_config = mc.for_tta(tta)  # a TTA tuning starts from (and replaces) the model's TTA thresholds, if any
-    before = score_maps(maps, run_config, run_config.postprocess)
-    best, after, trials = tune_postprocess(maps, run_config, config)
-    seconds = time.perf_counter() - started
-    log.info("validation PQ %.4f with the model's thresholds, %.4f tuned (%d trials, %.0f s)", before["pq"],
-             after["pq"], len(trials), seconds)
+    if isinstance(config, FinetuneConfig):
+        items, pmaps = point_maps(loaded, config, tta=tta, device=device)
+        radius = config.test.radius_um
+
+        def scores(pp: PostprocessConfig) -> dict[str, Any]:
+            return score_points(items, pmaps, dataclasses.replace(run_config, postprocess=pp), radius)
+
+        metric, value, quick = "detection_f1", (lambda s: s["detection"]["f1"]), None
+        data = {"heldback_point_images": len(items), "points": int(sum(len(it[2]) for it in items)),
+                "radius_um": radius}
+    else:
+        maps = validation_maps(loaded, config, tta=tta, device=device)
+
+        def scores(pp: PostprocessConfig) -> dict[str, Any]:
+            return {"resolution": "scored at each image's own resolution", **score_maps(maps, run_config, pp)}
+
+        def quick(pp: PostprocessConfig) -> float:  # the trials skip AJI
+            return score_maps(maps, run_config, pp, with_aji=False)["pq"]
+
+        metric, value = "pq", (lambda s: s["pq"])
+        data = {"validation_images": len(maps.nuclei), "validation_tiles": len(maps.tiles)}
+    before = scores(run_config.postprocess)
+    best, trials = grid_search(config.tune, run_config.postprocess, quick or (lambda pp: value(scores(pp))), metric)
+    after = scores(best)
+    log.info("%s %.4f with the model's thresholds, %.4f tuned (%d trials, %.0f s)", metric, value(before),
+             value(after), len(trials), time.perf_counter() - started)
     written = None
     if out is not None:
         record = dict(mc.training or {})
@@ -155,15 +198,15 @@ def retune(model: str | Path, config: TrainConfig, *, tta: bool = False, device:
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config": None if config_path is None else str(config_path),
             "tta": tta,
+            "metric": metric,
             "grid": to_dict(config.tune),
             "trials": len(trials),
-            "validation_images": len(maps.nuclei), "validation_tiles": len(maps.tiles),
+            **data,
             "before": {"postprocess": to_dict(run_config.postprocess), **before},
-            "validation": {"resolution": "scored at each image's own resolution", **after},
+            "validation": after,
         })
         final = (dataclasses.replace(mc, postprocess_tta=best, training=record) if tta
                  else dataclasses.replace(mc, postprocess=best, training=record))
         written = write_tuned(loaded, final, Path(out))
-    return RetuneResult(model=str(model), postprocess=best, before=before, after=after, trials=trials, tta=tta,
-                        out=written)
-
+    return RetuneResult(model=str(model), postprocess=best, metric=metric, before=before, after=after,
+                        before_value=value(before), after_value=value(after), trials=trials, tta=tta, out=written)
