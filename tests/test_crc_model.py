@@ -32,10 +32,14 @@ def test_model_folder_is_the_default_plus_a_type_head(crc_model):
     default = load_model("default")
     assert crc_model.config.type_names == TYPES
     assert crc_model.config.class_names == default.config.class_names
-    # the base's thresholds travelled along; the default was re-tuned with centre_h afterwards, which lowered
-    # detection on the CRC points (see the default model card), so the CRC model keeps the earlier ones
-    before_retune = default.config.training["postprocess_tuning"]["before"]["postprocess"]
-    assert crc_model.config.postprocess == PostprocessConfig(**before_retune)
+    # the base's thresholds travelled along (the default's before its own centre_h re-tune), and were then
+    # fitted to the held-back CRC points by detection F1 (histopan tune --points)
+    base_pp = PostprocessConfig(**default.config.training["postprocess_tuning"]["before"]["postprocess"])
+    tuning = crc_model.config.training["postprocess_tuning"]
+    assert PostprocessConfig(**tuning["before"]["postprocess"]) == base_pp
+    assert tuning["metric"] == "detection_f1" and tuning["heldback_point_images"] == 10
+    assert tuning["validation"]["detection"]["f1"] > tuning["before"]["detection"]["f1"]
+    assert crc_model.config.postprocess != base_pp
     assert (MODEL / "weights.safetensors").stat().st_size < 30e6
     record = crc_model.config.training
     assert record["kind"] == "finetune" and record["base"]["weights_sha256"] == default.weights_sha256
