@@ -129,15 +129,14 @@ def _markers(centre: np.ndarray, mask: np.ndarray, components: np.ndarray, n_com
     """Marker image: centre-map peaks inside the mask, plus one marker per mask component without a peak.
 
     A peak is a mask pixel above ``threshold`` that is the maximum of the (masked) centre map within
-    ``min_distance_px`` (Chebyshev) and, with ``h`` > 0, lies in an h-maximum of the masked map (a dome at
-    least ``h`` high; the map is 0 outside the mask, so domes never reach across it); a flat top gives one
-    marker.  Vectorised over the tile.
+    ``min_distance_px`` (Chebyshev) and, with ``h`` > 0, lies in an h-maximum of its mask component's map
+    (a dome at least ``h`` high, :func:`_h_peaks`); a flat top gives one marker.
     """
     masked = np.where(mask, centre, -np.inf).astype(np.float32)
     size = 2 * min_distance_px + 1
     peak = mask & (masked >= threshold) & (masked == ndi.maximum_filter(masked, size=size, mode="nearest"))
     if h > 0:
-        peak &= h_maxima(np.where(mask, centre, 0.0).astype(np.float64), h).astype(bool)
+        peak = _h_peaks(peak, centre, components, h)
     markers = np.zeros(mask.shape, dtype=np.int32)
     plateaus, n_peaks = ndi.label(peak, structure=np.ones((3, 3), bool))
     if n_peaks:
@@ -155,6 +154,29 @@ def _markers(centre: np.ndarray, mask: np.ndarray, components: np.ndarray, n_com
         for k, (r, c) in enumerate(deepest):
             markers[r, c] = start + k
     return markers
+
+
+def _h_peaks(peak: np.ndarray, centre: np.ndarray, components: np.ndarray, h: float) -> np.ndarray:
+    """The peaks that lie in an h-maximum of their mask component's centre map (the mask's edge counting as
+    0): a dome at least ``h`` high.  Only components with two or more peaks need the morphological test,
+    each on its own bounding box, so the cost follows the crowded nuclei, not the tile; a lone peak is its
+    component's highest point and needs only to stand ``h`` above the edge.
+    """
+    peak = peak & (centre >= h)
+    labels = components[peak]
+    counts = np.bincount(labels, minlength=int(components.max()) + 1)
+    crowded = np.flatnonzero(counts >= 2)
+    if not len(crowded):
+        return peak
+    keep = peak.copy()
+    boxes = ndi.find_objects(components)
+    for k in crowded:
+        box = boxes[k - 1]
+        inside = components[box] == k
+        dome = np.pad(np.where(inside, centre[box], 0.0).astype(np.float64), 1)
+        tops = h_maxima(dome, h)[1:-1, 1:-1].astype(bool)
+        keep[box] &= ~inside | tops
+    return keep
 
 
 def _fill_holes(instances: np.ndarray) -> np.ndarray:
