@@ -184,6 +184,17 @@ def _tune_run(args: argparse.Namespace) -> int:
     from histopan.training.config import read_finetune_config, read_train_config
     from histopan.training.retune import retune
 
+    from histopan.config import load_yaml
+
+    keys = set(load_yaml(args.config))
+    if not args.points and keys & {"annotations", "slides", "base"}:
+        raise ConfigError("this is a fine-tuning config; histopan tune reads it only with --points", path=args.config,
+                          value=sorted(keys & {"annotations", "slides", "base"}),
+                          fix="add --points to tune for point detection F1 on its held-back annotations")
+    if args.points and keys & {"nuclei", "extends"}:  # fine-tuning configs have neither
+        raise ConfigError("--points needs a fine-tuning config, and this is a training config", path=args.config,
+                          value=sorted(keys & {"nuclei", "extends"}),
+                          fix="drop --points to tune for nucleus PQ on its 'val' images")
     config = read_finetune_config(args.config) if args.points else read_train_config(args.config)
     command = " ".join(["histopan tune", args.model, "--config", args.config] + (["--points"] if args.points else [])
                        + (["--tta"] if args.tta else []) + (["--out", args.out] if args.out else []))

@@ -427,7 +427,8 @@ def test_histopan_tune_points_fits_thresholds_to_held_back_points(reference, tmp
     pp = tuned.config.postprocess
     assert pp.nucleus_threshold in (0.1, 0.3) and pp.min_distance_um in (1.0, 3.0) and pp.centre_threshold == 0.1
     assert tuned.config.type_names == before.config.type_names  # the type head travels along
-    # a training config is not a fine-tuning config: --points names the file and the fix
+    # a fine-tuning config without --points is refused, naming the file and the fix
     capsys.readouterr()
     assert main(["tune", str(model), "--config", str(cfg), "--device", "cpu"]) == 2
-    assert str(cfg) in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "--points" in err

@@ -323,3 +323,6 @@ def test_histopan_tune_searches_the_grid_and_writes_the_same_weights_with_new_th
     assert main(["tune", str(trained.model_dir), "--config", str(tmp_path / "noval.yaml"), "--out",
                  str(tmp_path / "never")]) == 2
     assert "no validation images" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    # and --points wants a fine-tuning config
+    assert main(["tune", str(trained.model_dir), "--config", str(tmp_path / "tune.yaml"), "--points"]) == 2
+    assert "fine-tuning config" in capsys.readouterr().err
