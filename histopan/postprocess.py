@@ -158,9 +158,11 @@ def _markers(centre: np.ndarray, mask: np.ndarray, components: np.ndarray, n_com
 
 def _h_peaks(peak: np.ndarray, centre: np.ndarray, components: np.ndarray, h: float) -> np.ndarray:
     """The peaks that lie in an h-maximum of their mask component's centre map (the mask's edge counting as
-    0): a dome at least ``h`` high.  Only components with two or more peaks need the morphological test,
-    each on its own bounding box, so the cost follows the crowded nuclei, not the tile; a lone peak is its
-    component's highest point and needs only to stand ``h`` above the edge.
+    0): a peak of value v is kept when no higher pixel can be reached from it without going below v - h.
+
+    A lone peak is its component's highest point and needs only v >= h.  In a component with several peaks
+    each one is checked by labelling the component's pixels above v - h on the component's bounding box, so
+    the cost follows the crowded nuclei, not the tile.
     """
     peak = peak & (centre >= h)
     labels = components[peak]
@@ -170,12 +172,20 @@ def _h_peaks(peak: np.ndarray, centre: np.ndarray, components: np.ndarray, h: fl
         return peak
     keep = peak.copy()
     boxes = ndi.find_objects(components)
+    eight = np.ones((3, 3), bool)
     for k in crowded:
         box = boxes[k - 1]
         inside = components[box] == k
-        dome = np.pad(np.where(inside, centre[box], 0.0).astype(np.float64), 1)
-        tops = h_maxima(dome, h)[1:-1, 1:-1].astype(bool)
-        keep[box] &= ~inside | tops
+        values = np.where(inside, centre[box], -np.inf)
+        top = values.max()
+        rows, cols = np.nonzero(peak[box] & inside)
+        for r, c in zip(rows, cols):
+            v = values[r, c]
+            if v >= top:
+                continue
+            above, _ = ndi.label(values > v - h, structure=eight)
+            if values[above == above[r, c]].max() > v:  # a higher pixel within reach: not a centre
+                keep[box][r, c] = False
     return keep
 
 

@@ -237,3 +237,29 @@ def test_centre_h_keeps_one_marker_for_a_shallow_dip_and_two_for_a_deep_one():
 def test_centre_h_outside_0_1_is_refused(bad):
     with pytest.raises(ValueError, match="centre_h"):
         PostprocessConfig(centre_h=bad)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_h_peaks_equal_skimage_h_maxima_per_component(seed):
+    """The peak test keeps exactly the peaks that skimage's h_maxima finds on each mask component (its
+    bounding box, 0 outside the component and around it)."""
+    from skimage.morphology import h_maxima
+
+    from histopan.postprocess import _h_peaks
+
+    rng = np.random.default_rng(seed)
+    centre = ndi.gaussian_filter(rng.random((120, 120)), 3)
+    centre = (centre - centre.min()) / (centre.max() - centre.min())
+    mask = ndi.gaussian_filter(rng.random((120, 120)), 4) > 0.5
+    components, _ = ndi.label(mask)
+    peak = mask & (centre == ndi.maximum_filter(np.where(mask, centre, -1.0), size=3))
+    got = _h_peaks(peak, centre, components, 0.05)
+    expected = peak & (centre >= 0.05)
+    for k, box in enumerate(ndi.find_objects(components), start=1):
+        inside = components[box] == k
+        if (peak[box] & inside).sum() < 2:
+            continue
+        dome = np.pad(np.where(inside, centre[box], 0.0), 1)
+        expected[box] &= ~inside | h_maxima(dome, 0.05)[1:-1, 1:-1].astype(bool)
+    assert np.array_equal(got, expected)
+    assert got.sum() < peak.sum()  # the test removed some peaks, so it was exercised
