@@ -50,36 +50,24 @@ def run_child(slide: Path, out: Path, model: str, threads: int, tta: bool) -> di
 
 
 def validation_pq(model_name: str, config_path: Path, threads: int) -> dict:
-    """PQ of the model on the config's validation images, plain and with TTA, with the model's thresholds."""
+    """PQ of the model on the config's validation images, plain and with TTA, each with the thresholds its
+    runs use (:func:`histopan.training.retune.validation_maps`: the pipeline's windows, own resolution)."""
     import torch
-    import torch.nn.functional as F
 
-    from histopan.inference import TileInferencer
     from histopan.model.checkpoint import load_model
-    from histopan.postprocess import ProbabilityMaps
     from histopan.training.config import read_train_config
-    from histopan.training.data import load_nucleus_set
-    from histopan.training.loop import ValidationMaps, score_maps
+    from histopan.training.loop import score_maps
+    from histopan.training.retune import validation_maps
 
     torch.set_num_threads(threads)
     model = load_model(model_name)
     cfg = model.config
     config = read_train_config(config_path)
-    samples = [s for nset in config.nuclei for s in load_nucleus_set(nset, cfg.mpp, config.crop)[1]]
-    out: dict = {"images": len(samples), "config": str(config_path)}
-
-    def native(maps: ProbabilityMaps, size: tuple[int, int]) -> ProbabilityMaps:
-        """The maps resized (bilinear) to the image's own resolution, as training's validation does."""
-        def up(a):
-            t = torch.from_numpy(a if a.ndim == 3 else a[None])[None]
-            return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
-        return ProbabilityMaps(up(maps.semantic), up(maps.centre)[0], up(maps.boundary)[0])
-
+    out: dict = {"config": str(config_path)}
     for tta in (False, True):
-        inferencer = TileInferencer(model, device="cpu", tta=tta)
         t = time.perf_counter()
-        maps = ValidationMaps(tuple((s, native(inferencer.predict_image(s.image), tuple(s.native_shape)))
-                                    for s in samples), ())
+        maps = validation_maps(model, config, tta=tta, device="cpu", tiles=False)
+        out["images"] = len(maps.nuclei)
         run_cfg = cfg.for_tta(tta)  # TTA runs post-process with the model's postprocess_tta, where it has one
         scores = score_maps(maps, run_cfg, run_cfg.postprocess, with_aji=False)
         scores["postprocess"] = "postprocess_tta" if run_cfg is not cfg else "postprocess"

@@ -181,10 +181,9 @@ def _tune_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _tune_run(args: argparse.Namespace) -> int:
+    from histopan.config import load_yaml
     from histopan.training.config import read_finetune_config, read_train_config
     from histopan.training.retune import retune
-
-    from histopan.config import load_yaml
 
     keys = set(load_yaml(args.config))
     if not args.points and keys & {"annotations", "slides", "base"}:
@@ -208,7 +207,7 @@ def _tune_run(args: argparse.Namespace) -> int:
         d = a["detection"]
         detail = f"precision {d['precision']:.4f}, recall {d['recall']:.4f}"
         what = "held-back point detection F1"
-    print(f"{what} {result.before_value:.4f} with the model's thresholds -> {result.after_value:.4f} tuned "
+    print(f"{what} {result.value(result.before):.4f} with the model's thresholds -> {result.value(a):.4f} tuned "
           f"({detail}; {len(result.trials)} trials{', TTA maps' if result.tta else ''})")
     print("tuned postprocess: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(result.postprocess).items()))
     if result.out is not None:
@@ -518,8 +517,9 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
     "evaluate": ("score predictions against truth: PQ / SQ / RQ, AJI, Dice, point F1", _evaluate_args, _evaluate_run),
     "train": ("train a model from a training config (checkpoints, validation PQ, tuned thresholds)", _train_args,
               _train_run),
-    "tune": ("re-tune a model's post-processing thresholds on the validation split of a training config (no "
-             "training); --out writes the re-tuned model", _tune_args, _tune_run),
+    "tune": ("re-tune a model's post-processing thresholds without training: nucleus PQ on a training config's "
+             "validation images, or point F1 on a fine-tuning config's held-back points (--points); --out writes "
+             "the re-tuned model", _tune_args, _tune_run),
     "finetune": ("fine-tune a model on sparse annotations (QuPath GeoJSON points / outlines / regions, tile-class "
                  "folders): masked losses, new classes or types, early stopping, before / after figures",
                  _finetune_args, _finetune_run),

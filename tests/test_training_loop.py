@@ -1,5 +1,6 @@
 """The training loop on a tiny network: determinism, resume == uninterrupted, and `histopan train` end to end."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,8 +15,8 @@ from safetensors.torch import load_file
 
 from histopan.cli import main
 from histopan.config import from_dict
-from histopan.errors import ConfigError, DataError
-from histopan.model.checkpoint import load_model
+from histopan.errors import ConfigError, DataError, ModelError
+from histopan.model.checkpoint import load_model, save_config
 from histopan.training.config import TrainConfig, read_train_config
 from histopan.training.data import load_training_data
 from histopan.training.loop import learning_rate, train
@@ -316,6 +317,12 @@ def test_histopan_tune_searches_the_grid_and_writes_the_same_weights_with_new_th
     assert both.for_tta(True).config.postprocess == both.config.postprocess_tta
     assert both.config.training["postprocess_tuning_tta"]["tta"] is True
     assert both.config.training["postprocess_tuning"] == record
+    # a config for another network is never written beside these weights
+    other = dataclasses.replace(both.config, architecture=dataclasses.replace(both.config.architecture,
+                                                                              decoder_channels=(32, 16, 8, 8, 8)))
+    with pytest.raises(ModelError, match="another network"):
+        save_config(both, other, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
     # a config whose data sets hold no validation image is refused, and nothing is written
     (tmp_path / "noval.yaml").write_text(yaml.safe_dump(
         {"model": {"name": "tiny", "architecture": TINY_ARCH, "mpp": 0.5},

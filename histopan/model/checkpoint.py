@@ -17,10 +17,13 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -28,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from histopan.config import to_dict
+from histopan.config import from_dict, to_dict
 from histopan.errors import ConfigError, ModelError
 from histopan.model.config import ModelConfig, read_model_config
 from histopan.model.network import HEAD_KEY, build_network
@@ -45,6 +48,7 @@ __all__ = [
     "load_model",
     "model_search_paths",
     "resolve_model_path",
+    "save_config",
     "save_model",
 ]
 
@@ -232,6 +236,27 @@ def _check_state(state: dict[str, torch.Tensor], metadata: dict[str, str], confi
 
 
 # -- save / load ---------------------------------------------------------------------------------------
+def _config_text(config: ModelConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def _text_writer(text: str) -> Callable[[Path], Any]:
+    return lambda tmp: tmp.write_text(text, encoding="utf-8")
+
+
+def _write_files(folder: Path, files: dict[str, Callable[[Path], Any]]) -> None:
+    """Write each file of ``folder`` through its writer under a temporary name, then rename it into place,
+    so a reader never sees a half-written file."""
+    for name, write in files.items():
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        try:
+            write(tmp)
+            os.replace(tmp, folder / name)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
 def save_model(folder: str | PathLike[str], network: nn.Module, config: ModelConfig, *,
                half: bool = False, card: str | None = None) -> Path:
     """Write ``network``'s weights and ``config`` into ``folder`` (created if needed) and return it.
@@ -260,25 +285,38 @@ def save_model(folder: str | PathLike[str], network: nn.Module, config: ModelCon
         "dtype": "float16" if half else "float32",
     }
     _check_state(state, metadata, config, out / WEIGHTS_FILE, build_network(config))
-    files = {
-        WEIGHTS_FILE: None,
-        CONFIG_FILE: yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True),
+    files: dict[str, Callable[[Path], Any]] = {
+        WEIGHTS_FILE: lambda tmp: save_file(state, str(tmp), metadata=metadata),
+        CONFIG_FILE: _text_writer(_config_text(config)),
     }
     if card is not None:
-        files[CARD_FILE] = card
-    for name, text in files.items():
-        final = out / name
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        try:
-            if text is None:
-                save_file(state, str(tmp), metadata=metadata)
-            else:
-                tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        files[CARD_FILE] = _text_writer(card)
+    _write_files(out, files)
     log.info("saved model %r to %s", config.name, out)
+    return out
+
+
+def save_config(model: LoadedModel, config: ModelConfig, folder: str | PathLike[str]) -> Path:
+    """Write ``model``'s folder to ``folder`` with ``config`` as its ``model.yaml`` (e.g. re-tuned thresholds).
+
+    The weights file and the card are copied byte for byte, so the weights' sha256 (which provenance and
+    derived models record) stays the same; ``folder`` may be the model's own.  ``config`` must read back and
+    describe the same network (checked before anything is written); files go in as :func:`save_model`'s do.
+    """
+    out = Path(folder)
+    text = _config_text(config)
+    config = from_dict(ModelConfig, yaml.safe_load(text), source=out / CONFIG_FILE)
+    if config.n_outputs != model.config.n_outputs or config.architecture != model.config.architecture:
+        raise ModelError("the new model.yaml describes another network than the weights", path=out / CONFIG_FILE,
+                         fix="change only the post-processing or the records of a saved model")
+    out.mkdir(parents=True, exist_ok=True)
+    files = {CONFIG_FILE: _text_writer(text)}
+    if out.resolve() != model.path.resolve():
+        for name in (WEIGHTS_FILE, CARD_FILE):
+            if (model.path / name).is_file():
+                files[name] = lambda tmp, src=model.path / name: shutil.copyfile(src, tmp)
+    _write_files(out, files)
+    log.info("saved model %r to %s (weights sha256 %s)", config.name, out, model.weights_sha256[:12])
     return out
 
 

@@ -169,7 +169,8 @@ class TuneConfig:
     centre_h: tuple[float, ...] = (0.0,)
 
     #: the grid's axes, in the order trials are listed
-    AXES: ClassVar[tuple[str, ...]] = ("nucleus_threshold", "centre_threshold", "boundary_weight", "min_distance_um", "centre_h")
+    AXES: ClassVar[tuple[str, ...]] = ("nucleus_threshold", "centre_threshold", "boundary_weight",
+                                       "min_distance_um", "centre_h")
 
     def __post_init__(self) -> None:
         for name in self.AXES:

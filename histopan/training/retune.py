@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,14 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from histopan import __version__
-from histopan.config import from_dict, to_dict
+from histopan.config import to_dict
 from histopan.errors import ConfigError
 from histopan.inference import TileInferencer
-from histopan.model.checkpoint import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, LoadedModel, load_model
-from histopan.model.config import ModelConfig
+from histopan.model.checkpoint import LoadedModel, load_model, save_config
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps
 from histopan.training.config import FinetuneConfig, TrainConfig
 from histopan.training.data import Sample, load_nucleus_set, load_tile_set
@@ -50,7 +46,7 @@ from histopan.training.sparse_data import load_finetune_data
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RetuneResult", "point_maps", "retune", "validation_maps", "write_tuned"]
+__all__ = ["RetuneResult", "point_maps", "retune", "validation_maps"]
 
 
 @dataclass(frozen=True)
@@ -62,11 +58,13 @@ class RetuneResult:
     metric: str  # "pq" (a training config's val images) or "detection_f1" (a fine-tuning config's points)
     before: dict[str, Any]
     after: dict[str, Any]
-    before_value: float
-    after_value: float
     trials: list[dict[str, Any]]
     tta: bool
     out: Path | None
+
+    def value(self, scores: dict[str, Any]) -> float:
+        """The tuned figure in ``scores`` (``before`` or ``after``)."""
+        return scores["pq"] if self.metric == "pq" else scores["detection"]["f1"]
 
 
 def _resized(maps: ProbabilityMaps, shape: Sequence[int] | None) -> ProbabilityMaps:
@@ -99,45 +97,17 @@ def _validation_samples(model: LoadedModel, config: TrainConfig) -> tuple[list[S
 
 
 def validation_maps(model: LoadedModel, config: TrainConfig, *, tta: bool = False,
-                    device: str | torch.device | None = None) -> ValidationMaps:
-    """Maps of the config's validation images (at their own resolution) and tiles, from the pipeline's
-    tile + halo windows (:meth:`TileInferencer.predict_image`), optionally with TTA."""
-    nuclei, tiles = _validation_samples(model, config)
+                    device: str | torch.device | None = None, tiles: bool = True) -> ValidationMaps:
+    """Maps of the config's validation images (at their own resolution) and, unless ``tiles`` is false, its
+    validation tiles, from the pipeline's tile + halo windows (:meth:`TileInferencer.predict_image`),
+    optionally with TTA."""
+    nuclei, tile_samples = _validation_samples(model, config)
     inferencer = TileInferencer(model, device=device, tta=tta)
     return ValidationMaps(
         tuple((s, _resized(inferencer.predict_image(s.image), s.native_shape)) for s in nuclei),
-        tuple((s, inferencer.predict_image(_centre_crop(s.image, VAL_TILE_MAX))) for s in tiles),
+        tuple((s, inferencer.predict_image(_centre_crop(s.image, VAL_TILE_MAX))) for s in tile_samples)
+        if tiles else (),
     )
-
-
-def write_tuned(loaded: LoadedModel, config: ModelConfig, out: Path) -> Path:
-    """Write ``loaded``'s model folder to ``out`` with ``config`` as its ``model.yaml``.
-
-    The weights file is copied byte for byte (its sha256, which provenance and derived models record, stays
-    the same) and the card is copied; every file goes in under a temporary name and is then renamed, so a
-    reader never sees a half-written folder.  ``out`` may be the model's own folder.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
-    from_dict(ModelConfig, yaml.safe_load(text), source=out / CONFIG_FILE)  # reads back, before any write
-    sources = {CONFIG_FILE: text}
-    if out.resolve() != loaded.path.resolve():
-        sources[WEIGHTS_FILE] = loaded.path / WEIGHTS_FILE
-        if (loaded.path / CARD_FILE).is_file():
-            sources[CARD_FILE] = loaded.path / CARD_FILE
-    for name, source in sources.items():
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        try:
-            if isinstance(source, Path):
-                shutil.copyfile(source, tmp)
-            else:
-                tmp.write_text(source, encoding="utf-8")
-            os.replace(tmp, out / name)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    log.info("wrote the re-tuned model %r to %s", config.name, out)
-    return out
 
 
 def point_maps(model: LoadedModel, config: FinetuneConfig, *, tta: bool = False,
@@ -170,7 +140,10 @@ def retune(model: str | Path, config: TrainConfig | FinetuneConfig, *, tta: bool
         def scores(pp: PostprocessConfig) -> dict[str, Any]:
             return score_points(items, pmaps, dataclasses.replace(run_config, postprocess=pp), radius)
 
-        metric, value, quick = "detection_f1", (lambda s: s["detection"]["f1"]), None
+        def trial(pp: PostprocessConfig) -> float:
+            return scores(pp)["detection"]["f1"]
+
+        metric = "detection_f1"
         data = {"heldback_point_images": len(items), "points": int(sum(len(it[2]) for it in items)),
                 "radius_um": radius}
     else:
@@ -179,16 +152,14 @@ def retune(model: str | Path, config: TrainConfig | FinetuneConfig, *, tta: bool
         def scores(pp: PostprocessConfig) -> dict[str, Any]:
             return {"resolution": "scored at each image's own resolution", **score_maps(maps, run_config, pp)}
 
-        def quick(pp: PostprocessConfig) -> float:  # the trials skip AJI
+        def trial(pp: PostprocessConfig) -> float:  # the trials skip AJI
             return score_maps(maps, run_config, pp, with_aji=False)["pq"]
 
-        metric, value = "pq", (lambda s: s["pq"])
+        metric = "pq"
         data = {"validation_images": len(maps.nuclei), "validation_tiles": len(maps.tiles)}
     before = scores(run_config.postprocess)
-    best, trials = grid_search(config.tune, run_config.postprocess, quick or (lambda pp: value(scores(pp))), metric)
+    best, trials = grid_search(config.tune, run_config.postprocess, trial, metric)
     after = scores(best)
-    log.info("%s %.4f with the model's thresholds, %.4f tuned (%d trials, %.0f s)", metric, value(before),
-             value(after), len(trials), time.perf_counter() - started)
     written = None
     if out is not None:
         record = dict(mc.training or {})
@@ -207,6 +178,9 @@ def retune(model: str | Path, config: TrainConfig | FinetuneConfig, *, tta: bool
         })
         final = (dataclasses.replace(mc, postprocess_tta=best, training=record) if tta
                  else dataclasses.replace(mc, postprocess=best, training=record))
-        written = write_tuned(loaded, final, Path(out))
-    return RetuneResult(model=str(model), postprocess=best, metric=metric, before=before, after=after,
-                        before_value=value(before), after_value=value(after), trials=trials, tta=tta, out=written)
+        written = save_config(loaded, final, out)
+    result = RetuneResult(model=str(model), postprocess=best, metric=metric, before=before, after=after,
+                          trials=trials, tta=tta, out=written)
+    log.info("%s %.4f with the model's thresholds, %.4f tuned (%d trials, %.0f s)", metric, result.value(before),
+             result.value(after), len(trials), time.perf_counter() - started)
+    return result
