@@ -101,6 +101,39 @@ def test_resume_gives_the_same_state_as_uninterrupted(tmp_path):
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_ema_weights_are_validated_exported_and_resumed(tmp_path):
+    cfg = _config(_synthetic_set(tmp_path / "data"), ema=0.75)
+    data = load_training_data(cfg)
+    full = train(cfg, tmp_path / "full", progress=False, data=data)
+    assert train(cfg, tmp_path / "staged", progress=False, data=data, stop_after=1) is None
+    last = tmp_path / "staged" / "checkpoints" / "last"
+    w1 = load_file(str(last / "weights.safetensors"))
+    e1 = load_file(str(last / "ema.safetensors"))
+    assert e1.pop("n_averaged").item() == 1  # the first update copies the weights
+    assert all(torch.equal(w1[k], e1[k]) for k in w1)
+    staged = train(cfg, tmp_path / "staged", resume=True, progress=False, data=data)
+    w2 = load_file(str(last / "weights.safetensors"))
+    e2 = load_file(str(last / "ema.safetensors"))
+    assert e2.pop("n_averaged").item() == 2
+    floats = [k for k in w2 if w2[k].is_floating_point()]
+    assert any(not torch.equal(w2[k], e2[k]) for k in floats)
+    for k in floats:  # average = decay * previous average + (1 - decay) * new weights
+        torch.testing.assert_close(e2[k], 0.75 * e1[k] + 0.25 * w2[k])
+    # the run resumed from a checkpoint equals the uninterrupted one, the average included
+    for part in ("weights", "ema"):
+        a = load_file(str(full.run_dir / "checkpoints" / "last" / f"{part}.safetensors"))
+        b = load_file(str(last / f"{part}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # validation, the best checkpoint and the exported model hold the average, not the raw weights
+    best = load_file(str(staged.run_dir / "checkpoints" / "best" / "weights.safetensors"))
+    averaged = e2 if staged.best_epoch == 2 else e1
+    assert all(torch.equal(best[k], averaged[k]) for k in best)
+    exported = load_file(str(staged.model_dir / "weights.safetensors"))
+    assert all(torch.equal(exported[k], best[k]) for k in best)
+    with pytest.raises(ConfigError, match="ema"):
+        _config(tmp_path / "data", ema=1.0)
+
+
 def test_init_starts_from_a_model_and_a_mismatch_is_refused(tmp_path):
     data_dir = _synthetic_set(tmp_path / "data")
     first = train(_config(data_dir), tmp_path / "first", progress=False)

@@ -189,6 +189,9 @@ class TrainConfig:
     ``model.architecture``; output channels are matched by class name (new classes start fresh).
     ``workers`` > 0 makes the training crops in that many background processes (a GPU is otherwise kept
     waiting by the CPU); crop ``i`` is the same whatever the number of workers, so the run is too.
+    ``ema`` (a decay such as 0.999) keeps an exponential moving average of the weights and batch-norm
+    statistics, updated after every step; validation, the best checkpoint and the exported model use the
+    average instead of the raw weights, which smooths out the noise of small batches.
     """
 
     model: ModelConfig
@@ -209,6 +212,7 @@ class TrainConfig:
     max_minutes: float | None = None
     val_max_images: int | None = None
     init: str | None = None
+    ema: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -239,6 +243,8 @@ class TrainConfig:
             raise ValueError(f"val_max_images must be >= 1, got {self.val_max_images}")
         if self.init is not None and not str(self.init).strip():
             raise ValueError("init must name a model (a name such as 'default' or a model folder), got ''")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must be a decay within 0..1 (e.g. 0.999) or absent, got {self.ema}")
         stuff = {self.model.classes[i].name for i in self.model.stuff_indices}
         for tiles in self.tiles:
             for folder, name in tiles.classes.items():

@@ -5,7 +5,8 @@ A run folder holds::
     train.yaml              the TrainConfig of the run
     metrics.jsonl           one JSON object per epoch (losses, learning rate, validation scores, time)
     curves.png              losses and validation PQ per epoch
-    checkpoints/last/       weights.safetensors, optimizer.safetensors, state.json (resume point)
+    checkpoints/last/       weights.safetensors, optimizer.safetensors, state.json (resume point), and
+                            ema.safetensors when the run keeps a moving average of the weights (``ema``)
     checkpoints/best/       weights.safetensors of the epoch with the best validation PQ
     model/                  the exported model folder (best weights + tuned post-processing thresholds)
 
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from histopan import __version__
@@ -63,6 +65,7 @@ __all__ = ["TrainResult", "ValidationMaps", "learning_rate", "predict_maps", "sc
 STATE_FILE = "state.json"
 WEIGHTS = "weights.safetensors"
 OPTIMIZER = "optimizer.safetensors"
+EMA = "ema.safetensors"
 
 
 @dataclass(frozen=True)
@@ -141,12 +144,20 @@ def _hardware(device: torch.device, config: TrainConfig) -> dict[str, Any]:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
+def _tensors(network: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+
+
 def _save_checkpoint(folder: Path, network: nn.Module, optimizer: torch.optim.Optimizer,
-                     state: dict[str, Any]) -> None:
+                     state: dict[str, Any], ema: AveragedModel | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(tmp / WEIGHTS))
+    save_file(_tensors(network), str(tmp / WEIGHTS))
+    names = [WEIGHTS, OPTIMIZER, STATE_FILE]
+    if ema is not None:
+        save_file({**_tensors(ema.module), "n_averaged": ema.n_averaged.detach().cpu()}, str(tmp / EMA))
+        names.append(EMA)
     opt_tensors: dict[str, torch.Tensor] = {}
     opt_state = optimizer.state_dict()
     for pid, pstate in opt_state["state"].items():
@@ -156,7 +167,7 @@ def _save_checkpoint(folder: Path, network: nn.Module, optimizer: torch.optim.Op
     opt_tensors["torch_rng"] = torch.get_rng_state()
     save_file(opt_tensors, str(tmp / OPTIMIZER))
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, allow_nan=True), encoding="utf-8")
-    for name in (WEIGHTS, OPTIMIZER, STATE_FILE):
+    for name in names:
         (tmp / name).replace(folder / name)
     tmp.rmdir()
 
@@ -171,8 +182,8 @@ def _read_state(folder: Path) -> dict[str, Any]:
 
 
 def _load_checkpoint(folder: Path, network: nn.Module, optimizer: torch.optim.Optimizer,
-                     device: torch.device) -> dict[str, Any]:
-    for name in (WEIGHTS, OPTIMIZER, STATE_FILE):
+                     device: torch.device, ema: AveragedModel | None = None) -> dict[str, Any]:
+    for name in (WEIGHTS, OPTIMIZER, STATE_FILE) + ((EMA,) if ema is not None else ()):
         if not (folder / name).is_file():
             raise DataError(f"resume checkpoint is incomplete: {name} is missing", path=folder,
                             fix="start a new run (without --resume) or point --out at a complete run")
@@ -186,6 +197,10 @@ def _load_checkpoint(folder: Path, network: nn.Module, optimizer: torch.optim.Op
         per_param.setdefault(int(pid), {})[name] = value.to(device) if name != "step" else value
     opt_state["state"] = per_param
     optimizer.load_state_dict(opt_state)
+    if ema is not None:
+        averaged = load_file(str(folder / EMA), device=str(device))
+        ema.n_averaged.copy_(averaged.pop("n_averaged"))
+        ema.module.load_state_dict(averaged)
     return _read_state(folder)
 
 
@@ -468,11 +483,15 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
         network = network.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     use_amp, amp_dtype, scaler = amp_setup(device)
+    # the moving average also averages the batch-norm statistics (use_buffers), so it needs no extra pass
+    ema = None if config.ema is None else AveragedModel(
+        network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    evaluated = network if ema is None else ema.module
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "best_pq": -1.0, "best_epoch": -1, "history": [],
                              "train_seconds": 0.0, "done": False}
     if resume:
-        state = _load_checkpoint(last_dir, network, optimizer, device)
+        state = _load_checkpoint(last_dir, network, optimizer, device, ema)
         log.info("resuming %s at step %d (epoch %d)", run, state["step"], state["epoch"])
     state["hardware"] = _hardware(device, config)
     state.setdefault("command", command)  # the command that started the run, kept when it is resumed
@@ -502,6 +521,8 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
                 out = network(x)
             loss, terms = total_loss(split_outputs(out.float(), model), batch, model.nucleus_index, config.loss)
             optimizer_step(optimizer, scaler, loss)
+            if ema is not None:
+                ema.update_parameters(network)
             state["step"] = step + 1
             n += 1
             for k, v in terms.items():
@@ -514,7 +535,7 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
                 break
         bar.close()
         state["train_seconds"] += time.time() - t0
-        val = score_maps(_validation_maps(network, data, config, device), model, model.postprocess)
+        val = score_maps(_validation_maps(evaluated, data, config, device), model, model.postprocess)
         state["epoch"] = epoch + 1
         record = append_record(state["history"], metrics_path, {
             "epoch": epoch + 1, "step": state["step"], "lr": lr, "seconds": round(time.time() - t0, 1),
@@ -525,10 +546,10 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
                  if "stuff_tile_accuracy" in val else "")
         if val["pq"] > state["best_pq"]:
             state["best_pq"], state["best_epoch"] = float(val["pq"]), epoch + 1
-            _save_checkpoint(best_dir, network, optimizer, {"epoch": epoch + 1, "val": _jsonable(val)})
+            _save_checkpoint(best_dir, evaluated, optimizer, {"epoch": epoch + 1, "val": _jsonable(val)})
         if state["epoch"] >= config.epochs:
             state["done"] = True
-        _save_checkpoint(last_dir, network, optimizer, state)
+        _save_checkpoint(last_dir, network, optimizer, state, ema)
         _plot(state["history"], run / "curves.png")
         epochs_this_call += 1
         if stop_after is not None and epochs_this_call >= stop_after and not state["done"]:
