@@ -32,9 +32,11 @@ def test_model_folder_is_the_default_plus_a_type_head(crc_model):
     default = load_model("default")
     assert crc_model.config.type_names == TYPES
     assert crc_model.config.class_names == default.config.class_names
-    # the base's thresholds travelled along (the default's before its own centre_h re-tune), and were then
+    # the base was the default's stage 3, whose record the shipped default (stage 4) keeps as init_training;
+    # the base's thresholds travelled along (stage 3's before its own centre_h re-tune), and were then
     # fitted to the held-back CRC points by detection F1 (histopan tune --points)
-    base_pp = PostprocessConfig(**default.config.training["postprocess_tuning"]["before"]["postprocess"])
+    stage3 = default.config.training["init_training"]
+    base_pp = PostprocessConfig(**stage3["postprocess_tuning"]["before"]["postprocess"])
     tuning = crc_model.config.training["postprocess_tuning"]
     assert PostprocessConfig(**tuning["before"]["postprocess"]) == base_pp
     assert tuning["metric"] == "detection_f1" and tuning["heldback_point_images"] == 10
@@ -42,7 +44,7 @@ def test_model_folder_is_the_default_plus_a_type_head(crc_model):
     assert crc_model.config.postprocess != base_pp
     assert (MODEL / "weights.safetensors").stat().st_size < 30e6
     record = crc_model.config.training
-    assert record["kind"] == "finetune" and record["base"]["weights_sha256"] == default.weights_sha256
+    assert record["kind"] == "finetune" and record["base"]["weights_sha256"] == default.config.training["init_weights_sha256"]
     card = (MODEL / "README.md").read_text(encoding="utf-8")
     assert "| test point detection F1 |" in card and "Sirinukunwattana" in card
 

@@ -239,6 +239,15 @@ def test_shipped_default_training_configs_read():
     # the shipped pack signature: the GPU run's config packs the same data as stage 2's
     from histopan.training.packed import data_signature
     assert data_signature(gpu) == data_signature(warm)
+    # stage 4 (CPU, moving average) repeats the shipped model's section: its network, geometry and thresholds
+    stage4 = read_train_config(repo_root / "models" / "default" / "train-stage4.yaml")
+    shipped = load_model("default").config
+    assert (stage4.model.architecture, stage4.model.classes) == (shipped.architecture, shipped.classes)
+    assert (stage4.model.tile, stage4.model.halo, stage4.model.mpp) == (shipped.tile, shipped.halo, shipped.mpp)
+    assert stage4.model.postprocess.centre_h > 0 and stage4.tiles == warm.tiles
+    assert (stage4.ema, stage4.lr, stage4.epochs * stage4.steps_per_epoch, stage4.nuclei[0].weight) == (
+        0.999, 0.0002, 2800, 4.0)
+    assert Path(stage4.init) == (repo_root / "models" / "default").resolve()
 
 
 def test_stuff_tile_scores_count_the_argmax_and_the_true_class_share():
