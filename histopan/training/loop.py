@@ -7,7 +7,8 @@ A run folder holds::
     curves.png              losses and validation PQ per epoch
     checkpoints/last/       weights.safetensors, optimizer.safetensors, state.json (resume point), and
                             ema.safetensors when the run keeps a moving average of the weights (``ema``)
-    checkpoints/best/       weights.safetensors of the epoch with the best validation PQ
+    checkpoints/best/       weights.safetensors of the epoch with the best validation PQ (the averaged
+                            weights when the run keeps a moving average)
     model/                  the exported model folder (best weights + tuned post-processing thresholds)
 
 Everything is saved with safetensors and JSON; nothing is pickled.  Crop ``i`` of a run depends only on the
