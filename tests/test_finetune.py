@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import histopan
 from histopan.cli import main
-from histopan.config import from_dict
+from histopan.config import from_dict, to_dict
 from histopan.model.checkpoint import load_model, save_model
 from histopan.model.config import ModelConfig
 from histopan.model.network import build_network
@@ -432,3 +432,34 @@ def test_histopan_tune_points_fits_thresholds_to_held_back_points(reference, tmp
     assert main(["tune", str(model), "--config", str(cfg), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert str(cfg) in err and "--points" in err
+
+
+def test_fit_thresholds_fits_the_exported_thresholds_to_the_held_back_points(tmp_path, base, capsys):
+    """`fit_thresholds: true`: the run searches its `tune` grid on the held-back points after training and
+    exports the model with the best thresholds, its after figures and its card measured with them."""
+    grid = {"nucleus_threshold": [0.1, 0.3], "centre_threshold": [0.1], "boundary_weight": [0.5],
+            "min_distance_um": [1.0, 3.0], "centre_h": [0.0]}
+    cfg = _config(tmp_path, base, fit_thresholds=True, tune=grid)
+    assert main(["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    model = load_model(tmp_path / "run" / "model")
+    record = model.config.training
+    tuning = record["postprocess_tuning"]
+    assert tuning["metric"] == "detection_f1" and tuning["trials"] == 4 and tuning["heldback_point_images"] == 1
+    assert tuning["points"] == 6 and tuning["grid"]["nucleus_threshold"] == [0.1, 0.3]
+    best = max(tuning["validation"]["detection"]["f1"], tuning["before"]["detection"]["f1"])
+    assert tuning["validation"]["detection"]["f1"] == best
+    pp = model.config.postprocess
+    assert pp.nucleus_threshold in (0.1, 0.3) and pp.min_distance_um in (1.0, 3.0) and pp.centre_threshold == 0.1
+    # the before thresholds were the base model's; the after figures use the fitted ones
+    assert tuning["before"]["postprocess"] == to_dict(load_model(base).config.postprocess)
+    assert record["after"]["val"]["points"]["detection"] == tuning["validation"]["detection"]
+    card = (tmp_path / "run" / "model" / "README.md").read_text(encoding="utf-8")
+    assert "fitted to the held-back points after training (`fit_thresholds`, 4 trials)" in card
+
+
+def test_fit_thresholds_without_held_back_points_is_refused_before_training(tmp_path, base, capsys):
+    cfg = _config(tmp_path, base, fit_thresholds=True)
+    _write_geojson(tmp_path / "data" / "geojson" / "a2.geojson", [_circle(20.5, 20.5, 4.5, "nucleus")])
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "fit_thresholds needs held-back images with point annotations" in err and "fit_thresholds: false" in err
+    assert not (tmp_path / "run").exists()

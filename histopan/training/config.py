@@ -415,7 +415,9 @@ class FinetuneConfig:
     tile-class folders (default: in proportion to the number of images).  ``type_balance`` (0..1) weights
     the type loss by inverse type frequency to that power (0: every annotated nucleus alike, 1: every type
     alike), for rare types.  ``tune`` is the threshold grid ``histopan tune MODEL --config THIS.yaml --points``
-    searches for the best detection F1 on the held-back point annotations (fine-tuning itself does not use it).
+    searches for the best detection F1 on the held-back point annotations.  With ``fit_thresholds`` the
+    fine-tuning run does that search itself after training, on the best weights, and exports the model with
+    the fitted thresholds (its after figures are then measured with them).
     """
 
     name: str
@@ -448,6 +450,7 @@ class FinetuneConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     geometry: AnnotationGeometry = field(default_factory=AnnotationGeometry)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    fit_thresholds: bool = False
 
     def __post_init__(self) -> None:
         for name in ("add_classes", "nucleus_types", "annotations", "slides", "tiles"):

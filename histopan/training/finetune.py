@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from histopan import __version__
+from histopan.config import to_dict
 from histopan.errors import ConfigError, DataError
 from histopan.metrics import point_detection
 from histopan.model.checkpoint import LoadedModel, load_model, save_model
@@ -48,7 +49,7 @@ from histopan.training.config import FinetuneConfig, write_finetune_config
 from histopan.training.data import _meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
 from histopan.training.loop import (STATE_FILE, VAL_TILE_MAX, WEIGHTS, ValidationMaps, _centre_crop, _device,
                                     _jsonable, _load_checkpoint, _save_checkpoint, amp_setup, append_record, forward_padded,
-                                    learning_rate, log_step, optimizer_step, predict_maps, score_maps)
+                                    grid_search, learning_rate, log_step, optimizer_step, predict_maps, score_maps)
 from histopan.training.losses import distill_loss, total_loss
 from histopan.training.sparse import SparseTargets
 from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, SparseSample, _type_name_points,
@@ -56,7 +57,8 @@ from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, Spar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneResult", "build_finetune_model", "evaluate_tests", "finetune", "point_scores", "score_points"]
+__all__ = ["FinetuneResult", "build_finetune_model", "evaluate_tests", "finetune", "fit_point_thresholds", "point_scores",
+           "score_points"]
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,45 @@ def _point_items(samples: Sequence[SparseSample]) -> list[tuple[str, np.ndarray,
     return [(s.name, s.image, s.points, s.point_types) for s in samples if len(s.points)]
 
 
+def _heldback_points(samples: Sequence[SparseSample], config: FinetuneConfig) -> list[tuple]:
+    items = _point_items(samples)
+    if not items:
+        raise ConfigError("fit_thresholds needs held-back images with point annotations", value=config.name,
+                          fix="name some point-annotated images under 'val' of an annotation set, "
+                              "or set fit_thresholds: false")
+    return items
+
+
+def fit_point_thresholds(network: nn.Module, model: ModelConfig, samples: Sequence[SparseSample],
+                         config: FinetuneConfig, device: torch.device,
+                         command: str | None = None) -> tuple[ModelConfig, dict[str, Any]]:
+    """Search ``config.tune`` for the thresholds with the best point detection F1 on the held-back ``samples``
+    (their point annotations; the maps are computed once): ``model`` with those thresholds, and the record
+    (the shape ``histopan tune --points`` writes to ``training.postprocess_tuning``)."""
+    items = _heldback_points(samples, config)
+    network.eval()
+    with torch.no_grad():
+        maps = [predict_maps(network, image, model, device) for _, image, _, _ in items]
+    radius = config.test.radius_um
+
+    def scores(pp) -> dict[str, Any]:
+        return score_points(items, maps, dataclasses.replace(model, postprocess=pp), radius)
+
+    best, trials = grid_search(config.tune, model.postprocess, lambda pp: scores(pp)["detection"]["f1"],
+                               "detection_f1")
+    record = _jsonable({
+        "histopan_version": __version__, "command": command,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": None, "tta": False,
+        "metric": "detection_f1", "grid": to_dict(config.tune), "trials": len(trials),
+        "heldback_point_images": len(items), "points": int(sum(len(it[2]) for it in items)), "radius_um": radius,
+        "before": {"postprocess": to_dict(model.postprocess), **scores(model.postprocess)},
+        "validation": scores(best),
+    })
+    log.info("thresholds fitted to %d held-back point images: detection F1 %.4f -> %.4f (%d trials)", len(items),
+             record["before"]["detection"]["f1"], record["validation"]["detection"]["f1"], len(trials))
+    return dataclasses.replace(model, postprocess=best), record
+
+
 @dataclass(frozen=True)
 class HeldOutData:
     points: tuple[tuple[str, np.ndarray, np.ndarray, tuple], ...]
@@ -332,6 +373,8 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, *, resume: bool = Fals
     if not (data.val or data.val_tiles):
         raise ConfigError("nothing is held back for early stopping", value=config.val_fraction,
                           fix="annotate at least two images (or list some under 'val', or give tiles a 'val' list)")
+    if config.fit_thresholds:
+        _heldback_points(data.val, config)  # refused before training, not after
     tests = load_test_data(config, model)
     run.mkdir(parents=True, exist_ok=True)
     write_finetune_config(config, run / "finetune.yaml")
@@ -470,6 +513,9 @@ def _finish(config: FinetuneConfig, run: Path, best_dir: Path, device: torch.dev
     for p in network.parameters():
         p.requires_grad_(True)
     network.eval()
+    tuning = None
+    if config.fit_thresholds:
+        model, tuning = fit_point_thresholds(network, model, data.val, config, device, command)
     after = {"val": _scores(network, data, model, config, device, weights),
              "test": evaluate_tests(network, model, tests, model, device, config.test.radius_um)}
     (run / "scores.json").write_text(json.dumps(_jsonable({"before": before, "after": after}), indent=1),
@@ -497,6 +543,7 @@ def _finish(config: FinetuneConfig, run: Path, best_dir: Path, device: torch.dev
         "hardware": {"device": str(device), "threads": config.threads,
                      "cpu": platform.processor() or platform.machine(), "torch": str(torch.__version__)},
         "before": before, "after": after,
+        **({"postprocess_tuning": tuning} if tuning is not None else {}),
     })
     final = dataclasses.replace(model, training=record)
     model_dir = run / "model"
@@ -573,6 +620,16 @@ def score_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     return "\n".join(["| figure | before (base) | after |", "|---|---|---|", *rows])
 
 
+def _postprocess_row(model: ModelConfig, record: dict[str, Any]) -> str:
+    tuning = record.get("postprocess_tuning")
+    if tuning is None:
+        return "| post-processing | the base model's thresholds (`model.yaml`, `postprocess:`) |"
+    pp = ", ".join(f"{k} {v}" for k, v in to_dict(model.postprocess).items() if k in tuning["grid"])
+    return (f"| post-processing | fitted to the held-back points after training (`fit_thresholds`, "
+            f"{tuning['trials']} trials): {pp}; held-back detection F1 "
+            f"{tuning['before']['detection']['f1']:.3f} -> {tuning['validation']['detection']['f1']:.3f} |")
+
+
 def model_card(model: ModelConfig, config: FinetuneConfig, record: dict[str, Any]) -> str:
     """The ``README.md`` of a fine-tuned model folder: base, data, how it was trained, before / after figures."""
     d = record["data"]
@@ -593,7 +650,7 @@ def model_card(model: ModelConfig, config: FinetuneConfig, record: dict[str, Any
         *([f"| type loss weights | "
            + ", ".join(f"{n} {v:.2f}" for n, v in record["type_weights"].items())
            + f" (inverse frequency to the power {config.type_balance}) |"] if record.get("type_weights") else []),
-        "| post-processing | the base model's thresholds (`model.yaml`, `postprocess:`) |",
+        _postprocess_row(model, record),
         "",
         "## Data",
         "",
