@@ -38,18 +38,18 @@ from torch import nn
 from tqdm import tqdm
 
 from histopan import __version__
-from histopan.config import to_dict
 from histopan.errors import ConfigError, DataError
 from histopan.metrics import point_detection
 from histopan.model.checkpoint import LoadedModel, load_model, save_model
 from histopan.model.config import ModelConfig
 from histopan.model.network import grow_heads, normalize_input, split_outputs
-from histopan.postprocess import ProbabilityMaps, postprocess_tile
-from histopan.training.config import FinetuneConfig, write_finetune_config
+from histopan.postprocess import PostprocessConfig, ProbabilityMaps, postprocess_tile
+from histopan.training.config import FinetuneConfig, TuneConfig, write_finetune_config
 from histopan.training.data import _meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
 from histopan.training.loop import (STATE_FILE, VAL_TILE_MAX, WEIGHTS, ValidationMaps, _centre_crop, _device,
                                     _jsonable, _load_checkpoint, _save_checkpoint, amp_setup, append_record, forward_padded,
-                                    grid_search, learning_rate, log_step, optimizer_step, predict_maps, score_maps)
+                                    grid_search, learning_rate, log_step, optimizer_step, predict_maps, score_maps,
+                                    tuning_record)
 from histopan.training.losses import distill_loss, total_loss
 from histopan.training.sparse import SparseTargets
 from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, SparseSample, _type_name_points,
@@ -58,7 +58,7 @@ from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, Spar
 log = logging.getLogger(__name__)
 
 __all__ = ["FinetuneResult", "build_finetune_model", "evaluate_tests", "finetune", "fit_point_thresholds", "point_scores",
-           "score_points"]
+           "score_points", "search_point_thresholds"]
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,19 @@ def _heldback_points(samples: Sequence[SparseSample], config: FinetuneConfig) ->
     return items
 
 
+def search_point_thresholds(items: Sequence[tuple[str, np.ndarray, np.ndarray, tuple]],
+                            maps: Sequence[ProbabilityMaps], model: ModelConfig, grid: TuneConfig, radius_um: float):
+    """Search ``grid`` for the best point detection F1 of precomputed ``maps``: the best thresholds, the trials,
+    the scores with ``model.postprocess`` and with the best, and what they were scored on."""
+    def scores(pp: PostprocessConfig) -> dict[str, Any]:
+        return score_points(items, maps, dataclasses.replace(model, postprocess=pp), radius_um)
+
+    best, trials = grid_search(grid, model.postprocess, lambda pp: scores(pp)["detection"]["f1"], "detection_f1")
+    data = {"heldback_point_images": len(items), "points": int(sum(len(it[2]) for it in items)),
+            "radius_um": radius_um}
+    return best, trials, scores(model.postprocess), scores(best), data
+
+
 def fit_point_thresholds(network: nn.Module, model: ModelConfig, samples: Sequence[SparseSample],
                          config: FinetuneConfig, device: torch.device,
                          command: str | None = None) -> tuple[ModelConfig, dict[str, Any]]:
@@ -233,21 +246,9 @@ def fit_point_thresholds(network: nn.Module, model: ModelConfig, samples: Sequen
     network.eval()
     with torch.no_grad():
         maps = [predict_maps(network, image, model, device) for _, image, _, _ in items]
-    radius = config.test.radius_um
-
-    def scores(pp) -> dict[str, Any]:
-        return score_points(items, maps, dataclasses.replace(model, postprocess=pp), radius)
-
-    best, trials = grid_search(config.tune, model.postprocess, lambda pp: scores(pp)["detection"]["f1"],
-                               "detection_f1")
-    record = _jsonable({
-        "histopan_version": __version__, "command": command,
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": None, "tta": False,
-        "metric": "detection_f1", "grid": to_dict(config.tune), "trials": len(trials),
-        "heldback_point_images": len(items), "points": int(sum(len(it[2]) for it in items)), "radius_um": radius,
-        "before": {"postprocess": to_dict(model.postprocess), **scores(model.postprocess)},
-        "validation": scores(best),
-    })
+    best, trials, before, after, data = search_point_thresholds(items, maps, model, config.tune, config.test.radius_um)
+    record = tuning_record(config.tune, trials, "detection_f1", data, model.postprocess, before, after,
+                           command=command)
     log.info("thresholds fitted to %d held-back point images: detection F1 %.4f -> %.4f (%d trials)", len(items),
              record["before"]["detection"]["f1"], record["validation"]["detection"]["f1"], len(trials))
     return dataclasses.replace(model, postprocess=best), record
@@ -624,7 +625,7 @@ def _postprocess_row(model: ModelConfig, record: dict[str, Any]) -> str:
     tuning = record.get("postprocess_tuning")
     if tuning is None:
         return "| post-processing | the base model's thresholds (`model.yaml`, `postprocess:`) |"
-    pp = ", ".join(f"{k} {v}" for k, v in to_dict(model.postprocess).items() if k in tuning["grid"])
+    pp = ", ".join(f"{k} {getattr(model.postprocess, k)}" for k in tuning["grid"])
     return (f"| post-processing | fitted to the held-back points after training (`fit_thresholds`, "
             f"{tuning['trials']} trials): {pp}; held-back detection F1 "
             f"{tuning['before']['detection']['f1']:.3f} -> {tuning['validation']['detection']['f1']:.3f} |")

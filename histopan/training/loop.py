@@ -314,6 +314,27 @@ def grid_search(grid: TuneConfig, base: PostprocessConfig, score: Callable[[Post
     return best_pp, trials
 
 
+def tuning_record(grid: TuneConfig, trials: list[dict[str, Any]], metric: str, data: dict[str, Any],
+                  before_pp: PostprocessConfig, before: dict[str, Any], after: dict[str, Any], *,
+                  command: str | None = None, config_path: str | Path | None = None, tta: bool = False
+                  ) -> dict[str, Any]:
+    """The ``training.postprocess_tuning`` record of a threshold search (``histopan tune``, or a fine-tuning
+    run's ``fit_thresholds``): the grid, the data it was scored on, the scores before and after."""
+    return _jsonable({
+        "histopan_version": __version__,
+        "command": command,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": None if config_path is None else str(config_path),
+        "tta": tta,
+        "metric": metric,
+        "grid": to_dict(grid),
+        "trials": len(trials),
+        **data,
+        "before": {"postprocess": to_dict(before_pp), **before},
+        "validation": after,
+    })
+
+
 def tune_postprocess(maps: ValidationMaps, model: ModelConfig, config: TrainConfig
                      ) -> tuple[PostprocessConfig, dict[str, Any], list[dict[str, Any]]]:
     """Grid search of the post-processing thresholds (``config.tune``) for the best validation PQ."""

@@ -32,16 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histopan import __version__
-from histopan.config import to_dict
 from histopan.errors import ConfigError
 from histopan.inference import TileInferencer
 from histopan.model.checkpoint import LoadedModel, load_model, save_config
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps
 from histopan.training.config import FinetuneConfig, TrainConfig
 from histopan.training.data import Sample, load_nucleus_set, load_tile_set
-from histopan.training.finetune import _point_items, score_points
-from histopan.training.loop import VAL_TILE_MAX, ValidationMaps, _centre_crop, _jsonable, grid_search, score_maps
+from histopan.training.finetune import _point_items, search_point_thresholds
+from histopan.training.loop import VAL_TILE_MAX, ValidationMaps, _centre_crop, grid_search, score_maps, tuning_record
 from histopan.training.sparse_data import load_finetune_data
 
 log = logging.getLogger(__name__)
@@ -135,17 +133,9 @@ def retune(model: str | Path, config: TrainConfig | FinetuneConfig, *, tta: bool
     run_config = mc.for_tta(tta)  # a TTA tuning starts from (and replaces) the model's TTA thresholds, if any
     if isinstance(config, FinetuneConfig):
         items, pmaps = point_maps(loaded, config, tta=tta, device=device)
-        radius = config.test.radius_um
-
-        def scores(pp: PostprocessConfig) -> dict[str, Any]:
-            return score_points(items, pmaps, dataclasses.replace(run_config, postprocess=pp), radius)
-
-        def trial(pp: PostprocessConfig) -> float:
-            return scores(pp)["detection"]["f1"]
-
         metric = "detection_f1"
-        data = {"heldback_point_images": len(items), "points": int(sum(len(it[2]) for it in items)),
-                "radius_um": radius}
+        best, trials, before, after, data = search_point_thresholds(items, pmaps, run_config, config.tune,
+                                                                    config.test.radius_um)
     else:
         maps = validation_maps(loaded, config, tta=tta, device=device)
 
@@ -157,25 +147,15 @@ def retune(model: str | Path, config: TrainConfig | FinetuneConfig, *, tta: bool
 
         metric = "pq"
         data = {"validation_images": len(maps.nuclei), "validation_tiles": len(maps.tiles)}
-    before = scores(run_config.postprocess)
-    best, trials = grid_search(config.tune, run_config.postprocess, trial, metric)
-    after = scores(best)
+        before = scores(run_config.postprocess)
+        best, trials = grid_search(config.tune, run_config.postprocess, trial, metric)
+        after = scores(best)
     written = None
     if out is not None:
         record = dict(mc.training or {})
-        record["postprocess_tuning_tta" if tta else "postprocess_tuning"] = _jsonable({
-            "histopan_version": __version__,
-            "command": command,
-            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "config": None if config_path is None else str(config_path),
-            "tta": tta,
-            "metric": metric,
-            "grid": to_dict(config.tune),
-            "trials": len(trials),
-            **data,
-            "before": {"postprocess": to_dict(run_config.postprocess), **before},
-            "validation": after,
-        })
+        record["postprocess_tuning_tta" if tta else "postprocess_tuning"] = tuning_record(
+            config.tune, trials, metric, data, run_config.postprocess, before, after, command=command,
+            config_path=config_path, tta=tta)
         final = (dataclasses.replace(mc, postprocess_tta=best, training=record) if tta
                  else dataclasses.replace(mc, postprocess=best, training=record))
         written = save_config(loaded, final, out)
