@@ -384,6 +384,27 @@ def test_annotations_outside_the_slide_are_refused(tmp_path, base, slides_dir, c
     assert "2220 x 2967" in err and "x 2500.5..2500.5" in err
 
 
+def test_complete_points_set_trains_the_centre_map_on_whole_images(tmp_path, base):
+    config = read_finetune_config(_config(tmp_path, base))
+    _, model = build_finetune_model(load_model(base), config)
+    sparse = load_finetune_data(config, model)
+    cfg = yaml.safe_load((tmp_path / "finetune.yaml").read_text())
+    cfg["annotations"][0]["complete_points"] = True
+    (tmp_path / "complete.yaml").write_text(yaml.safe_dump(cfg))
+    complete = load_finetune_data(read_finetune_config(tmp_path / "complete.yaml"), model)
+    assert len(complete.train) == len(sparse.train) == 2 and len(complete.val) == 1
+    for s, c in zip(sparse.train + sparse.val, complete.train + complete.val):
+        assert not s.targets.centre_valid.all() and c.targets.centre_valid.all()
+        known = s.targets.centre_valid
+        np.testing.assert_array_equal(c.targets.centre[known], s.targets.centre[known])
+        assert c.targets.centre[~known].max() < 0.02
+        np.testing.assert_array_equal(c.targets.label_bits, s.targets.label_bits)
+    cfg["annotations"][0]["complete_points"] = "yes"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(Exception, match="complete_points"):
+        read_finetune_config(tmp_path / "bad.yaml")
+
+
 def test_type_balance_weights_types_by_inverse_frequency(tmp_path, base, capsys):
     model = from_dict(ModelConfig, {"name": "t", "architecture": TINY_ARCH,
                                     "nucleus_types": [*TYPES, {"name": "others", "color": [9, 9, 9]}]})

@@ -40,9 +40,9 @@ def _mapping(annotations, classes=None):
     return resolve_classes(classes or {}, CLASS_NAMES, STUFF_NAMES, "nucleus", TYPES, seen, "test.geojson")
 
 
-def _raster(annotations, shape=SHAPE, scale=1.0, offset=(0.0, 0.0), classes=None):
+def _raster(annotations, shape=SHAPE, scale=1.0, offset=(0.0, 0.0), classes=None, complete_points=False):
     return rasterize_annotations(annotations, shape, scale, MPP, _mapping(annotations, classes), NUCLEUS, STUFF,
-                                 offset=offset, source="test.geojson")
+                                 offset=offset, source="test.geojson", complete_points=complete_points)
 
 
 def _disc_count(r):
@@ -125,6 +125,26 @@ def test_untyped_point_and_multipoint_mark_nuclei_without_types():
     t = _raster([Annotation(shapely.MultiPoint([(10.5, 10.5), (50.5, 40.5)]))])
     assert t.label_bits[10, 10] == NUC_BIT and t.label_bits[40, 50] == NUC_BIT
     assert np.all(t.types == -1)
+
+
+def test_complete_points_train_the_centre_map_everywhere_zero_away_from_them():
+    points = [Annotation(shapely.Point(20.5, 20.5), class_name="epithelial"), Annotation(shapely.Point(50.5, 40.5))]
+    sparse, complete = _raster(points), _raster(points, complete_points=True)
+    # the same heat around the points; everywhere else known to be 0 instead of unknown
+    assert complete.centre_valid.all() and not sparse.centre_valid.all()
+    np.testing.assert_array_equal(complete.centre[sparse.centre_valid], sparse.centre[sparse.centre_valid])
+    # outside 3 sigma only the Gaussian's tail (< exp(-4.5)), and 0 beyond it
+    assert complete.centre[~sparse.centre_valid].max() < np.exp(-4.5)
+    assert complete.centre[5, 60] == 0 and complete.centre[60, 5] == 0
+    assert complete.centre[20, 20] == pytest.approx(1.0) and complete.centre[40, 50] == pytest.approx(1.0)
+    # the rest is what sparse points give: the nucleus core, the type disc, no boundary
+    np.testing.assert_array_equal(complete.label_bits, sparse.label_bits)
+    np.testing.assert_array_equal(complete.nucleus_valid, sparse.nucleus_valid)
+    np.testing.assert_array_equal(complete.types, sparse.types)
+    assert not complete.boundary_valid.any()
+    # an image whose complete count is "no nucleus here" (a region only): its centre map is all 0, all known
+    empty = _raster([Annotation(shapely.box(4, 4, 40, 40), class_name="stroma")], complete_points=True)
+    assert empty.centre_valid.all() and np.all(empty.centre == 0)
 
 
 def test_point_with_a_stuff_class_is_an_error():

@@ -334,6 +334,9 @@ class AnnotatedSetConfig:
     class names to a stuff class, the nucleus class or a nucleus type of the model (null: ignore that class;
     a name not listed maps to the model class or type of the same name).  ``val`` names images held back
     for early stopping; ``exclude`` images not used.  Images without a GeoJSON file are not used.
+    ``complete_points: true`` says every nucleus in each image has a point (an exhaustive count, as in
+    CRCHistoPhenotypes): the centre map is then trained on the whole image, 0 away from the points, instead of
+    only around them.
     """
 
     images: Path
@@ -343,6 +346,7 @@ class AnnotatedSetConfig:
     val: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     weight: float = 1.0
+    complete_points: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "val", tuple(self.val))

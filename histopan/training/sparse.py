@@ -9,7 +9,8 @@ supervises (sizes in microns, converted with the model's mpp):
   boundary map are known; a typed polygon trains the type head on its pixels;
 - **nucleus point** (Point / MultiPoint): a disc of ``point_core_um`` is "nucleus"; the centre heatmap is
   known within ``3 * centre_sigma_um`` of the point; a typed point trains the type head on a disc of
-  ``type_radius_um``; the boundary is not supervised;
+  ``type_radius_um``; the boundary is not supervised; with ``complete_points`` (every nucleus of the image
+  has a point) the centre heatmap is known on the whole image, 0 away from the points;
 - **region** (a polygon, or a line / brush stroke buffered to ``line_width_um``, whose class maps to a stuff
   class): its pixels are "that class or a nucleus" (the stuff class applies to the tissue between nuclei,
   see :func:`~histopan.training.losses.stuff_given_tissue_ce`); the background class means "no nucleus".
@@ -247,7 +248,8 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
                           mapping: ClassMapping, nucleus_index: int, stuff_indices: Sequence[int],
                           geometry: AnnotationGeometry = AnnotationGeometry(),
                           offset: tuple[float, float] = (0.0, 0.0), source: Path | str = "",
-                          background_index: int = 0, image: np.ndarray | None = None) -> SparseTargets:
+                          background_index: int = 0, image: np.ndarray | None = None,
+                          complete_points: bool = False) -> SparseTargets:
     """Sparse targets of ``annotations`` on an image of ``shape`` pixels at ``mpp`` (the model's).
 
     Annotation coordinates are multiplied by ``scale`` (annotation pixels -> image pixels) and shifted by
@@ -337,7 +339,7 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
         bits = np.where(inside, nucleus_bit, bits)
 
     # 3. points: a nucleus core, centre heat around it, a typed disc
-    if points:
+    if points or complete_points:
         core = _disc(geometry.point_core_um / mpp)
         tdisc = _disc(geometry.type_radius_um / mpp)
         core_mask = np.zeros(shape, bool)
@@ -360,6 +362,8 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
                     t = np.zeros(shape, bool)
                     _stamp(t, icy, icx, tdisc, "or")
                     types[t] = target.index
+        if complete_points:  # no nucleus without a point: the centre map is 0 wherever no point's heat reaches
+            support[:] = True
         centre = np.where(support, np.maximum(heat, np.where(centre_valid, centre, 0)), centre).astype(np.float32)
         centre_valid |= support
         bits = np.where(core_mask, nucleus_bit, bits)

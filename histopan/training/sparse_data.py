@@ -111,10 +111,12 @@ def _type_name_points(points: tuple[str | None, ...], mapping, type_names: Seque
 
 def _sample_from_annotations(name: str, dataset: str, image: np.ndarray, annotations: Sequence, scale: float,
                              mapping, model: ModelConfig, config: FinetuneConfig, source: Path,
-                             offset: tuple[float, float] = (0.0, 0.0)) -> SparseSample:
+                             offset: tuple[float, float] = (0.0, 0.0), complete_points: bool = False
+                             ) -> SparseSample:
     targets = rasterize_annotations(
         annotations, image.shape[:2], scale, model.mpp, mapping, model.nucleus_index, model.stuff_indices,
-        config.geometry, offset=offset, source=source, background_index=BACKGROUND_INDEX, image=image)
+        config.geometry, offset=offset, source=source, background_index=BACKGROUND_INDEX, image=image,
+        complete_points=complete_points)
     xy, cls = read_points(annotations, scale, mapping)
     xy = xy - np.asarray(offset)[None, :]
     return SparseSample(name=name, dataset=dataset, image=image, targets=targets, points=xy,
@@ -162,7 +164,7 @@ def load_annotated_set(cfg: AnnotatedSetConfig, model: ModelConfig, config: Fine
         mapping = resolve_classes(cfg.classes, seen=seen, source=gpath, **names)
         image = resample_image(raw, mpp, model.mpp)
         sample = _sample_from_annotations(stem, images_dir.parent.name, image, annotations, scale, mapping, model,
-                                          config, gpath)
+                                          config, gpath, complete_points=cfg.complete_points)
         if sample.targets.labelled_pixels == 0:
             log.warning("%s: no annotation maps to a model class (all ignored); the image is not used", gpath)
             continue
