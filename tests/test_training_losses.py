@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from histopan.training.config import LossConfig
@@ -80,6 +81,42 @@ def test_total_loss_tile_crop_trains_no_nucleus_maps():
     assert terms["centre"] == 0 and terms["boundary"] == 0 and terms["dice"] == 0
     assert not out.grad[:, c:].any()          # centre and boundary logits get no gradient
     assert out.grad[:, :c].abs().sum() > 0    # the semantic head does
+
+
+def test_contact_weight_counts_contact_pixels_more():
+    from histopan.model.config import ModelConfig
+    from histopan.model.network import split_outputs
+
+    cfg = ModelConfig()
+    out = _logits(6, (1, cfg.n_outputs, 4, 4)).float().detach()
+    g = torch.Generator().manual_seed(1)
+    contact = torch.zeros((1, 4, 4), dtype=torch.bool)
+    contact[0, 1, :] = True
+    batch = {
+        "label_bits": torch.where(torch.rand((1, 4, 4), generator=g) > 0.5, class_bits([cfg.nucleus_index]),
+                                  class_bits([0, 1, 2, 3])),
+        "nucleus": torch.rand((1, 4, 4), generator=g).round(), "centre": torch.rand((1, 4, 4), generator=g),
+        "boundary": torch.rand((1, 4, 4), generator=g).round(),
+        "nucleus_valid": torch.ones((1, 4, 4), dtype=torch.bool), "contact": contact,
+    }
+    heads = split_outputs(out, cfg)
+    plain = total_loss(heads, batch, cfg.nucleus_index, LossConfig())[1]
+    _, weighted = total_loss(heads, batch, cfg.nucleus_index, LossConfig(contact_weight=3.0))
+    # a contact pixel counts 4 times: the same as repeating row 1 four times
+    rows = torch.tensor([0, 1, 1, 1, 1, 2, 3])
+    repeated = {k: v[:, rows] for k, v in batch.items() if k != "contact"}
+    _, expected = total_loss(split_outputs(out[:, :, rows], cfg), repeated, cfg.nucleus_index, LossConfig())
+    for term in ("ce", "centre", "boundary"):
+        assert math.isclose(weighted[term], expected[term], rel_tol=1e-5), term
+        assert not math.isclose(weighted[term], plain[term], rel_tol=1e-5), term
+    assert weighted["dice"] == plain["dice"]
+    # without a contact map in the batch the weight changes nothing
+    no_map = {k: v for k, v in batch.items() if k != "contact"}
+    assert total_loss(heads, no_map, cfg.nucleus_index, LossConfig(contact_weight=3.0))[1] == plain
+    with pytest.raises(ValueError, match="contact_weight"):
+        LossConfig(contact_weight=-1.0)
+    with pytest.raises(ValueError, match="contact_um"):
+        LossConfig(contact_um=0.0)
 
 
 def test_stuff_given_tissue_ce_only_on_tile_pixels():

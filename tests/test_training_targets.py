@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from histopan.training.targets import (boundary_map, centre_heatmap, class_bits, nucleus_targets,
+import pytest
+
+from histopan.training.targets import (boundary_map, centre_heatmap, class_bits, contact_map, nucleus_targets,
                                        tile_class_targets)
 
 
@@ -41,6 +43,30 @@ def test_boundary_on_instance_edges_including_touching():
     assert set(np.unique(b)) == {0.0, 1.0}
 
 
+def test_contact_where_nuclei_touch_or_nearly_touch_only():
+    lab = np.zeros((12, 24), dtype=np.int32)
+    lab[2:9, 1:6] = 1
+    lab[2:9, 6:11] = 2     # touches 1 along columns 5 | 6
+    lab[2:9, 12:17] = 3    # a one-pixel gap (column 11) from 2
+    lab[2:9, 20:23] = 4    # three pixels from 3: no contact at radius 1
+    c = contact_map(lab, radius_px=1)
+    assert c[5, 5] and c[5, 6]                  # both sides of the touching line
+    assert c[5, 11] and not c[5, 10] and not c[5, 12]   # the gap (its edges need radius 2)
+    assert not c[5, 3] and not c[5, 8]          # interiors
+    assert not c[5, 16] and not c[5, 18] and not c[5, 20]   # 3 and 4 are too far apart
+    assert not c[0, 0] and not c[:, 17:].any()
+    assert not c[0].any() and not c[10:].any()  # edges facing background only
+    wider = contact_map(lab, radius_px=2)
+    assert wider[5, 10] and wider[5, 12] and wider[5, 4] and not wider[5, 3]
+    assert wider[5, 18] and not wider[5, 16]    # a 3-pixel gap: its middle is within 2 px of both
+    assert not contact_map(np.zeros((5, 5), np.int32), 1).any()
+    lone = np.zeros((9, 9), np.int32)
+    lone[2:7, 2:7] = 7
+    assert not contact_map(lone, 2).any()
+    with pytest.raises(ValueError, match="radius_px"):
+        contact_map(lab, 0)
+
+
 def test_nucleus_targets_label_sets_and_ignore_mask():
     lab = _two_discs()
     valid = np.ones(lab.shape, dtype=bool)
@@ -54,6 +80,12 @@ def test_nucleus_targets_label_sets_and_ignore_mask():
     assert t.nucleus_valid.sum() == valid.sum()
     assert t.centre[12, 15] == 1.0                            # sigma 1 um = 2 px at 0.5 mpp
     np.testing.assert_allclose(t.centre[12, 17], np.exp(-0.5), rtol=1e-5)
+    assert not t.contact.any()                                # the two discs are far apart
+    touching = np.zeros((8, 12), np.int32)
+    touching[1:7, 1:6], touching[1:7, 6:11] = 1, 2
+    t = nucleus_targets(touching, np.ones(touching.shape, bool), mpp=0.5, centre_sigma_um=1.0, nucleus_index=4,
+                        stuff_indices=(0, 1, 2, 3), contact_um=0.5)
+    np.testing.assert_array_equal(t.contact, contact_map(touching, 1))   # 0.5 um = 1 px at 0.5 mpp
 
 
 def test_tile_class_targets_allow_class_or_nucleus_and_no_nucleus_maps():

@@ -132,7 +132,10 @@ class LossConfig:
     a nucleus" (see :func:`~histopan.training.losses.stuff_given_tissue_ce`), ``dice`` a soft Dice on p(nucleus), ``centre`` and
     ``boundary`` the binary cross-entropies of those maps, ``type`` the cross-entropy of the nucleus-type head
     where a type is known; ``centre_sigma_um`` is the Gaussian's sigma at each
-    centroid; ``boundary_pos_weight`` up-weights the rare boundary pixels.
+    centroid; ``boundary_pos_weight`` up-weights the rare boundary pixels; ``contact_weight`` > 0 up-weights
+    the pixels within ``contact_um`` of two different nuclei (where touching neighbours meet or nearly meet,
+    the place they get merged) by ``1 + contact_weight`` in the cross-entropy and the centre and boundary
+    losses.
     """
 
     semantic: float = 1.0
@@ -143,6 +146,8 @@ class LossConfig:
     type: float = 1.0
     centre_sigma_um: float = 1.5
     boundary_pos_weight: float = 3.0
+    contact_weight: float = 0.0
+    contact_um: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("semantic", "stuff", "dice", "centre", "boundary", "type"):
@@ -152,6 +157,10 @@ class LossConfig:
             raise ValueError(f"loss.centre_sigma_um must be > 0 microns, got {self.centre_sigma_um}")
         if not self.boundary_pos_weight > 0:
             raise ValueError(f"loss.boundary_pos_weight must be > 0, got {self.boundary_pos_weight}")
+        if not (math.isfinite(self.contact_weight) and self.contact_weight >= 0):
+            raise ValueError(f"loss.contact_weight must be >= 0, got {self.contact_weight}")
+        if not (math.isfinite(self.contact_um) and self.contact_um > 0):
+            raise ValueError(f"loss.contact_um must be > 0 microns, got {self.contact_um}")
 
 
 @dataclass(frozen=True)
@@ -486,6 +495,9 @@ class FinetuneConfig:
                              f"got {self.type_balance}")
         if not (math.isfinite(self.distill) and self.distill >= 0):
             raise ValueError(f"distill must be >= 0, got {self.distill}")
+        if self.loss.contact_weight:
+            raise ValueError(f"loss.contact_weight ({self.loss.contact_weight}) applies to 'histopan train' on "
+                             "fully outlined nuclei; sparse annotations do not say which nuclei touch: remove it")
 
     @property
     def total_steps(self) -> int:

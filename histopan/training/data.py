@@ -349,7 +349,7 @@ class CropSampler:
         mpp = self.model.mpp
         if lab is not None:
             targets = nucleus_targets(lab, valid, mpp, self._sigma_um, self.model.nucleus_index,
-                                      self.model.stuff_indices)
+                                      self.model.stuff_indices, self.config.loss.contact_um)
         else:
             no_nucleus = glass_mask(img) if sample.stuff_class != BACKGROUND_INDEX else np.ones_like(valid)
             targets = tile_class_targets(valid, sample.stuff_class, self.model.nucleus_index, no_nucleus)
@@ -366,4 +366,5 @@ class CropSampler:
             "centre": np.stack([c[1].centre for c in crops]),
             "boundary": np.stack([c[1].boundary for c in crops]),
             "nucleus_valid": np.stack([c[1].nucleus_valid for c in crops]),
+            "contact": np.stack([c[1].contact for c in crops]),
         }

@@ -29,8 +29,12 @@ def _allowed(label_bits: torch.Tensor, n_classes: int) -> torch.Tensor:
     return ((label_bits.unsqueeze(1) >> shifts) & 1).bool()
 
 
-def partial_label_ce(logits: torch.Tensor, label_bits: torch.Tensor) -> torch.Tensor:
-    """Mean over labelled pixels of ``-log(sum of allowed classes' probabilities)``; 0 if none is labelled."""
+def partial_label_ce(logits: torch.Tensor, label_bits: torch.Tensor,
+                     pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over labelled pixels of ``-log(sum of allowed classes' probabilities)``; 0 if none is labelled.
+
+    ``pixel_weight`` (N, H, W), if given, makes it a weighted mean.
+    """
     logits = logits.float()
     allowed = _allowed(label_bits, logits.shape[1])
     labelled = label_bits != 0
@@ -38,8 +42,8 @@ def partial_label_ce(logits: torch.Tensor, label_bits: torch.Tensor) -> torch.Te
     allowed = allowed | ~labelled.unsqueeze(1)
     log_in = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=1)
     log_all = torch.logsumexp(logits, dim=1)
-    per_pixel = (log_all - log_in) * labelled
-    return per_pixel.sum() / labelled.sum().clamp(min=1)
+    weight = labelled.float() if pixel_weight is None else labelled * pixel_weight.float()
+    return ((log_all - log_in) * weight).sum() / weight.sum().clamp(min=1e-6)
 
 
 def stuff_given_tissue_ce(logits: torch.Tensor, label_bits: torch.Tensor, nucleus_index: int) -> torch.Tensor:
@@ -66,7 +70,10 @@ def stuff_given_tissue_ce(logits: torch.Tensor, label_bits: torch.Tensor, nucleu
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                pos_weight: float = 1.0) -> torch.Tensor:
-    """Mean binary cross-entropy with logits over ``mask``; positives weighted by ``pos_weight``."""
+    """Mean binary cross-entropy with logits over ``mask``; positives weighted by ``pos_weight``.
+
+    ``mask`` may be a float pixel weight (0 = not trained) rather than a bool mask.
+    """
     logits = logits.float()
     weight = mask.float() * (1.0 + (pos_weight - 1.0) * target)
     per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -159,13 +166,20 @@ def total_loss(heads: dict[str, torch.Tensor | None], batch: dict[str, torch.Ten
     ``nucleus_valid`` (N, H, W) bool; optionally ``centre_valid`` and ``boundary_valid`` (N, H, W) bool,
     where those maps are known when that differs from ``nucleus_valid`` (sparse labels: a point gives a
     centre but no boundary), and ``types`` (N, H, W) int nucleus-type index, -1 where unknown (trains the
-    type head, weighted by ``weights.type``; ``type_weights`` (K,) weights its pixels by type).
+    type head, weighted by ``weights.type``; ``type_weights`` (K,) weights its pixels by type).  With
+    ``weights.contact_weight`` > 0 and a ``contact`` (N, H, W) bool map in the batch, the pixels near two
+    different nuclei count ``1 + contact_weight`` times in the cross-entropy and the centre and boundary losses.
     """
     semantic = heads["semantic"]
     valid = batch["nucleus_valid"]
     centre_valid = batch.get("centre_valid", valid)
     boundary_valid = batch.get("boundary_valid", valid)
-    ce = partial_label_ce(semantic, batch["label_bits"])
+    pixel_weight = None
+    if weights.contact_weight > 0 and "contact" in batch:
+        pixel_weight = 1.0 + weights.contact_weight * batch["contact"].float()
+        centre_valid = centre_valid * pixel_weight
+        boundary_valid = boundary_valid * pixel_weight
+    ce = partial_label_ce(semantic, batch["label_bits"], pixel_weight)
     stuff = stuff_given_tissue_ce(semantic, batch["label_bits"], nucleus_index)
     p_nucleus = torch.softmax(semantic.float(), dim=1)[:, nucleus_index]
     dice = masked_soft_dice(p_nucleus, batch["nucleus"], valid)

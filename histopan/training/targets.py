@@ -12,7 +12,9 @@ probabilities)`` (see :mod:`.losses`), so one encoding covers every kind of part
 
 Nucleus targets (only where ``nucleus_valid``): the nucleus mask, a centre heatmap (a Gaussian of sigma
 ``centre_sigma_um`` at each instance centroid, the maximum where they overlap) and a boundary map (the
-instances' inner edge pixels, including where two nuclei touch).
+instances' inner edge pixels, including where two nuclei touch).  ``contact`` marks the pixels within a
+given distance of two different nuclei (where touching nuclei meet, and the narrow gaps between close ones):
+the loss can weight them up, since that is where neighbours get merged.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
-__all__ = ["Targets", "centre_heatmap", "boundary_map", "class_bits", "nucleus_targets", "tile_class_targets"]
+__all__ = ["Targets", "boundary_map", "centre_heatmap", "class_bits", "contact_map", "nucleus_targets",
+           "tile_class_targets"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,8 @@ class Targets:
 
     ``label_bits`` int64 bit mask of allowed classes (0 = no semantic loss); ``nucleus`` float32 0/1 mask;
     ``centre`` float32 heatmap in 0..1; ``boundary`` float32 0/1; ``nucleus_valid`` bool, where the nucleus,
-    centre and boundary targets are known.
+    centre and boundary targets are known; ``contact`` bool, the pixels near two different nuclei
+    (:func:`contact_map`; all False where no nuclei are outlined).
     """
 
     label_bits: np.ndarray
@@ -40,6 +44,7 @@ class Targets:
     centre: np.ndarray
     boundary: np.ndarray
     nucleus_valid: np.ndarray
+    contact: np.ndarray
 
 
 def class_bits(indices: list[int] | tuple[int, ...]) -> int:
@@ -81,11 +86,27 @@ def boundary_map(instances: np.ndarray) -> np.ndarray:
     return find_boundaries(instances, mode="inner").astype(np.float32)
 
 
+def contact_map(instances: np.ndarray, radius_px: int) -> np.ndarray:
+    """True where the (2r+1)^2 window around a pixel holds two different instances: the pixels of touching
+    nuclei next to the line where they meet, and the background in gaps narrower than about 2r between two
+    nuclei.  A nucleus next to background only gets no contact pixels.
+    """
+    if radius_px < 1:
+        raise ValueError(f"radius_px must be >= 1, got {radius_px}")
+    ids = instances.astype(np.int64)
+    size = 2 * radius_px + 1
+    above = int(ids.max()) + 1  # stands for "no nucleus" in the minimum (scipy casts cval through a double)
+    highest = ndi.maximum_filter(ids, size=size, mode="constant", cval=0)
+    lowest = ndi.minimum_filter(np.where(ids > 0, ids, above), size=size, mode="constant", cval=above)
+    return (highest > 0) & (lowest < highest)
+
+
 def nucleus_targets(instances: np.ndarray, valid: np.ndarray, mpp: float, centre_sigma_um: float,
-                    nucleus_index: int, stuff_indices: tuple[int, ...]) -> Targets:
+                    nucleus_index: int, stuff_indices: tuple[int, ...], contact_um: float = 1.0) -> Targets:
     """Targets of a crop with known nucleus instances (0 = not a nucleus) and unknown tissue class.
 
-    ``valid`` marks annotated pixels; elsewhere nothing is trained.
+    ``valid`` marks annotated pixels; elsewhere nothing is trained.  ``contact_um`` is the radius of
+    :func:`contact_map` in microns (at least one pixel).
     """
     if instances.shape != valid.shape:
         raise ValueError(f"instances {instances.shape} and valid {valid.shape} must have the same shape")
@@ -99,6 +120,7 @@ def nucleus_targets(instances: np.ndarray, valid: np.ndarray, mpp: float, centre
         centre=centre_heatmap(instances, centre_sigma_um / mpp) * valid,
         boundary=boundary_map(instances) * valid,
         nucleus_valid=valid,
+        contact=contact_map(instances, max(1, int(round(contact_um / mpp)))) & valid,
     )
 
 
@@ -116,4 +138,4 @@ def tile_class_targets(valid: np.ndarray, class_index: int, nucleus_index: int,
     bits = np.where(sure, class_bits([class_index]), bits).astype(np.int64)
     zeros = np.zeros(valid.shape, dtype=np.float32)
     return Targets(label_bits=bits, nucleus=zeros, centre=zeros.copy(), boundary=zeros.copy(),
-                   nucleus_valid=sure)
+                   nucleus_valid=sure, contact=np.zeros(valid.shape, dtype=bool))
