@@ -484,3 +484,10 @@ def test_fit_thresholds_without_held_back_points_is_refused_before_training(tmp_
     err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
     assert "fit_thresholds needs held-back images with point annotations" in err and "fit_thresholds: false" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_contact_weight_is_refused_in_a_finetuning_config(tmp_path, base, capsys):
+    cfg = _config(tmp_path, base, loss={"contact_weight": 2.0})
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "loss.contact_weight (2.0)" in err and "remove it" in err and str(cfg) in err
+    assert not (tmp_path / "run").exists()
