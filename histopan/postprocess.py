@@ -10,7 +10,9 @@ Marker-controlled watershed in physical units:
    component without a peak gets one marker at its most interior pixel;
 3. flooding surface: ``boundary_weight * p(boundary) + (1 - boundary_weight) * (1 - d)``, where ``d`` is
    the Euclidean distance to the mask edge normalised to 1 at the deepest point of each mask component;
-4. objects smaller than ``min_area_um2`` removed, holes inside each object filled;
+4. objects smaller than ``min_area_um2`` removed, holes inside each object filled, then objects whose mean
+   nucleus probability (the table's ``nucleus_prob``) is below ``min_nucleus_prob`` removed: faint blobs
+   that the mask threshold let through are mostly not nuclei (or halves of one);
 5. instance ids 1..n in raster order of the centroids (by row, then column): deterministic;
 6. semantic map: the nucleus class where an instance exists, else the most probable stuff class.
 
@@ -47,9 +49,10 @@ class PostprocessConfig:
     min_area_um2: float = 8.0
     fill_holes: bool = True
     min_stuff_area_um2: float = 100.0
+    min_nucleus_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("nucleus_threshold", "centre_threshold", "centre_h", "boundary_weight"):
+        for name in ("nucleus_threshold", "centre_threshold", "centre_h", "boundary_weight", "min_nucleus_prob"):
             v = getattr(self, name)
             if not (math.isfinite(v) and 0.0 <= v <= 1.0):
                 raise ValueError(f"postprocess.{name} must be within 0..1, got {v}")
@@ -210,6 +213,16 @@ def _fill_holes(instances: np.ndarray) -> np.ndarray:
     return out
 
 
+def _drop_faint(instances: np.ndarray, p_nucleus: np.ndarray, min_prob: float) -> np.ndarray:
+    """Remove the objects whose mean ``p_nucleus`` over their pixels is below ``min_prob``."""
+    flat = instances.ravel()
+    area = np.bincount(flat)
+    mean = np.bincount(flat, weights=p_nucleus.ravel().astype(np.float64), minlength=area.size) / np.maximum(area, 1)
+    faint = mean < min_prob
+    faint[0] = False
+    return np.where(faint[instances], 0, instances).astype(instances.dtype)
+
+
 def _relabel_raster(instances: np.ndarray) -> np.ndarray:
     """Renumber labels 1..n in raster order of their centroids (row, then column); 0 stays 0."""
     ids = np.unique(instances)
@@ -303,6 +316,8 @@ def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
         instances[small[instances]] = 0
         if cfg.fill_holes:
             instances = _fill_holes(instances)
+        if cfg.min_nucleus_prob > 0:
+            instances = _drop_faint(instances, p_nucleus, cfg.min_nucleus_prob)
     instances = _relabel_raster(instances)
 
     stuff_argmax = np.asarray(stuff, dtype=np.uint8)[np.argmax(maps.semantic[stuff], axis=0)]

@@ -263,3 +263,33 @@ def test_h_peaks_equal_skimage_h_maxima_per_component(seed):
         expected[box] &= ~inside | h_maxima(dome, 0.05)[1:-1, 1:-1].astype(bool)
     assert np.array_equal(got, expected)
     assert got.sum() < peak.sum()  # the test removed some peaks, so it was exercised
+
+
+def test_min_nucleus_prob_drops_faint_objects_and_keeps_confident_ones():
+    """Two separate discs, one drawn at p(nucleus) 0.9 and one at 0.6: a 0.7 filter removes only the faint
+    one, and the table's nucleus_prob of what is left is at least the threshold."""
+    maps = render([(10, 10, 4.0), (10, 26, 4.0)], 36, 0.5, stroma_right=False)
+    sem = maps.semantic.copy()
+    xx = (np.indices(sem.shape[1:])[1] + 0.5) * 0.5
+    faint = (sem[NUC] > 0.5) & (xx > 18)
+    sem[NUC][faint] = 0.6
+    sem[0][faint] = 0.4
+    maps = ProbabilityMaps(sem, maps.centre, maps.boundary)
+    both = postprocess_tile(maps, 0.5, CFG, CLASSES)
+    assert len(both.nuclei) == 2
+    assert both.nuclei["nucleus_prob"].round(2).tolist() == [0.9, 0.6]
+    strict = PostprocessConfig(**{**CFG.__dict__, "min_nucleus_prob": 0.7})
+    kept = postprocess_tile(maps, 0.5, strict, CLASSES)
+    check_consistency(kept)
+    assert len(kept.nuclei) == 1
+    assert kept.nuclei["centroid_x"].iloc[0] < 36  # the left (confident) disc, in pixels
+    assert (kept.nuclei["nucleus_prob"] >= 0.7).all()
+    assert np.array_equal(kept.instances > 0, both.instances == 1)
+    # the removed pixels fall back to the stuff classes
+    assert not (kept.semantic[faint] == NUC).any()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_min_nucleus_prob_outside_0_1_is_refused(bad):
+    with pytest.raises(ValueError, match="min_nucleus_prob"):
+        PostprocessConfig(min_nucleus_prob=bad)
