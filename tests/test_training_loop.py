@@ -248,6 +248,16 @@ def test_shipped_default_training_configs_read():
     assert (stage4.ema, stage4.lr, stage4.epochs * stage4.steps_per_epoch, stage4.nuclei[0].weight) == (
         0.999, 0.0002, 2800, 4.0)
     assert Path(stage4.init) == (repo_root / "models" / "default").resolve()
+    # stage 6 (shipped): stage 4's run plus the contact weighting, warm-started from the folder (then stage 4)
+    stage6 = read_train_config(repo_root / "models" / "default" / "train-stage6.yaml")
+    assert stage6.model == stage4.model and stage6.nuclei == stage4.nuclei and stage6.tiles == stage4.tiles
+    assert (stage6.loss.contact_weight, stage6.loss.contact_um, stage6.ema) == (5.0, 1.0, 0.999)
+    assert Path(stage6.init) == (repo_root / "models" / "default").resolve()
+    # its thresholds were re-tuned with the object filter, plain and with TTA
+    assert shipped.postprocess.min_nucleus_prob > 0 and shipped.postprocess_tta.min_nucleus_prob > 0
+    # and the record names what it started from: stage 4's weights, which had started from stage 3's
+    assert shipped.training["init_weights_sha256"].startswith("1e4df6580b9d")
+    assert shipped.training["init_training"]["init_weights_sha256"].startswith("9c93e0ebc03e")
 
 
 def test_stuff_tile_scores_count_the_argmax_and_the_true_class_share():
