@@ -213,14 +213,13 @@ def _fill_holes(instances: np.ndarray) -> np.ndarray:
     return out
 
 
-def _drop_faint(instances: np.ndarray, p_nucleus: np.ndarray, min_prob: float) -> np.ndarray:
-    """Remove the objects whose mean ``p_nucleus`` over their pixels is below ``min_prob``."""
+def _drop_faint(instances: np.ndarray, p_nucleus: np.ndarray, min_prob: float) -> None:
+    """Remove, in place, the objects whose mean ``p_nucleus`` over their pixels is below ``min_prob``."""
     flat = instances.ravel()
     area = np.bincount(flat)
-    mean = np.bincount(flat, weights=p_nucleus.ravel().astype(np.float64), minlength=area.size) / np.maximum(area, 1)
-    faint = mean < min_prob
+    faint = np.bincount(flat, weights=p_nucleus.ravel(), minlength=area.size) < min_prob * area
     faint[0] = False
-    return np.where(faint[instances], 0, instances).astype(instances.dtype)
+    instances[faint[instances]] = 0
 
 
 def _relabel_raster(instances: np.ndarray) -> np.ndarray:
@@ -317,7 +316,7 @@ def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
         if cfg.fill_holes:
             instances = _fill_holes(instances)
         if cfg.min_nucleus_prob > 0:
-            instances = _drop_faint(instances, p_nucleus, cfg.min_nucleus_prob)
+            _drop_faint(instances, p_nucleus, cfg.min_nucleus_prob)
     instances = _relabel_raster(instances)
 
     stuff_argmax = np.asarray(stuff, dtype=np.uint8)[np.argmax(maps.semantic[stuff], axis=0)]
