@@ -133,7 +133,12 @@ def test_resume_after_kill_is_byte_identical(generated_slide, default_model, ref
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "histopan.cli", "-q", "segment", str(generated_slide), "-o", str(out),
            "--model", str(default_model), "--tile", "512", "--batch-size", "1", "--min-tissue", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the killed run's tiles must come from the same torch thread count as the resumed (in-process) run's:
+    # other test modules may have changed it, and float sums differ in the last bits between thread counts
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     tiles = out / "work" / "tiles"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
