@@ -267,7 +267,13 @@ def _finetune_run(args: argparse.Namespace) -> int:
 
     config = read_finetune_config(args.config)
     command = " ".join(["histopan finetune", args.config, "--out", args.out] + (["--resume"] if args.resume else []))
-    result = finetune(config, args.out, resume=args.resume, progress=not args.no_progress, command=command)
+    try:
+        result = finetune(config, args.out, resume=args.resume, progress=not args.no_progress, command=command)
+    except ConfigError as e:
+        if e.path is not None:
+            raise
+        # a setting the data cannot serve (e.g. early stopping on scores nothing held back can give): name the file
+        raise ConfigError(e.reason, path=args.config, value=e.value, fix=e.fix) from e
     print(score_table(result.before, result.after))
     print(f"model: {result.model_dir}  best epoch {result.best_epoch}")
     if args.export:

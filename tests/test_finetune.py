@@ -491,3 +491,64 @@ def test_contact_weight_is_refused_in_a_finetuning_config(tmp_path, base, capsys
     err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
     assert "loss.contact_weight (2.0)" in err and "remove it" in err and str(cfg) in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("criterion, key", [("type_f1", "type_weighted_f1"), ("point_f1", "f1")])
+def test_early_stopping_criterion_picks_the_best_epoch_by_that_held_back_score(tmp_path, base, criterion, key):
+    """`early_stopping` other than the loss: the exported weights are those of the epoch with the best held-back
+    score (the base model's own score counts as epoch 0), and the run stops after `patience` epochs without
+    improvement."""
+    cfg = read_finetune_config(_config(tmp_path, base, epochs=4, patience=2, early_stopping=criterion))
+    result = finetune(cfg, tmp_path / "run", progress=False)
+    records = _records(tmp_path / "run")
+
+    def score(val: dict) -> float:
+        points = val.get("points", {})
+        value = points.get("detection", {}).get("f1") if key == "f1" else points.get(key)
+        return -np.inf if value is None else value
+
+    best, best_epoch, stale, ran = score(result.before["val"]), 0, 0, 0
+    for r in records:  # the stopping rule, replayed on the recorded held-back scores
+        ran += 1
+        if score(r["val"]) > best:
+            best, best_epoch, stale = score(r["val"]), r["epoch"], 0
+        else:
+            stale += 1
+            if stale >= 2:
+                break
+    assert len(records) == ran and result.best_epoch == best_epoch
+    if criterion == "type_f1":  # the base has no type head, so a trained epoch is always the best
+        assert best_epoch >= 1
+    # the exported model is the best epoch's checkpoint and its after figures are that epoch's
+    assert _same(_weights(tmp_path / "run" / "checkpoints" / "best"), _weights(result.model_dir))
+    if best_epoch:
+        assert score(result.after["val"]) == pytest.approx(score(records[best_epoch - 1]["val"]))
+    name = {"type_f1": "held-back type weighted F1", "point_f1": "held-back point detection F1"}[criterion]
+    assert f"early stopping on the {name}, patience 2" in (result.model_dir / "README.md").read_text()
+
+
+@pytest.mark.parametrize("criterion, message", [
+    ("type_accuracy", "early_stopping: type_accuracy needs held-back images with point annotations"),
+    ("tile_accuracy", "early_stopping: tile_accuracy needs held-back tile-class tiles")])
+def test_early_stopping_on_a_score_the_held_back_part_lacks_is_refused_before_training(tmp_path, base, capsys,
+                                                                                          criterion, message):
+    cfg = _config(tmp_path, base, early_stopping=criterion)
+    _write_geojson(tmp_path / "data" / "geojson" / "a2.geojson", [_circle(20.5, 20.5, 4.5, "nucleus")])
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert message in err and "early_stopping: loss" in err and str(cfg) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_early_stopping_on_types_without_typed_held_back_points_is_refused(tmp_path, base, capsys):
+    cfg = _config(tmp_path, base, early_stopping="type_f1")
+    _write_geojson(tmp_path / "data" / "geojson" / "a2.geojson", [_point(16.5, 14.5), _point(36.5, 14.5)])
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "needs held-back points with a nucleus type" in err and "early_stopping: point_f1 or loss" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_early_stopping_criterion_is_refused(tmp_path, base, capsys):
+    cfg = _config(tmp_path, base, early_stopping="pq")
+    err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert "early_stopping" in err and "'pq'" in err and "type_f1" in err
+    assert not (tmp_path / "run").exists()

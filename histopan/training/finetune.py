@@ -5,7 +5,8 @@ keep their weights, :func:`~histopan.model.network.grow_heads`), optionally free
 everything but the final convolution; batch-norm statistics stay the base model's), and trains on sparse
 targets (:mod:`.sparse`, :mod:`.sparse_data`) with the masked losses of :mod:`.losses`.
 
-Each epoch the masked loss on the held-back images picks the best checkpoint; the run stops after
+Each epoch a score on the held-back images (``early_stopping``: the masked loss by default, or point
+detection F1, type accuracy / F1, tile accuracy) picks the best checkpoint; the run stops after
 ``patience`` epochs without improvement.  The held-back part and the optional test sets are scored before
 (the base model) and after (the best epoch): held-back loss and point detection, test-set point detection
 and per-type F1, nucleus PQ and tile accuracy.  The run folder holds::
@@ -223,6 +224,40 @@ def _heldback_points(samples: Sequence[SparseSample], config: FinetuneConfig) ->
     return items
 
 
+# What ``early_stopping`` compares, from a ``_scores`` dict, as "higher is better" (None: not measured).
+STOPPING_SCORES = {
+    "loss": ("held-back masked loss", lambda v: -float(v["loss"]["loss"])),
+    "point_f1": ("held-back point detection F1", lambda v: v.get("points", {}).get("detection", {}).get("f1")),
+    "type_accuracy": ("held-back type accuracy", lambda v: v.get("points", {}).get("type_accuracy")),
+    "type_f1": ("held-back type weighted F1", lambda v: v.get("points", {}).get("type_weighted_f1")),
+    "tile_accuracy": ("held-back tile accuracy", lambda v: v.get("tile_accuracy")),
+}
+
+
+def stopping_score(val: dict[str, Any], criterion: str) -> float:
+    """The ``early_stopping`` score of held-back scores ``val`` (higher is better; -inf when not measured,
+    e.g. the type accuracy of a base model without a type head)."""
+    score = STOPPING_SCORES[criterion][1](val)
+    return -math.inf if score is None else float(score)
+
+
+def _check_stopping(config: FinetuneConfig, data: FinetuneData, model: ModelConfig) -> None:
+    """Refuse an ``early_stopping`` criterion the held-back part cannot measure, before training."""
+    criterion = config.early_stopping
+    if criterion in ("point_f1", "type_accuracy", "type_f1") and not _point_items(data.val):
+        raise ConfigError(f"early_stopping: {criterion} needs held-back images with point annotations",
+                          value=criterion, fix="name some point-annotated images under 'val' of an annotation "
+                                               "set, or use early_stopping: loss")
+    if criterion in ("type_accuracy", "type_f1") and not (
+            model.has_types and any(t is not None for s in data.val for t in s.point_types)):
+        raise ConfigError(f"early_stopping: {criterion} needs held-back points with a nucleus type",
+                          value=criterion, fix="hold back images with typed points (and give 'nucleus_types'), "
+                                               "or use early_stopping: point_f1 or loss")
+    if criterion == "tile_accuracy" and not data.val_tiles:
+        raise ConfigError("early_stopping: tile_accuracy needs held-back tile-class tiles", value=criterion,
+                          fix="give a tile set a 'val' list, or use early_stopping: loss")
+
+
 def search_point_thresholds(items: Sequence[tuple[str, np.ndarray, np.ndarray, tuple]],
                             maps: Sequence[ProbabilityMaps], model: ModelConfig, grid: TuneConfig, radius_um: float):
     """Search ``grid`` for the best point detection F1 of precomputed ``maps``: the best thresholds, the trials,
@@ -376,6 +411,7 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, *, resume: bool = Fals
                           fix="annotate at least two images (or list some under 'val', or give tiles a 'val' list)")
     if config.fit_thresholds:
         _heldback_points(data.val, config)  # refused before training, not after
+    _check_stopping(config, data, model)
     tests = load_test_data(config, model)
     run.mkdir(parents=True, exist_ok=True)
     write_finetune_config(config, run / "finetune.yaml")
@@ -416,6 +452,8 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
 
     if resume:
         state = _load_checkpoint(last_dir, network, optimizer, device)
+        if "best_score" not in state:  # a run started before early_stopping had a choice: the loss
+            state["best_score"] = -float(state.pop("best_loss"))
         before = json.loads(scores_path.read_text(encoding="utf-8"))["before"]
         log.info("resuming %s at step %d (epoch %d)", run, state["step"], state["epoch"])
     else:
@@ -432,7 +470,8 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
             before["val"]["tile_accuracy"] = acc * len(known) / len(data.val_tiles)
         base.network.cpu()
         scores_path.write_text(json.dumps(_jsonable({"before": before}), indent=1), encoding="utf-8")
-        state = {"step": 0, "epoch": 0, "best_loss": float(before["val"]["loss"]["loss"]), "best_epoch": 0,
+        state = {"step": 0, "epoch": 0, "best_score": stopping_score(before["val"], config.early_stopping),
+                 "best_epoch": 0,
                  "stale": 0, "history": [], "train_seconds": 0.0, "done": False}
         _save_checkpoint(best_dir, network, optimizer, {"epoch": 0})
     deadline = None if config.max_minutes is None else started + 60 * config.max_minutes - state["train_seconds"]
@@ -488,13 +527,15 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
         det = val.get("points", {}).get("detection", {}).get("f1")
         log.info("epoch %d: train loss %.4f, held-back loss %.4f%s", epoch + 1, record["train"].get("loss", math.nan),
                  vloss, "" if det is None else f", held-back point F1 {det:.3f}")
-        if vloss < state["best_loss"]:
-            state["best_loss"], state["best_epoch"], state["stale"] = vloss, epoch + 1, 0
+        score = stopping_score(val, config.early_stopping)
+        if score > state["best_score"]:
+            state["best_score"], state["best_epoch"], state["stale"] = score, epoch + 1, 0
             _save_checkpoint(best_dir, network, optimizer, {"epoch": epoch + 1})
         else:
             state["stale"] += 1
             if state["stale"] >= config.patience:
-                log.info("no held-back improvement for %d epochs: stopping early", config.patience)
+                log.info("no improvement of the %s for %d epochs: stopping early",
+                         STOPPING_SCORES[config.early_stopping][0], config.patience)
                 state["done"] = True
         if state["epoch"] >= config.epochs:
             state["done"] = True
@@ -683,7 +724,8 @@ def model_card(model: ModelConfig, config: FinetuneConfig, record: dict[str, Any
         "",
         f"- command: `{record.get('command') or 'histopan finetune'}`",
         f"- {record['steps']} steps of {config.batch_size} x {config.crop}^2 crops, best epoch {record['best_epoch']} "
-        f"of {record['epochs']} (early stopping on the held-back masked loss, patience {config.patience}); "
+        f"of {record['epochs']} (early stopping on the {STOPPING_SCORES[config.early_stopping][0]}, "
+        f"patience {config.patience}); "
         f"AdamW lr {config.lr}, {record['train_minutes']} min on {record['hardware']['device']} "
         f"({record['hardware']['threads']} threads)",
         "",
