@@ -29,7 +29,7 @@ from histopan.postprocess import PostprocessConfig
 from histopan.store import open_store
 from histopan.testing import write_test_slide
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from histopan.model.config import (
 from histopan.model.network import build_network, final_conv, grow_heads, normalize_input, split_outputs, \
     to_probabilities
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SMALL = ArchitectureConfig(encoder="mobilenet_v2", decoder_channels=(32, 16, 16, 8, 8))
 CLASSES = (

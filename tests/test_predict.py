@@ -26,7 +26,7 @@ from histopan.model.network import build_network
 from histopan.postprocess import PostprocessConfig
 from histopan.predict import NUCLEI_COLUMNS, TileResult, predict_tile
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TYPES = (NucleusTypeSpec("epithelial", (255, 0, 0)), NucleusTypeSpec("inflammatory", (0, 200, 0)),
          NucleusTypeSpec("other", (0, 0, 255)))
