@@ -144,7 +144,11 @@ def test_init_starts_from_a_model_and_a_mismatch_is_refused(tmp_path):
     after = load_file(str(second.model_dir / "weights.safetensors"))
     conv = [k for k in start if k.endswith(".weight") and start[k].ndim == 4]
     assert conv and all(torch.allclose(start[k], after[k], atol=1e-6) for k in conv)
-    assert load_model(second.model_dir).config.training["init"] == str(first.model_dir)
+    record = load_model(second.model_dir).config.training
+    assert record["init"] == str(first.model_dir)
+    # the init model's identity and its own training record travel, as they were when the run started
+    assert record["init_weights_sha256"] == load_model(first.model_dir).weights_sha256
+    assert record["init_training"] == load_model(first.model_dir).config.training
     # from scratch the same run ends elsewhere
     scratch = load_file(str(train(_config(data_dir, epochs=1, lr=1e-12), tmp_path / "scratch",
                                   progress=False).model_dir / "weights.safetensors"))

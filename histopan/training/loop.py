@@ -462,8 +462,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
         torch.backends.cudnn.benchmark = benchmark_before
 
 
-def initial_network(config: TrainConfig) -> nn.Module:
-    """The network for ``config.model`` started from the weights of the model ``config.init`` (a warm start).
+def initial_network(config: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The network for ``config.model`` started from the weights of the model ``config.init`` (a warm start),
+    and that model's provenance (``init_weights_sha256``, ``init_training``: its own training record).
 
     Channels are matched by name (:func:`~histopan.model.network.grow_heads`): classes the init model lacks
     start from a fresh initialisation, classes it has and ``config.model`` lacks are dropped.
@@ -479,7 +480,7 @@ def initial_network(config: TrainConfig) -> nn.Module:
             and init.config.type_names == config.model.type_names)
     network = copy.deepcopy(init.network) if same else grow_heads(init.network, init.config, config.model)
     log.info("starting from the weights of %s", init.path)
-    return network
+    return network, {"init_weights_sha256": init.weights_sha256, "init_training": init.config.training}
 
 
 def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, device: torch.device, resume: bool,
@@ -500,7 +501,12 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
             return _finish(config, run, best_dir, device, data, finished, command)
     sampler = CropSampler(data, config)
     model = config.model
-    network = (initial_network(config) if config.init is not None and not resume else build_network(model)).to(device)
+    provenance: dict[str, Any] = {}
+    if config.init is not None and not resume:
+        network, provenance = initial_network(config)
+    else:
+        network = build_network(model)
+    network = network.to(device)
     if device.type == "cuda":
         network = network.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -510,8 +516,9 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
         network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
     evaluated = network if ema is None else ema.module
 
+    # the init model as it was when the run started (its folder may be overwritten before the export)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "best_pq": -1.0, "best_epoch": -1, "history": [],
-                             "train_seconds": 0.0, "done": False}
+                             "train_seconds": 0.0, "done": False, **provenance}
     if resume:
         state = _load_checkpoint(last_dir, network, optimizer, device, ema)
         log.info("resuming %s at step %d (epoch %d)", run, state["step"], state["epoch"])
@@ -605,6 +612,7 @@ def _finish(config: TrainConfig, run: Path, best_dir: Path, device: torch.device
             "val_images": len(data.val_nuclei), "val_tiles": len(data.val_tiles),
         },
         "init": None if config.init is None else str(config.init),
+        **{k: state[k] for k in ("init_weights_sha256", "init_training") if k in state},
         "steps": state["step"], "epochs": state["epoch"], "best_epoch": state["best_epoch"],
         "crop": config.crop, "batch_size": config.batch_size,
         "train_minutes": round(state["train_seconds"] / 60, 1),
