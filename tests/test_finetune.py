@@ -18,7 +18,7 @@ from histopan.model.checkpoint import load_model, save_model
 from histopan.model.config import ModelConfig
 from histopan.model.network import build_network
 from histopan.training.config import AugmentConfig, read_finetune_config
-from histopan.training.finetune import build_finetune_model, finetune, type_weights
+from histopan.training.finetune import build_finetune_model, finetune, type_weights, types_at_points
 from histopan.training.sparse import SparseTargets
 from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, SparseSample, load_finetune_data,
                                            load_slide_annotations)
@@ -182,12 +182,17 @@ def test_histopan_finetune_grows_heads_freezes_the_encoder_and_writes_a_model(tm
         detection = scores[when]["test"]["points"]["detection"]
         assert detection["tp"] + detection["fn"] == 6  # the test image's six points
     assert "types" in scores["after"]["test"]["points"]  # the base has no type head, the result does
+    # every typed test point is classified, detected or not (the protocol of classifying given nuclei)
+    at_points = scores["after"]["test"]["points"]["types_at_points"]
+    assert at_points["points"] == 6 and set(at_points["f1"]) == {"epithelial", "fibroblast"}
+    assert 0 <= at_points["weighted_f1"] <= 1 and "types_at_points" not in scores["before"]["test"]["points"]
 
     card = (model_dir / "README.md").read_text()
     assert "| figure | before (base) | after |" in card
     b, a = scores["before"]["val"]["loss"]["loss"], scores["after"]["val"]["loss"]["loss"]
     assert f"| held-back masked loss | {b:.3f} | {a:.3f} |" in card
     assert "test F1 epithelial" in card and "trained layers | decoder" in card
+    assert f"| test type weighted F1 (every typed point, given nuclei) | - | {at_points['weighted_f1']:.3f} |" in card
 
     image = np.asarray(Image.open(tmp_path / "test" / "images" / "a0.png"))
     result = histopan.predict_tile(image, 0.5, model=model_dir)
@@ -552,3 +557,17 @@ def test_unknown_early_stopping_criterion_is_refused(tmp_path, base, capsys):
     err = _fails(capsys, ["finetune", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
     assert "early_stopping" in err and "'pq'" in err and "type_f1" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_types_at_points_average_the_type_probabilities_over_a_disc():
+    """Left half type 0, right half type 1 (probability 0.8); a 3 x 3 block of type 0 (0.95) lies just right of
+    the border (x 10..12, y 9..11).  A point on the block is type 0; one just right of the block, whose disc
+    takes in one block pixel, stays type 1; points at the image corners are classified too."""
+    types = np.zeros((2, 20, 20), np.float32)
+    types[0, :, :10], types[1, :, :10] = 0.8, 0.2
+    types[0, :, 10:], types[1, :, 10:] = 0.2, 0.8
+    types[0, 9:12, 10:13], types[1, 9:12, 10:13] = 0.95, 0.05
+    xy = np.array([[3.5, 3.5], [16.5, 3.5], [10.5, 10.5], [13.5, 10.5], [19.9, 19.9], [0.0, 0.0]])
+    assert types_at_points(types, xy, 1.0).tolist() == [0, 1, 0, 1, 1, 0]
+    # a point with no pixel centre within the radius takes the pixel under it
+    assert types_at_points(types, np.array([[12.0, 3.0]]), 0.1).tolist() == [1]

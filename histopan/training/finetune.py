@@ -59,7 +59,7 @@ from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, Spar
 log = logging.getLogger(__name__)
 
 __all__ = ["FinetuneResult", "build_finetune_model", "evaluate_tests", "finetune", "fit_point_thresholds", "point_scores",
-           "score_points", "search_point_thresholds"]
+           "score_points", "search_point_thresholds", "types_at_points"]
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,9 @@ def point_scores(network: nn.Module, items: Sequence[tuple[str, np.ndarray, np.n
 
     ``items`` are ``(name, image at the model's mpp, points (n, 2) x, y in its pixels, type names)``.
     Per-type F1 follows HoVer-Net's CRC convention (:func:`histopan.metrics.point_detection`);
-    ``type_weighted_f1`` is the support-weighted F1 of the types of matched nuclei (the figure
-    Sirinukunwattana et al. report for classifying given nuclei).
+    ``type_weighted_f1`` is the support-weighted F1 of the types of matched nuclei.  ``types_at_points``
+    classifies every typed annotated point, detected or not (:func:`types_at_points`, a disc of
+    :data:`POINT_TYPE_RADIUS_UM`): the protocol of Sirinukunwattana et al. 2016, who classify given nuclei.
     """
     network.eval()
     with torch.no_grad():
@@ -199,16 +200,53 @@ def score_points(items: Sequence[tuple[str, np.ndarray, np.ndarray, tuple]], map
         out["types"] = {n: c.to_dict() for n, c in total.per_class.items()}
         out["type_accuracy"] = total.type_accuracy
     if pairs_t:
-        t, p = np.array(pairs_t, object), np.array(pairs_p, object)
-        f1s, support = [], []
-        for n in sorted(set(pairs_t)):
-            tp = int(((t == n) & (p == n)).sum())
-            fp = int(((t != n) & (p == n)).sum())
-            fn = int(((t == n) & (p != n)).sum())
-            f1s.append(2 * tp / max(1, 2 * tp + fp + fn))
-            support.append(int((t == n).sum()))
-        out["type_weighted_f1"] = float(np.average(f1s, weights=support))
+        out["type_weighted_f1"] = _type_f1(pairs_t, pairs_p)["weighted_f1"]
+    if model.has_types:
+        truth, pred = [], []
+        for (_name, _image, xy, names), m in zip(items, maps, strict=True):
+            typed = [i for i, n in enumerate(names) if n is not None]
+            if typed and m.types is not None:
+                truth += [names[i] for i in typed]
+                pred += [model.type_names[k] for k in types_at_points(m.types, xy[typed], POINT_TYPE_RADIUS_UM / model.mpp)]
+        if truth:
+            out["types_at_points"] = _type_f1(truth, pred)
     return out
+
+
+# The disc around an annotated point whose mean type probabilities classify it (about a nucleus core).
+POINT_TYPE_RADIUS_UM = 2.0
+
+
+def types_at_points(types: np.ndarray, xy: np.ndarray, radius_px: float) -> np.ndarray:
+    """The type index of each point ``(x, y)`` (pixels, origin at the top-left corner of the image): the
+    argmax of the type probabilities ``types`` (K, H, W) averaged over the pixels whose centres lie within
+    ``radius_px`` of it (the pixel under the point when none does)."""
+    _, h, w = types.shape
+    out = np.empty(len(xy), dtype=np.int64)
+    r = int(np.ceil(radius_px))
+    for i, (x, y) in enumerate(np.asarray(xy, dtype=np.float64)):
+        cx, cy = min(w - 1, max(0, int(x))), min(h - 1, max(0, int(y)))
+        y0, y1, x0, x1 = max(0, cy - r), min(h, cy + r + 1), max(0, cx - r), min(w, cx + r + 1)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        disc = (yy + 0.5 - y) ** 2 + (xx + 0.5 - x) ** 2 <= radius_px ** 2
+        window = types[:, y0:y1, x0:x1]
+        mean = window[:, disc].mean(axis=1) if disc.any() else types[:, cy, cx]
+        out[i] = int(np.argmax(mean))
+    return out
+
+
+def _type_f1(truth: Sequence[str], pred: Sequence[str | None]) -> dict[str, Any]:
+    """Accuracy, per-type F1 and support-weighted F1 of predicted against true type names (one per nucleus)."""
+    t, p = np.array(truth, object), np.array(pred, object)
+    per_type, support = {}, []
+    for n in sorted(set(truth)):
+        tp = int(((t == n) & (p == n)).sum())
+        fp = int(((t != n) & (p == n)).sum())
+        fn = int(((t == n) & (p != n)).sum())
+        per_type[n] = 2 * tp / max(1, 2 * tp + fp + fn)
+        support.append(int((t == n).sum()))
+    return {"points": len(t), "accuracy": float((t == p).mean()), "f1": per_type,
+            "weighted_f1": float(np.average(list(per_type.values()), weights=support))}
 
 
 def _point_items(samples: Sequence[SparseSample]) -> list[tuple[str, np.ndarray, np.ndarray, tuple]]:
@@ -654,6 +692,10 @@ def score_table(before: dict[str, Any], after: dict[str, Any]) -> str:
         add(f"test F1 {name} (HoVer-Net CRC convention)", lambda s, n=name: s["test"]["points"]["types"][n]["f1"])
     add("test type accuracy (matched nuclei)", lambda s: s["test"]["points"]["type_accuracy"])
     add("test type weighted F1 (matched nuclei)", lambda s: s["test"]["points"]["type_weighted_f1"])
+    add("test type accuracy (every typed point, given nuclei)",
+        lambda s: s["test"]["points"]["types_at_points"]["accuracy"])
+    add("test type weighted F1 (every typed point, given nuclei)",
+        lambda s: s["test"]["points"]["types_at_points"]["weighted_f1"])
     add("test nucleus PQ", lambda s: s["test"]["nuclei"]["pq"])
     add("test nucleus SQ", lambda s: s["test"]["nuclei"]["sq"])
     add("test nucleus RQ", lambda s: s["test"]["nuclei"]["rq"])
