@@ -433,7 +433,9 @@ class FinetuneConfig:
     alike), for rare types.  ``tune`` is the threshold grid ``histopan tune MODEL --config THIS.yaml --points``
     searches for the best detection F1 on the held-back point annotations.  With ``fit_thresholds`` the
     fine-tuning run does that search itself after training, on the best weights, and exports the model with
-    the fitted thresholds (its after figures are then measured with them).
+    the fitted thresholds (its after figures are then measured with them).  ``ema`` (a decay such as 0.99)
+    scores, keeps and exports an exponential moving average of the weights instead of the raw weights, which
+    evens out the step-to-step noise of small sparse batches.
     """
 
     name: str
@@ -468,6 +470,7 @@ class FinetuneConfig:
     geometry: AnnotationGeometry = field(default_factory=AnnotationGeometry)
     tune: TuneConfig = field(default_factory=TuneConfig)
     fit_thresholds: bool = False
+    ema: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("add_classes", "nucleus_types", "annotations", "slides", "tiles"):
@@ -497,6 +500,8 @@ class FinetuneConfig:
         if not (math.isfinite(self.type_balance) and 0 <= self.type_balance <= 1):
             raise ValueError(f"type_balance must be within 0..1 (0: no weighting, 1: every type alike), "
                              f"got {self.type_balance}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must be a decay within 0..1 (e.g. 0.99) or absent, got {self.ema}")
         if not (math.isfinite(self.distill) and self.distill >= 0):
             raise ValueError(f"distill must be >= 0, got {self.distill}")
         if self.loss.contact_weight:

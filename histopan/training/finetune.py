@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from histopan import __version__
@@ -476,6 +477,10 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
     params = _freeze(network, config.trainable)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     use_amp, amp_dtype, scaler = amp_setup(device)
+    # the moving average (``ema``) is what is scored, kept as the best checkpoint and exported
+    ema = None if config.ema is None else AveragedModel(
+        network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    evaluated = network if ema is None else ema.module
     sampler = SparseCropSampler(data, config)
     weights = type_weights(data.train, model, config.type_balance)
     if weights is not None:
@@ -489,7 +494,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
         channels = torch.tensor([model.class_names.index(n) for n in base.config.class_names], device=device)
 
     if resume:
-        state = _load_checkpoint(last_dir, network, optimizer, device)
+        state = _load_checkpoint(last_dir, network, optimizer, device, ema)
         if "best_score" not in state:  # a run started before early_stopping had a choice: the loss
             state["best_score"] = -float(state.pop("best_loss"))
         before = json.loads(scores_path.read_text(encoding="utf-8"))["before"]
@@ -544,6 +549,8 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
                 terms["distill"] = float(keep.detach())
                 terms["loss"] = float(loss.detach())
             optimizer_step(optimizer, scaler, loss)
+            if ema is not None:
+                ema.update_parameters(network)
             state["step"] = step + 1
             n += 1
             for k, v in terms.items():
@@ -556,7 +563,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
                 break
         bar.close()
         state["train_seconds"] += time.time() - t0
-        val = _scores(network, data, model, config, device, weights)
+        val = _scores(evaluated, data, model, config, device, weights)
         state["epoch"] = epoch + 1
         vloss = float(val["loss"]["loss"])
         record = append_record(state["history"], run / "metrics.jsonl", {
@@ -568,7 +575,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
         score = stopping_score(val, config.early_stopping)
         if score > state["best_score"]:
             state["best_score"], state["best_epoch"], state["stale"] = score, epoch + 1, 0
-            _save_checkpoint(best_dir, network, optimizer, {"epoch": epoch + 1})
+            _save_checkpoint(best_dir, evaluated, optimizer, {"epoch": epoch + 1})
         else:
             state["stale"] += 1
             if state["stale"] >= config.patience:
@@ -577,7 +584,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
                 state["done"] = True
         if state["epoch"] >= config.epochs:
             state["done"] = True
-        _save_checkpoint(last_dir, network, optimizer, state)
+        _save_checkpoint(last_dir, network, optimizer, state, ema)
         _plot(state["history"], before, run / "curves.png")
         epochs_this_call += 1
         if stop_after is not None and epochs_this_call >= stop_after and not state["done"]:
@@ -768,6 +775,7 @@ def model_card(model: ModelConfig, config: FinetuneConfig, record: dict[str, Any
         f"- {record['steps']} steps of {config.batch_size} x {config.crop}^2 crops, best epoch {record['best_epoch']} "
         f"of {record['epochs']} (early stopping on the {STOPPING_SCORES[config.early_stopping][0]}, "
         f"patience {config.patience}); "
+        f"{'' if config.ema is None else f'moving average of the weights (decay {config.ema}) scored and kept; '}"
         f"AdamW lr {config.lr}, {record['train_minutes']} min on {record['hardware']['device']} "
         f"({record['hardware']['threads']} threads)",
         "",
