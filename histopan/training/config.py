@@ -427,11 +427,12 @@ class FinetuneConfig:
     chosen with ``seed``) are held back: ``early_stopping`` on them picks the best epoch and stops the run
     after ``patience`` epochs without improvement: ``loss`` (the masked loss, lower is better),
     ``point_f1`` (point detection F1), ``type_accuracy`` or ``type_f1`` (accuracy / support-weighted F1 of
-    the types of matched nuclei) or ``tile_accuracy`` (held-back tile-class tiles).  ``tile_fraction`` is the share of crops drawn from
-    tile-class folders (default: in proportion to the number of images).  ``type_balance`` (0..1) weights
-    the type loss by inverse type frequency to that power (0: every annotated nucleus alike, 1: every type
-    alike), for rare types.  ``tune`` is the threshold grid ``histopan tune MODEL --config THIS.yaml --points``
-    searches for the best detection F1 on the held-back point annotations.  With ``fit_thresholds`` the
+    the types of matched nuclei) or ``tile_accuracy`` (held-back tile-class tiles).  ``tile_fraction`` is
+    the share of crops drawn from tile-class folders (default: in proportion to the number of images).
+    ``type_balance`` (0..1) weights the type loss by inverse type frequency to that power (0: every
+    annotated nucleus alike, 1: every type alike), for rare types.  ``tune`` is the threshold grid
+    ``histopan tune MODEL --config THIS.yaml --points`` searches for the best detection F1 on the held-back
+    point annotations.  With ``fit_thresholds`` the
     fine-tuning run does that search itself after training, on the best weights, and exports the model with
     the fitted thresholds (its after figures are then measured with them).  ``ema`` (a decay such as 0.99)
     scores, keeps and exports an exponential moving average of the weights instead of the raw weights, which

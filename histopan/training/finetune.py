@@ -208,7 +208,8 @@ def score_points(items: Sequence[tuple[str, np.ndarray, np.ndarray, tuple]], map
             typed = [i for i, n in enumerate(names) if n is not None]
             if typed and m.types is not None:
                 truth += [names[i] for i in typed]
-                pred += [model.type_names[k] for k in types_at_points(m.types, xy[typed], POINT_TYPE_RADIUS_UM / model.mpp)]
+                found = types_at_points(m.types, xy[typed], POINT_TYPE_RADIUS_UM / model.mpp)
+                pred += [model.type_names[k] for k in found]
         if truth:
             out["types_at_points"] = _type_f1(truth, pred)
     return out
@@ -514,8 +515,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
         base.network.cpu()
         scores_path.write_text(json.dumps(_jsonable({"before": before}), indent=1), encoding="utf-8")
         state = {"step": 0, "epoch": 0, "best_score": stopping_score(before["val"], config.early_stopping),
-                 "best_epoch": 0,
-                 "stale": 0, "history": [], "train_seconds": 0.0, "done": False}
+                 "best_epoch": 0, "stale": 0, "history": [], "train_seconds": 0.0, "done": False}
         _save_checkpoint(best_dir, network, optimizer, {"epoch": 0})
     deadline = None if config.max_minutes is None else started + 60 * config.max_minutes - state["train_seconds"]
     epochs_this_call = 0

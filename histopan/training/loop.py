@@ -447,6 +447,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     write_train_config(config, run / "train.yaml")
 
     device = _device(config)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
@@ -460,6 +461,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
         torch.backends.cudnn.benchmark = benchmark_before
+        torch.set_num_threads(threads_before)
 
 
 def initial_network(config: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
