@@ -993,3 +993,18 @@ def summarize_points(results: Sequence[PointResult], aggregate: Aggregate = "dat
             for r in results
         ],
     }
+
+
+def classification_f1(truth: Sequence[str], pred: Sequence[str | None]) -> dict[str, object]:
+    """Accuracy, per-class F1 and support-weighted F1 of predicted against true class names (one per item;
+    a prediction of None counts as wrong): ``{"points", "accuracy", "f1": {name: F1}, "weighted_f1"}``."""
+    t, p = np.array(truth, object), np.array(pred, object)
+    per_class, support = {}, []
+    for n in sorted(set(truth)):
+        tp = int(((t == n) & (p == n)).sum())
+        fp = int(((t != n) & (p == n)).sum())
+        fn = int(((t == n) & (p != n)).sum())
+        per_class[n] = 2 * tp / max(1, 2 * tp + fp + fn)
+        support.append(int((t == n).sum()))
+    return {"points": len(t), "accuracy": float((t == p).mean()), "f1": per_class,
+            "weighted_f1": float(np.average(list(per_class.values()), weights=support))}

@@ -21,6 +21,7 @@ from histopan.metrics import (
     aji,
     aji_plus,
     binary_pq,
+    classification_f1,
     dice,
     evaluate_histogram,
     panoptic_quality,
@@ -391,3 +392,13 @@ def test_typed_f1_follows_the_crc_convention():
     assert r.type_accuracy == pytest.approx(2 / 3)
     s = summarize_points([r, r], "dataset")
     assert s["classes"]["epi"]["tp"] == 2 and s["all"]["f1"] == pytest.approx(r.f1)
+
+
+def test_classification_f1_counts_per_class_and_weights_by_support():
+    truth = ["a", "a", "a", "b", "b", "c"]
+    pred = ["a", "a", "b", "b", None, "a"]
+    out = classification_f1(truth, pred)
+    # a: tp 2, fp 1 (the c), fn 1 -> 4/6; b: tp 1, fp 1, fn 1 -> 2/4; c: tp 0 -> 0
+    assert out["f1"] == pytest.approx({"a": 4 / 6, "b": 0.5, "c": 0.0})
+    assert out["weighted_f1"] == pytest.approx((3 * 4 / 6 + 2 * 0.5) / 6)
+    assert out["accuracy"] == pytest.approx(3 / 6) and out["points"] == 6

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from histopan import __version__
 from histopan.errors import ConfigError, DataError
-from histopan.metrics import point_detection
+from histopan.metrics import classification_f1, point_detection
 from histopan.model.checkpoint import LoadedModel, load_model, save_model
 from histopan.model.config import ModelConfig
 from histopan.model.network import grow_heads, normalize_input, split_outputs
@@ -201,7 +201,7 @@ def score_points(items: Sequence[tuple[str, np.ndarray, np.ndarray, tuple]], map
         out["types"] = {n: c.to_dict() for n, c in total.per_class.items()}
         out["type_accuracy"] = total.type_accuracy
     if pairs_t:
-        out["type_weighted_f1"] = _type_f1(pairs_t, pairs_p)["weighted_f1"]
+        out["type_weighted_f1"] = classification_f1(pairs_t, pairs_p)["weighted_f1"]
     if model.has_types:
         truth, pred = [], []
         for (_name, _image, xy, names), m in zip(items, maps, strict=True):
@@ -211,7 +211,7 @@ def score_points(items: Sequence[tuple[str, np.ndarray, np.ndarray, tuple]], map
                 found = types_at_points(m.types, xy[typed], POINT_TYPE_RADIUS_UM / model.mpp)
                 pred += [model.type_names[k] for k in found]
         if truth:
-            out["types_at_points"] = _type_f1(truth, pred)
+            out["types_at_points"] = classification_f1(truth, pred)
     return out
 
 
@@ -235,20 +235,6 @@ def types_at_points(types: np.ndarray, xy: np.ndarray, radius_px: float) -> np.n
         mean = window[:, disc].mean(axis=1) if disc.any() else types[:, cy, cx]
         out[i] = int(np.argmax(mean))
     return out
-
-
-def _type_f1(truth: Sequence[str], pred: Sequence[str | None]) -> dict[str, Any]:
-    """Accuracy, per-type F1 and support-weighted F1 of predicted against true type names (one per nucleus)."""
-    t, p = np.array(truth, object), np.array(pred, object)
-    per_type, support = {}, []
-    for n in sorted(set(truth)):
-        tp = int(((t == n) & (p == n)).sum())
-        fp = int(((t != n) & (p == n)).sum())
-        fn = int(((t == n) & (p != n)).sum())
-        per_type[n] = 2 * tp / max(1, 2 * tp + fp + fn)
-        support.append(int((t == n).sum()))
-    return {"points": len(t), "accuracy": float((t == p).mean()), "f1": per_type,
-            "weighted_f1": float(np.average(list(per_type.values()), weights=support))}
 
 
 def _point_items(samples: Sequence[SparseSample]) -> list[tuple[str, np.ndarray, np.ndarray, tuple]]:
