@@ -12,7 +12,10 @@ Marker-controlled watershed in physical units:
    the Euclidean distance to the mask edge normalised to 1 at the deepest point of each mask component;
 4. objects smaller than ``min_area_um2`` removed, holes inside each object filled, then objects whose mean
    nucleus probability (the table's ``nucleus_prob``) is below ``min_nucleus_prob`` removed: faint blobs
-   that the mask threshold let through are mostly not nuclei (or halves of one);
+   that the mask threshold let through are mostly not nuclei (or halves of one); then, with
+   ``min_centre_peak`` > 0, objects whose highest centre-map value is below it: an object with no nucleus
+   centre in it, which a centre map trained on an exhaustive count of nuclei (every nucleus has a point)
+   marks as not a nucleus;
 5. instance ids 1..n in raster order of the centroids (by row, then column): deterministic;
 6. semantic map: the nucleus class where an instance exists, else the most probable stuff class.
 
@@ -50,9 +53,11 @@ class PostprocessConfig:
     fill_holes: bool = True
     min_stuff_area_um2: float = 100.0
     min_nucleus_prob: float = 0.0
+    min_centre_peak: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("nucleus_threshold", "centre_threshold", "centre_h", "boundary_weight", "min_nucleus_prob"):
+        for name in ("nucleus_threshold", "centre_threshold", "centre_h", "boundary_weight", "min_nucleus_prob",
+                     "min_centre_peak"):
             v = getattr(self, name)
             if not (math.isfinite(v) and 0.0 <= v <= 1.0):
                 raise ValueError(f"postprocess.{name} must be within 0..1, got {v}")
@@ -222,6 +227,19 @@ def _drop_faint(instances: np.ndarray, p_nucleus: np.ndarray, min_prob: float) -
     instances[faint[instances]] = 0
 
 
+def _drop_centreless(instances: np.ndarray, centre: np.ndarray, min_peak: float) -> None:
+    """Remove, in place, the objects whose highest ``centre`` value over their pixels is below ``min_peak``."""
+    n = int(instances.max())
+    if not n:
+        return
+    peak = np.full(n + 1, np.inf)
+    peak[1:] = ndi.maximum(centre, labels=instances, index=np.arange(1, n + 1))
+    present = np.bincount(instances.ravel(), minlength=n + 1) > 0
+    drop = present & (peak < min_peak)
+    drop[0] = False
+    instances[drop[instances]] = 0
+
+
 def _relabel_raster(instances: np.ndarray) -> np.ndarray:
     """Renumber labels 1..n in raster order of their centroids (row, then column); 0 stays 0."""
     ids = np.unique(instances)
@@ -317,6 +335,8 @@ def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
             instances = _fill_holes(instances)
         if cfg.min_nucleus_prob > 0:
             _drop_faint(instances, p_nucleus, cfg.min_nucleus_prob)
+        if cfg.min_centre_peak > 0:
+            _drop_centreless(instances, maps.centre, cfg.min_centre_peak)
     instances = _relabel_raster(instances)
 
     stuff_argmax = np.asarray(stuff, dtype=np.uint8)[np.argmax(maps.semantic[stuff], axis=0)]

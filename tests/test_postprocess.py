@@ -293,3 +293,30 @@ def test_min_nucleus_prob_drops_faint_objects_and_keeps_confident_ones():
 def test_min_nucleus_prob_outside_0_1_is_refused(bad):
     with pytest.raises(ValueError, match="min_nucleus_prob"):
         PostprocessConfig(min_nucleus_prob=bad)
+
+
+def test_min_centre_peak_drops_objects_without_a_centre():
+    """Two separate discs, one with a centre bump of height 1 and one whose centre map stays at 0.25 (a blob
+    the centre map does not call a nucleus, which still gets a fallback marker): a 0.5 filter removes only
+    the second; 0.25 exactly keeps both (strictly below is dropped)."""
+    maps = render([(10, 10, 4.0), (10, 26, 4.0)], 36, 0.5, stroma_right=False)
+    centre = maps.centre.copy()
+    xx = (np.indices(centre.shape)[1] + 0.5) * 0.5
+    centre[xx > 18] = np.minimum(centre[xx > 18], 0.25)
+    maps = ProbabilityMaps(maps.semantic, centre, maps.boundary)
+    both = postprocess_tile(maps, 0.5, CFG, CLASSES)
+    assert len(both.nuclei) == 2
+    edge = postprocess_tile(maps, 0.5, PostprocessConfig(**{**CFG.__dict__, "min_centre_peak": 0.25}), CLASSES)
+    assert np.array_equal(edge.instances, both.instances)
+    kept = postprocess_tile(maps, 0.5, PostprocessConfig(**{**CFG.__dict__, "min_centre_peak": 0.5}), CLASSES)
+    check_consistency(kept)
+    assert len(kept.nuclei) == 1
+    assert kept.nuclei["centroid_x"].iloc[0] < 36  # the left disc, in pixels
+    assert np.array_equal(kept.instances > 0, both.instances == 1)
+    assert not (kept.semantic[xx > 18] == NUC).any()  # the dropped pixels fall back to the stuff classes
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_min_centre_peak_outside_0_1_is_refused(bad):
+    with pytest.raises(ValueError, match="min_centre_peak"):
+        PostprocessConfig(min_centre_peak=bad)

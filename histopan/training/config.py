@@ -167,8 +167,8 @@ class LossConfig:
 class TuneConfig:
     """Grid of post-processing thresholds searched on the validation split after training.
 
-    ``centre_h`` 0 means plain centre-map peaks (no h-maximum test) and ``min_nucleus_prob`` 0 keeps every
-    object whatever its mean nucleus probability; see :class:`~histopan.postprocess.PostprocessConfig`.
+    ``centre_h`` 0 means plain centre-map peaks (no h-maximum test), ``min_nucleus_prob`` 0 keeps every
+    object whatever its mean nucleus probability and ``min_centre_peak`` 0 whatever its centre map; see :class:`~histopan.postprocess.PostprocessConfig`.
     """
 
     nucleus_threshold: tuple[float, ...] = (0.4, 0.5, 0.6)
@@ -177,10 +177,11 @@ class TuneConfig:
     min_distance_um: tuple[float, ...] = (2.0, 3.0)
     centre_h: tuple[float, ...] = (0.0,)
     min_nucleus_prob: tuple[float, ...] = (0.0,)
+    min_centre_peak: tuple[float, ...] = (0.0,)
 
     #: the grid's axes, in the order trials are listed
     AXES: ClassVar[tuple[str, ...]] = ("nucleus_threshold", "centre_threshold", "boundary_weight",
-                                       "min_distance_um", "centre_h", "min_nucleus_prob")
+                                       "min_distance_um", "centre_h", "min_nucleus_prob", "min_centre_peak")
 
     def __post_init__(self) -> None:
         for name in self.AXES:
