@@ -403,7 +403,16 @@ def test_complete_points_set_trains_the_centre_map_on_whole_images(tmp_path, bas
         known = s.targets.centre_valid
         np.testing.assert_array_equal(c.targets.centre[known], s.targets.centre[known])
         assert c.targets.centre[~known].max() < 0.02
-        np.testing.assert_array_equal(c.targets.label_bits, s.targets.label_bits)
+        # far from every point the complete count adds "not a nucleus": a region there loses its "or a
+        # nucleus", unannotated pixels become "any stuff class"; what else the annotations say is kept
+        nucleus_bit = class_bits([model.nucleus_index])
+        added = c.targets.nucleus_valid & ~s.targets.nucleus_valid
+        assert added.any() and np.all(c.targets.nucleus[added] == 0)
+        assert np.all(c.targets.label_bits[added] & nucleus_bit == 0)
+        kept = ~added
+        np.testing.assert_array_equal(c.targets.label_bits[kept], s.targets.label_bits[kept])
+        region = added & (s.targets.label_bits != 0)
+        np.testing.assert_array_equal(c.targets.label_bits[region], s.targets.label_bits[region] & ~nucleus_bit)
     cfg["annotations"][0]["complete_points"] = "yes"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(Exception, match="complete_points"):

@@ -137,14 +137,34 @@ def test_complete_points_train_the_centre_map_everywhere_zero_away_from_them():
     assert complete.centre[~sparse.centre_valid].max() < np.exp(-4.5)
     assert complete.centre[5, 60] == 0 and complete.centre[60, 5] == 0
     assert complete.centre[20, 20] == pytest.approx(1.0) and complete.centre[40, 50] == pytest.approx(1.0)
-    # the rest is what sparse points give: the nucleus core, the type disc, no boundary
-    np.testing.assert_array_equal(complete.label_bits, sparse.label_bits)
-    np.testing.assert_array_equal(complete.nucleus_valid, sparse.nucleus_valid)
+    # within point_extent_um (7 um = 14 px) of a point: what sparse points give (the nucleus core, the type
+    # disc, no boundary); farther from every point: "not a nucleus" (any stuff class), with no boundary
+    rows, cols = np.indices(SHAPE)
+    far = ((rows - 20) ** 2 + (cols - 20) ** 2 > 14 ** 2) & ((rows - 40) ** 2 + (cols - 50) ** 2 > 14 ** 2)
+    near = ~far
+    np.testing.assert_array_equal(complete.label_bits[near], sparse.label_bits[near])
+    np.testing.assert_array_equal(complete.nucleus_valid[near], sparse.nucleus_valid[near])
+    assert not complete.boundary_valid[near].any()
+    assert np.all(complete.label_bits[far] == STUFF_BITS)
+    assert complete.nucleus_valid[far].all() and np.all(complete.nucleus[far] == 0)
+    assert complete.boundary_valid[far].all() and np.all(complete.boundary[far] == 0)
+    assert not sparse.nucleus_valid[far].any()  # a sparse point says nothing away from itself
     np.testing.assert_array_equal(complete.types, sparse.types)
-    assert not complete.boundary_valid.any()
-    # an image whose complete count is "no nucleus here" (a region only): its centre map is all 0, all known
+    # an image whose complete count is "no nucleus here" (a region only): its centre map is all 0, all known;
+    # the region is its class without nuclei, the rest any stuff class
     empty = _raster([Annotation(shapely.box(4, 4, 40, 40), class_name="stroma")], complete_points=True)
     assert empty.centre_valid.all() and np.all(empty.centre == 0)
+    assert np.all(empty.label_bits[4:40, 4:40] == STROMA_BIT) and np.all(empty.label_bits[50:, 50:] == STUFF_BITS)
+    assert empty.nucleus_valid.all() and np.all(empty.nucleus == 0)
+
+
+def test_complete_points_leave_nucleus_outlines_alone():
+    """A nucleus outline far from every point keeps its own supervision (nucleus inside, ring around)."""
+    annotations = [Annotation(shapely.Point(5.5, 5.5)), Annotation(NUCLEUS_BOX, class_name="nucleus")]
+    sparse, complete = _raster(annotations), _raster(annotations, complete_points=True)
+    np.testing.assert_array_equal(complete.label_bits[27:38, 27:38], sparse.label_bits[27:38, 27:38])
+    assert np.all(complete.label_bits[27:38, 27:38] == NUC_BIT) and np.all(complete.nucleus[27:38, 27:38] == 1)
+    assert complete.label_bits[60, 60] == STUFF_BITS and complete.nucleus_valid[60, 60]
 
 
 def test_point_with_a_stuff_class_is_an_error():

@@ -321,7 +321,9 @@ class AnnotationGeometry:
 
     ``ring_um``: the "not a nucleus" ring around each nucleus polygon; ``point_core_um``: radius of the disc
     that a nucleus point marks as nucleus; ``type_radius_um``: radius of the disc a typed point trains the type
-    head on; ``line_width_um``: width of a line / brush stroke region; ``centre_sigma_um``: the centre Gaussian.
+    head on; ``line_width_um``: width of a line / brush stroke region; ``centre_sigma_um``: the centre Gaussian;
+    ``point_extent_um``: with ``complete_points``, pixels farther than this from every point are "not a
+    nucleus" (about the largest distance from a nucleus's point to its edge).
     """
 
     ring_um: float = 1.0
@@ -329,9 +331,11 @@ class AnnotationGeometry:
     type_radius_um: float = 2.0
     line_width_um: float = 4.0
     centre_sigma_um: float = 1.5
+    point_extent_um: float = 7.0
 
     def __post_init__(self) -> None:
-        for name in ("ring_um", "point_core_um", "type_radius_um", "line_width_um", "centre_sigma_um"):
+        for name in ("ring_um", "point_core_um", "type_radius_um", "line_width_um", "centre_sigma_um",
+                     "point_extent_um"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"geometry.{name} must be > 0 microns, got {v}")
@@ -347,7 +351,7 @@ class AnnotatedSetConfig:
     for early stopping; ``exclude`` images not used.  Images without a GeoJSON file are not used.
     ``complete_points: true`` says every nucleus in each image has a point (an exhaustive count, as in
     CRCHistoPhenotypes): the centre map is then trained on the whole image, 0 away from the points, instead of
-    only around them.
+    only around them, and pixels farther than ``geometry.point_extent_um`` from every point are "not a nucleus".
     """
 
     images: Path

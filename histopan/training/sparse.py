@@ -10,7 +10,9 @@ supervises (sizes in microns, converted with the model's mpp):
 - **nucleus point** (Point / MultiPoint): a disc of ``point_core_um`` is "nucleus"; the centre heatmap is
   known within ``3 * centre_sigma_um`` of the point; a typed point trains the type head on a disc of
   ``type_radius_um``; the boundary is not supervised; with ``complete_points`` (every nucleus of the image
-  has a point) the centre heatmap is known on the whole image, 0 away from the points;
+  has a point) the centre heatmap is known on the whole image, 0 away from the points, and every pixel
+  farther than ``point_extent_um`` from all points (and outside nucleus polygons) is "not a nucleus" (of a
+  region's class inside a region, any stuff class elsewhere), with no boundary;
 - **region** (a polygon, or a line / brush stroke buffered to ``line_width_um``, whose class maps to a stuff
   class): its pixels are "that class or a nucleus" (the stuff class applies to the tissue between nuclei,
   see :func:`~histopan.training.losses.stuff_given_tissue_ce`); the background class means "no nucleus".
@@ -269,6 +271,7 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
     boundary = np.zeros(shape, np.float32)
     boundary_valid = np.zeros(shape, bool)
     types = np.full(shape, -1, np.int16)
+    polygon_known = np.zeros(shape, bool)
 
     stuff_all = class_bits(list(stuff_indices))
     nucleus_bit = class_bits([nucleus_index])
@@ -320,6 +323,7 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
         ring_px = max(1, int(round(geometry.ring_um / mpp)))
         near = ndi.binary_dilation(inside, structure=_disc(ring_px)) & ~inside
         known = inside | near
+        polygon_known |= known
         ids = np.unique(instances[inside])
         if ids.size:
             centres = ndi.center_of_mass(np.ones(shape, np.float32), instances, ids)
@@ -364,6 +368,20 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
                     types[t] = target.index
         if complete_points:  # no nucleus without a point: the centre map is 0 wherever no point's heat reaches
             support[:] = True
+            near_point = np.zeros(shape, bool)
+            extent = _disc(geometry.point_extent_um / mpp)
+            for a, _target in points:
+                for p in shapely.get_parts(a.geometry):
+                    cx, cy = p.x * scale - offset[0] - 0.5, p.y * scale - offset[1] - 0.5
+                    if -0.5 <= cx < w - 0.5 and -0.5 <= cy < h - 0.5:
+                        _stamp(near_point, int(np.floor(cy + 0.5)), int(np.floor(cx + 0.5)), extent, "or")
+            far = ~near_point & ~polygon_known
+            far_bits = np.where(in_region, np.int64(1) << np.maximum(region_class, 0).astype(np.int64), stuff_all)
+            bits = np.where(far, far_bits, bits)
+            nucleus = np.where(far, np.float32(0), nucleus)
+            nucleus_valid |= far
+            boundary = np.where(far, np.float32(0), boundary)
+            boundary_valid |= far
         centre = np.where(support, np.maximum(heat, np.where(centre_valid, centre, 0)), centre).astype(np.float32)
         centre_valid |= support
         bits = np.where(core_mask, nucleus_bit, bits)
