@@ -507,7 +507,8 @@ def test_contact_weight_is_refused_in_a_finetuning_config(tmp_path, base, capsys
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("criterion, key", [("type_f1", "type_weighted_f1"), ("point_f1", "f1")])
+@pytest.mark.parametrize("criterion, key", [("type_f1", "type_weighted_f1"), ("point_f1", "f1"),
+                                            ("point_type_f1", "types_at_points")])
 def test_early_stopping_criterion_picks_the_best_epoch_by_that_held_back_score(tmp_path, base, criterion, key):
     """`early_stopping` other than the loss: the exported weights are those of the epoch with the best held-back
     score (the base model's own score counts as epoch 0), and the run stops after `patience` epochs without
@@ -518,7 +519,12 @@ def test_early_stopping_criterion_picks_the_best_epoch_by_that_held_back_score(t
 
     def score(val: dict) -> float:
         points = val.get("points", {})
-        value = points.get("detection", {}).get("f1") if key == "f1" else points.get(key)
+        if key == "f1":
+            value = points.get("detection", {}).get("f1")
+        elif key == "types_at_points":
+            value = points.get(key, {}).get("weighted_f1")
+        else:
+            value = points.get(key)
         return -np.inf if value is None else value
 
     best, best_epoch, stale, ran = score(result.before["val"]), 0, 0, 0
@@ -531,13 +537,14 @@ def test_early_stopping_criterion_picks_the_best_epoch_by_that_held_back_score(t
             if stale >= 2:
                 break
     assert len(records) == ran and result.best_epoch == best_epoch
-    if criterion == "type_f1":  # the base has no type head, so a trained epoch is always the best
+    if criterion != "point_f1":  # the base has no type head, so a trained epoch is always the best
         assert best_epoch >= 1
     # the exported model is the best epoch's checkpoint and its after figures are that epoch's
     assert _same(_weights(tmp_path / "run" / "checkpoints" / "best"), _weights(result.model_dir))
     if best_epoch:
         assert score(result.after["val"]) == pytest.approx(score(records[best_epoch - 1]["val"]))
-    name = {"type_f1": "held-back type weighted F1", "point_f1": "held-back point detection F1"}[criterion]
+    name = {"type_f1": "held-back type weighted F1", "point_f1": "held-back point detection F1",
+            "point_type_f1": "held-back type weighted F1 at every typed point"}[criterion]
     assert f"early stopping on the {name}, patience 2" in (result.model_dir / "README.md").read_text()
 
 

@@ -432,7 +432,8 @@ class FinetuneConfig:
     chosen with ``seed``) are held back: ``early_stopping`` on them picks the best epoch and stops the run
     after ``patience`` epochs without improvement: ``loss`` (the masked loss, lower is better),
     ``point_f1`` (point detection F1), ``type_accuracy`` or ``type_f1`` (accuracy / support-weighted F1 of
-    the types of matched nuclei) or ``tile_accuracy`` (held-back tile-class tiles).  ``tile_fraction`` is
+    the types of matched nuclei), ``point_type_f1`` (support-weighted F1 of the types at every typed point,
+    detected or not) or ``tile_accuracy`` (held-back tile-class tiles).  ``tile_fraction`` is
     the share of crops drawn from tile-class folders (default: in proportion to the number of images).
     ``type_balance`` (0..1) weights the type loss by inverse type frequency to that power (0: every
     annotated nucleus alike, 1: every type alike), for rare types.  ``tune`` is the threshold grid
@@ -464,7 +465,8 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     patience: int = 3
-    early_stopping: Literal["loss", "point_f1", "type_accuracy", "type_f1", "tile_accuracy"] = "loss"
+    early_stopping: Literal["loss", "point_f1", "type_accuracy", "type_f1", "point_type_f1",
+                            "tile_accuracy"] = "loss"
     distill: float = 0.0
     type_balance: float = 0.0
     seed: int = 0

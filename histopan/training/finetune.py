@@ -256,6 +256,8 @@ STOPPING_SCORES = {
     "point_f1": ("held-back point detection F1", lambda v: v.get("points", {}).get("detection", {}).get("f1")),
     "type_accuracy": ("held-back type accuracy", lambda v: v.get("points", {}).get("type_accuracy")),
     "type_f1": ("held-back type weighted F1", lambda v: v.get("points", {}).get("type_weighted_f1")),
+    "point_type_f1": ("held-back type weighted F1 at every typed point",
+                      lambda v: v.get("points", {}).get("types_at_points", {}).get("weighted_f1")),
     "tile_accuracy": ("held-back tile accuracy", lambda v: v.get("tile_accuracy")),
 }
 
@@ -270,11 +272,11 @@ def stopping_score(val: dict[str, Any], criterion: str) -> float:
 def _check_stopping(config: FinetuneConfig, data: FinetuneData, model: ModelConfig) -> None:
     """Refuse an ``early_stopping`` criterion the held-back part cannot measure, before training."""
     criterion = config.early_stopping
-    if criterion in ("point_f1", "type_accuracy", "type_f1") and not _point_items(data.val):
+    if criterion in ("point_f1", "type_accuracy", "type_f1", "point_type_f1") and not _point_items(data.val):
         raise ConfigError(f"early_stopping: {criterion} needs held-back images with point annotations",
                           value=criterion, fix="name some point-annotated images under 'val' of an annotation "
                                                "set, or use early_stopping: loss")
-    if criterion in ("type_accuracy", "type_f1") and not (
+    if criterion in ("type_accuracy", "type_f1", "point_type_f1") and not (
             model.has_types and any(t is not None for s in data.val for t in s.point_types)):
         raise ConfigError(f"early_stopping: {criterion} needs held-back points with a nucleus type",
                           value=criterion, fix="hold back images with typed points (and give 'nucleus_types'), "
