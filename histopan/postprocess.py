@@ -230,13 +230,8 @@ def _drop_faint(instances: np.ndarray, p_nucleus: np.ndarray, min_prob: float) -
 def _drop_centreless(instances: np.ndarray, centre: np.ndarray, min_peak: float) -> None:
     """Remove, in place, the objects whose highest ``centre`` value over their pixels is below ``min_peak``."""
     n = int(instances.max())
-    if not n:
-        return
-    peak = np.full(n + 1, np.inf)
-    peak[1:] = ndi.maximum(centre, labels=instances, index=np.arange(1, n + 1))
-    present = np.bincount(instances.ravel(), minlength=n + 1) > 0
-    drop = present & (peak < min_peak)
-    drop[0] = False
+    drop = np.zeros(n + 1, dtype=bool)
+    drop[1:] = ndi.maximum(centre, labels=instances, index=np.arange(1, n + 1)) < min_peak
     instances[drop[instances]] = 0
 
 

@@ -168,7 +168,8 @@ class TuneConfig:
     """Grid of post-processing thresholds searched on the validation split after training.
 
     ``centre_h`` 0 means plain centre-map peaks (no h-maximum test), ``min_nucleus_prob`` 0 keeps every
-    object whatever its mean nucleus probability and ``min_centre_peak`` 0 whatever its centre map; see :class:`~histopan.postprocess.PostprocessConfig`.
+    object whatever its mean nucleus probability and ``min_centre_peak`` 0 whatever its centre map; see
+    :class:`~histopan.postprocess.PostprocessConfig`.
     """
 
     nucleus_threshold: tuple[float, ...] = (0.4, 0.5, 0.6)

@@ -272,11 +272,12 @@ def stopping_score(val: dict[str, Any], criterion: str) -> float:
 def _check_stopping(config: FinetuneConfig, data: FinetuneData, model: ModelConfig) -> None:
     """Refuse an ``early_stopping`` criterion the held-back part cannot measure, before training."""
     criterion = config.early_stopping
-    if criterion in ("point_f1", "type_accuracy", "type_f1", "point_type_f1") and not _point_items(data.val):
+    typed = criterion in ("type_accuracy", "type_f1", "point_type_f1")
+    if (criterion == "point_f1" or typed) and not _point_items(data.val):
         raise ConfigError(f"early_stopping: {criterion} needs held-back images with point annotations",
                           value=criterion, fix="name some point-annotated images under 'val' of an annotation "
                                                "set, or use early_stopping: loss")
-    if criterion in ("type_accuracy", "type_f1", "point_type_f1") and not (
+    if typed and not (
             model.has_types and any(t is not None for s in data.val for t in s.point_types)):
         raise ConfigError(f"early_stopping: {criterion} needs held-back points with a nucleus type",
                           value=criterion, fix="hold back images with typed points (and give 'nucleus_types'), "

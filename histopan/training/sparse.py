@@ -297,6 +297,8 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
         _fill(m, geom, scale, offset)
         region_class[m] = target.index
     in_region = region_class >= 0
+    # "not a nucleus": a region's own class inside a region, any stuff class elsewhere
+    not_nucleus_bits = np.where(in_region, np.int64(1) << np.maximum(region_class, 0).astype(np.int64), stuff_all)
     if in_region.any():
         cls = np.maximum(region_class, 0).astype(np.int64)
         bits[in_region] = (np.int64(1) << cls[in_region]) | nucleus_bit
@@ -338,8 +340,7 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
         boundary_valid |= known
         nucleus = np.where(known, inside.astype(np.float32), nucleus)
         nucleus_valid |= known
-        ring_bits = np.where(in_region, np.int64(1) << np.maximum(region_class, 0).astype(np.int64), stuff_all)
-        bits = np.where(near, ring_bits, bits)
+        bits = np.where(near, not_nucleus_bits, bits)
         bits = np.where(inside, nucleus_bit, bits)
 
     # 3. points: a nucleus core, centre heat around it, a typed disc
@@ -349,6 +350,8 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
         core_mask = np.zeros(shape, bool)
         support = np.zeros(shape, bool)
         heat = np.zeros(shape, np.float32)
+        near_point = np.zeros(shape, bool)  # within point_extent_um of a point (complete_points only)
+        extent = _disc(geometry.point_extent_um / mpp) if complete_points else None
         for a, target in points:
             for p in shapely.get_parts(a.geometry):
                 x = p.x * scale - offset[0]
@@ -362,22 +365,16 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
                 _stamp(heat, icy, icx, g, "max")
                 _stamp(support, icy, icx, centre_support, "or")
                 _stamp(core_mask, icy, icx, core, "or")
+                if complete_points:
+                    _stamp(near_point, icy, icx, extent, "or")
                 if target.index is not None:
                     t = np.zeros(shape, bool)
                     _stamp(t, icy, icx, tdisc, "or")
                     types[t] = target.index
         if complete_points:  # no nucleus without a point: the centre map is 0 wherever no point's heat reaches
             support[:] = True
-            near_point = np.zeros(shape, bool)
-            extent = _disc(geometry.point_extent_um / mpp)
-            for a, _target in points:
-                for p in shapely.get_parts(a.geometry):
-                    cx, cy = p.x * scale - offset[0] - 0.5, p.y * scale - offset[1] - 0.5
-                    if -0.5 <= cx < w - 0.5 and -0.5 <= cy < h - 0.5:
-                        _stamp(near_point, int(np.floor(cy + 0.5)), int(np.floor(cx + 0.5)), extent, "or")
             far = ~near_point & ~polygon_known
-            far_bits = np.where(in_region, np.int64(1) << np.maximum(region_class, 0).astype(np.int64), stuff_all)
-            bits = np.where(far, far_bits, bits)
+            bits = np.where(far, not_nucleus_bits, bits)
             nucleus = np.where(far, np.float32(0), nucleus)
             nucleus_valid |= far
             boundary = np.where(far, np.float32(0), boundary)
