@@ -32,26 +32,34 @@ def test_model_folder_is_the_default_plus_a_type_head(crc_model):
     default = load_model("default")
     assert crc_model.config.type_names == TYPES
     assert crc_model.config.class_names == default.config.class_names
-    # the base was the default's stage 3; the shipped default keeps the record of each stage it was trained
-    # from as init_training (stage 6 <- stage 4 <- stage 3). The base's thresholds travelled along (stage 3's
-    # before its own centre_h re-tune), and were then fitted to the held-back CRC points by detection F1
-    # (histopan tune --points)
+    assert (MODEL / "weights.safetensors").stat().st_size < 30e6
+    # two fine-tuning stages: the type head (stage 1, from the default's stage 3), then detection from the
+    # points as a complete set (stage 2); each record keeps its base's record
     record = crc_model.config.training
-    base_sha = record["base"]["weights_sha256"]
+    assert record["kind"] == "finetune"
+    stage1 = record["base"]["training"]
+    assert stage1["kind"] == "finetune" and stage1["base"]["name"] == "default"
+    # the shipped default keeps the record of each stage it was trained from as init_training
+    # (stage 6 <- stage 4 <- stage 3); stage 1 started from stage 3, whose thresholds travelled along and were
+    # then fitted to the held-back CRC points by detection F1 (histopan tune --points)
     after_base = default.config.training
-    while after_base.get("init_weights_sha256") != base_sha:
+    while after_base.get("init_weights_sha256") != stage1["base"]["weights_sha256"]:
         after_base = after_base["init_training"]  # a KeyError here: the chain does not reach the CRC base
     stage3 = after_base["init_training"]
     base_pp = PostprocessConfig(**stage3["postprocess_tuning"]["before"]["postprocess"])
-    tuning = crc_model.config.training["postprocess_tuning"]
-    assert PostprocessConfig(**tuning["before"]["postprocess"]) == base_pp
-    assert tuning["metric"] == "detection_f1" and tuning["heldback_point_images"] == 10
-    assert tuning["validation"]["detection"]["f1"] > tuning["before"]["detection"]["f1"]
-    assert crc_model.config.postprocess != base_pp
-    assert (MODEL / "weights.safetensors").stat().st_size < 30e6
-    assert record["kind"] == "finetune"
+    assert PostprocessConfig(**stage1["postprocess_tuning"]["before"]["postprocess"]) == base_pp
+    # stage 2 fitted its thresholds (fit_thresholds) and then its TTA thresholds (histopan tune --points --tta)
+    # to the 10 held-back images' points; both raised the held-back detection F1
+    for key, tta in (("postprocess_tuning", False), ("postprocess_tuning_tta", True)):
+        tuning = record[key]
+        assert tuning["metric"] == "detection_f1" and tuning["heldback_point_images"] == 10
+        assert tuning["tta"] is tta
+        assert tuning["validation"]["detection"]["f1"] >= tuning["before"]["detection"]["f1"]
+    assert crc_model.config.postprocess_tta is not None
+    assert record["after"]["test"]["points"]["detection"]["f1"] > record["before"]["test"]["points"]["detection"]["f1"]
     card = (MODEL / "README.md").read_text(encoding="utf-8")
     assert "| test point detection F1 |" in card and "Sirinukunwattana" in card
+    assert "Sets marked `complete_points`" in card  # stage 2 counted the points as complete
 
 
 def test_predict_tile_fills_types_on_held_out_crc_tiles(crc_model, data_dir):

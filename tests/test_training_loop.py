@@ -17,9 +17,10 @@ from histopan.cli import main
 from histopan.config import from_dict
 from histopan.errors import ConfigError, DataError, ModelError
 from histopan.model.checkpoint import load_model, save_config
-from histopan.training.config import TrainConfig, read_train_config
+from histopan.postprocess import PostprocessConfig
+from histopan.training.config import TrainConfig, TuneConfig, read_train_config
 from histopan.training.data import load_training_data
-from histopan.training.loop import learning_rate, train
+from histopan.training.loop import grid_search, learning_rate, train
 
 TINY_ARCH = {"arch": "unet", "encoder": "mobilenet_v2", "encoder_depth": 5,
              "decoder_channels": [16, 16, 8, 8, 8]}
@@ -338,6 +339,21 @@ def test_a_finished_run_is_tuned_and_exported_from_its_best_weights_and_state_al
         train(cfg, tmp_path / "staged", resume=True, progress=False, data=data)
 
 
+def test_grid_search_keeps_the_current_thresholds_unless_a_setting_beats_them():
+    base = PostprocessConfig(nucleus_threshold=0.5)
+    grid = from_dict(TuneConfig, {"nucleus_threshold": [0.3, 0.4, 0.7], "centre_threshold": [base.centre_threshold],
+                                  "boundary_weight": [base.boundary_weight],
+                                  "min_distance_um": [base.min_distance_um], "centre_h": [base.centre_h]})
+    # the score peaks at 0.5, which the grid lacks: the base stays
+    best, trials = grid_search(grid, base, lambda pp: -abs(pp.nucleus_threshold - 0.5), "score")
+    assert best == base and [t["nucleus_threshold"] for t in trials] == [0.3, 0.4, 0.7]
+    # a peak the grid holds wins; of equal scores the first
+    best, _ = grid_search(grid, base, lambda pp: -abs(pp.nucleus_threshold - 0.38), "score")
+    assert best == dataclasses.replace(base, nucleus_threshold=0.4)
+    best, _ = grid_search(grid, base, lambda pp: 1.0 if pp.nucleus_threshold != 0.5 else 0.0, "score")
+    assert best.nucleus_threshold == 0.3
+
+
 def test_histopan_tune_searches_the_grid_and_writes_the_same_weights_with_new_thresholds(tmp_path, capsys):
     folder = _synthetic_set(tmp_path / "data")
     trained = train(_config(folder), tmp_path / "run", progress=False)
@@ -357,7 +373,9 @@ def test_histopan_tune_searches_the_grid_and_writes_the_same_weights_with_new_th
     before, after = load_model(trained.model_dir), load_model(out)
     assert after.weights_sha256 == before.weights_sha256  # the network is untouched
     pp = after.config.postprocess
-    assert pp.nucleus_threshold in (0.3, 0.5) and pp.centre_h in (0.0, 0.15) and pp.min_distance_um == 1.0
+    # a setting of the grid, or the model's own thresholds where none beats them
+    assert pp == before.config.postprocess or (
+        pp.nucleus_threshold in (0.3, 0.5) and pp.centre_h in (0.0, 0.15) and pp.min_distance_um == 1.0)
     record = after.config.training["postprocess_tuning"]
     assert record["trials"] == 4 and record["tta"] is False and record["validation_images"] == 1
     assert record["validation"]["pq"] >= record["before"]["pq"] - 1e-12
@@ -369,7 +387,8 @@ def test_histopan_tune_searches_the_grid_and_writes_the_same_weights_with_new_th
                  "--out", str(out)]) == 0
     both = load_model(out)
     assert both.weights_sha256 == before.weights_sha256 and both.config.postprocess == pp
-    assert both.config.postprocess_tta is not None and both.config.postprocess_tta.min_distance_um == 1.0
+    tta_pp = both.config.postprocess_tta  # a setting of the grid, or the plain thresholds it started from
+    assert tta_pp is not None and (tta_pp == pp or tta_pp.min_distance_um == 1.0)
     assert both.for_tta(True).config.postprocess == both.config.postprocess_tta
     assert both.config.training["postprocess_tuning_tta"]["tta"] is True
     assert both.config.training["postprocess_tuning"] == record

@@ -601,7 +601,9 @@ def _finish(config: FinetuneConfig, run: Path, best_dir: Path, device: torch.dev
         "histopan_version": __version__,
         "command": command,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base": {"name": base.name, "path": str(base.path), "weights_sha256": base.weights_sha256},
+        # the base's own training record travels along, so a model fine-tuned in stages keeps its whole history
+        "base": {"name": base.name, "path": str(base.path), "weights_sha256": base.weights_sha256,
+                 "training": base.config.training},
         "trainable": config.trainable,
         "data": {
             "annotations": [{"images": str(s.images), "geojson": str(s.geojson), "mpp": s.mpp,
@@ -757,6 +759,9 @@ def model_card(model: ModelConfig, config: FinetuneConfig, record: dict[str, Any
         f"{config.geometry.ring_um} um ring around them, points a {config.geometry.point_core_um} um nucleus core, "
         "the centre map around them and (typed points) the type head within "
         f"{config.geometry.type_radius_um} um; regions and tiles supervise the tissue class.",
+        *([f"Sets marked `complete_points` (every nucleus clicked) also train the centre map on the whole image "
+           f"and \"not a nucleus\" farther than {config.geometry.point_extent_um} um from every point."]
+          if any(s.complete_points for s in config.annotations) else []),
         "",
         "## Training",
         "",
