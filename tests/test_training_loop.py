@@ -352,6 +352,10 @@ def test_grid_search_keeps_the_current_thresholds_unless_a_setting_beats_them():
     assert best == dataclasses.replace(base, nucleus_threshold=0.4)
     best, _ = grid_search(grid, base, lambda pp: 1.0 if pp.nucleus_threshold != 0.5 else 0.0, "score")
     assert best.nucleus_threshold == 0.3
+    # a caller that has the base's score already passes it, and the base is not scored again
+    scored = []
+    best, _ = grid_search(grid, base, lambda pp: scored.append(pp) or 0.0, "score", base_value=1.0)
+    assert best == base and base not in scored and len(scored) == 3
 
 
 def test_histopan_tune_searches_the_grid_and_writes_the_same_weights_with_new_thresholds(tmp_path, capsys):

@@ -294,10 +294,12 @@ def search_point_thresholds(items: Sequence[tuple[str, np.ndarray, np.ndarray, t
     def scores(pp: PostprocessConfig) -> dict[str, Any]:
         return score_points(items, maps, dataclasses.replace(model, postprocess=pp), radius_um)
 
-    best, trials = grid_search(grid, model.postprocess, lambda pp: scores(pp)["detection"]["f1"], "detection_f1")
+    before = scores(model.postprocess)
+    best, trials = grid_search(grid, model.postprocess, lambda pp: scores(pp)["detection"]["f1"], "detection_f1",
+                               base_value=before["detection"]["f1"])
     data = {"heldback_point_images": len(items), "points": int(sum(len(it[2]) for it in items)),
             "radius_um": radius_um}
-    return best, trials, scores(model.postprocess), scores(best), data
+    return best, trials, before, (before if best == model.postprocess else scores(best)), data
 
 
 def fit_point_thresholds(network: nn.Module, model: ModelConfig, samples: Sequence[SparseSample],

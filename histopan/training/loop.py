@@ -299,13 +299,14 @@ def score_maps(maps: ValidationMaps, model: ModelConfig, pp: PostprocessConfig,
 
 
 def grid_search(grid: TuneConfig, base: PostprocessConfig, score: Callable[[PostprocessConfig], float],
-                metric: str = "pq") -> tuple[PostprocessConfig, list[dict[str, Any]]]:
+                metric: str = "pq", base_value: float | None = None
+                ) -> tuple[PostprocessConfig, list[dict[str, Any]]]:
     """Every setting of ``grid`` (its :attr:`~TuneConfig.AXES`) applied to ``base`` and scored with ``score``
     (higher is better; the first of equal scores wins): the best thresholds and the trials.  ``base`` itself
-    is scored first and kept unless a setting beats it, so a grid that misses the current thresholds never
-    makes a model worse on the data it is tuned on."""
+    is scored first (or ``base_value``, its score where the caller has it) and kept unless a setting beats it,
+    so a grid that misses the current thresholds never makes a model worse on the data it is tuned on."""
     trials = []
-    best_value, best_pp = score(base), base
+    best_value, best_pp = (score(base) if base_value is None else base_value), base
     for values in itertools.product(*(getattr(grid, axis) for axis in grid.AXES)):
         setting = dict(zip(grid.AXES, values))
         pp = dataclasses.replace(base, **setting)

@@ -148,8 +148,8 @@ def retune(model: str | Path, config: TrainConfig | FinetuneConfig, *, tta: bool
         metric = "pq"
         data = {"validation_images": len(maps.nuclei), "validation_tiles": len(maps.tiles)}
         before = scores(run_config.postprocess)
-        best, trials = grid_search(config.tune, run_config.postprocess, trial, metric)
-        after = scores(best)
+        best, trials = grid_search(config.tune, run_config.postprocess, trial, metric, base_value=before["pq"])
+        after = before if best == run_config.postprocess else scores(best)
     written = None
     if out is not None:
         record = dict(mc.training or {})

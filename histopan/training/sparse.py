@@ -185,8 +185,9 @@ def _disc(radius_px: float) -> np.ndarray:
     return (yy * yy + xx * xx) <= radius_px * radius_px + 1e-9
 
 
-def _stamp(out: np.ndarray, cy: float, cx: float, values: np.ndarray, reduce: str = "set") -> None:
-    """Write a centred (2r+1)^2 stamp into ``out`` around pixel (cy, cx), clipped at the borders."""
+def _stamp(out: np.ndarray, cy: float, cx: float, values: np.ndarray, reduce: str, fill: int | None = None) -> None:
+    """Write a centred (2r+1)^2 stamp into ``out`` around pixel (cy, cx), clipped at the borders: the maximum
+    (``"max"``), the logical or (``"or"``), or ``fill`` where the boolean stamp is true (``"fill"``)."""
     h, w = out.shape
     r = values.shape[0] // 2
     iy, ix = int(np.floor(cy)), int(np.floor(cx))
@@ -201,6 +202,8 @@ def _stamp(out: np.ndarray, cy: float, cx: float, values: np.ndarray, reduce: st
         np.maximum(view, block, out=view)
     elif reduce == "or":
         view |= block
+    elif reduce == "fill":
+        view[block] = fill
     else:
         raise ValueError(f"unknown reduce {reduce!r}")
 
@@ -297,16 +300,16 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
         _fill(m, geom, scale, offset)
         region_class[m] = target.index
     in_region = region_class >= 0
+    region_bit = np.int64(1) << np.maximum(region_class, 0).astype(np.int64)
     # "not a nucleus": a region's own class inside a region, any stuff class elsewhere
-    not_nucleus_bits = np.where(in_region, np.int64(1) << np.maximum(region_class, 0).astype(np.int64), stuff_all)
+    not_nucleus_bits = np.where(in_region, region_bit, stuff_all)
     if in_region.any():
-        cls = np.maximum(region_class, 0).astype(np.int64)
-        bits[in_region] = (np.int64(1) << cls[in_region]) | nucleus_bit
+        bits[in_region] = region_bit[in_region] | nucleus_bit
         no_nucleus = in_region & (region_class == background_index)
         if image is not None:
             img = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image
             no_nucleus |= in_region & glass_mask(img)
-        bits[no_nucleus] = np.int64(1) << cls[no_nucleus]
+        bits[no_nucleus] = region_bit[no_nucleus]
         nucleus_valid |= no_nucleus
         centre_valid |= no_nucleus
         boundary_valid |= no_nucleus
@@ -368,9 +371,7 @@ def rasterize_annotations(annotations: Sequence, shape: tuple[int, int], scale: 
                 if complete_points:
                     _stamp(near_point, icy, icx, extent, "or")
                 if target.index is not None:
-                    t = np.zeros(shape, bool)
-                    _stamp(t, icy, icx, tdisc, "or")
-                    types[t] = target.index
+                    _stamp(types, icy, icx, tdisc, "fill", target.index)
         if complete_points:  # no nucleus without a point: the centre map is 0 wherever no point's heat reaches
             support[:] = True
             far = ~near_point & ~polygon_known
