@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +358,27 @@ def test_grid_search_keeps_the_current_thresholds_unless_a_setting_beats_them():
     scored = []
     best, _ = grid_search(grid, base, lambda pp: scored.append(pp) or 0.0, "score", base_value=1.0)
     assert best == base and base not in scored and len(scored) == 3
+
+
+def test_grid_search_on_threads_gives_the_serial_searchs_trials_and_result():
+    base = PostprocessConfig()
+    grid = from_dict(TuneConfig, {"nucleus_threshold": [0.3, 0.4, 0.5, 0.6], "centre_threshold": [0.1, 0.2, 0.3],
+                                  "boundary_weight": [base.boundary_weight], "min_distance_um": [1.0, 2.0],
+                                  "centre_h": [base.centre_h]})
+    threads = set()
+
+    def score(pp):  # slow enough that the pool hands the settings to several threads; ties on purpose
+        threads.add(threading.get_ident())
+        time.sleep(0.005)
+        return round(-abs(pp.nucleus_threshold - 0.45) - abs(pp.centre_threshold - 0.2), 6)
+
+    serial = grid_search(grid, base, score, "score", base_value=-1.0)
+    threads.clear()
+    parallel = grid_search(grid, base, score, "score", base_value=-1.0, workers=4)
+    assert len(threads) > 1
+    assert parallel == serial and len(serial[1]) == 24
+    # the first of the tied best (0.4 and 0.5 at centre 0.2) in the grid's order, as a serial search picks
+    assert (serial[0].nucleus_threshold, serial[0].centre_threshold, serial[0].min_distance_um) == (0.4, 0.2, 1.0)
 
 
 def test_histopan_tune_searches_the_grid_and_writes_the_same_weights_with_new_thresholds(tmp_path, capsys):

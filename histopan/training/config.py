@@ -204,6 +204,8 @@ class TrainConfig:
     ``ema`` (a decay such as 0.999) keeps an exponential moving average of the weights and batch-norm
     statistics, updated after every step; validation, the best checkpoint and the exported model use the
     average instead of the raw weights, which smooths out the noise of small batches.
+    ``threads``: CPU threads for the network on the CPU, and for the threshold search (``tune``; post-processing
+    releases the GIL, so the trials run in parallel).
     """
 
     model: ModelConfig
@@ -443,7 +445,8 @@ class FinetuneConfig:
     fine-tuning run does that search itself after training, on the best weights, and exports the model with
     the fitted thresholds (its after figures are then measured with them).  ``ema`` (a decay such as 0.99)
     scores, keeps and exports an exponential moving average of the weights instead of the raw weights, which
-    evens out the step-to-step noise of small sparse batches.
+    evens out the step-to-step noise of small sparse batches.  ``threads``: CPU threads for the network on the
+    CPU, and for the threshold search (``fit_thresholds``, ``histopan tune``).
     """
 
     name: str

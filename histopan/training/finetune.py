@@ -288,15 +288,17 @@ def _check_stopping(config: FinetuneConfig, data: FinetuneData, model: ModelConf
 
 
 def search_point_thresholds(items: Sequence[tuple[str, np.ndarray, np.ndarray, tuple]],
-                            maps: Sequence[ProbabilityMaps], model: ModelConfig, grid: TuneConfig, radius_um: float):
-    """Search ``grid`` for the best point detection F1 of precomputed ``maps``: the best thresholds, the trials,
-    the scores with ``model.postprocess`` and with the best, and what they were scored on."""
+                            maps: Sequence[ProbabilityMaps], model: ModelConfig, grid: TuneConfig, radius_um: float,
+                            workers: int = 1):
+    """Search ``grid`` for the best point detection F1 of precomputed ``maps`` (on ``workers`` threads): the best
+    thresholds, the trials, the scores with ``model.postprocess`` and with the best, and what they were scored
+    on."""
     def scores(pp: PostprocessConfig) -> dict[str, Any]:
         return score_points(items, maps, dataclasses.replace(model, postprocess=pp), radius_um)
 
     before = scores(model.postprocess)
     best, trials = grid_search(grid, model.postprocess, lambda pp: scores(pp)["detection"]["f1"], "detection_f1",
-                               base_value=before["detection"]["f1"])
+                               base_value=before["detection"]["f1"], workers=workers)
     data = {"heldback_point_images": len(items), "points": int(sum(len(it[2]) for it in items)),
             "radius_um": radius_um}
     return best, trials, before, (before if best == model.postprocess else scores(best)), data
@@ -312,7 +314,8 @@ def fit_point_thresholds(network: nn.Module, model: ModelConfig, samples: Sequen
     network.eval()
     with torch.no_grad():
         maps = [predict_maps(network, image, model, device) for _, image, _, _ in items]
-    best, trials, before, after, data = search_point_thresholds(items, maps, model, config.tune, config.test.radius_um)
+    best, trials, before, after, data = search_point_thresholds(items, maps, model, config.tune, config.test.radius_um,
+                                                                config.threads)
     record = tuning_record(config.tune, trials, "detection_f1", data, model.postprocess, before, after,
                            command=command)
     log.info("thresholds fitted to %d held-back point images: detection F1 %.4f -> %.4f (%d trials)", len(items),

@@ -34,6 +34,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -299,18 +300,28 @@ def score_maps(maps: ValidationMaps, model: ModelConfig, pp: PostprocessConfig,
 
 
 def grid_search(grid: TuneConfig, base: PostprocessConfig, score: Callable[[PostprocessConfig], float],
-                metric: str = "pq", base_value: float | None = None
+                metric: str = "pq", base_value: float | None = None, workers: int = 1
                 ) -> tuple[PostprocessConfig, list[dict[str, Any]]]:
     """Every setting of ``grid`` (its :attr:`~TuneConfig.AXES`) applied to ``base`` and scored with ``score``
     (higher is better; the first of equal scores wins): the best thresholds and the trials.  ``base`` itself
     is scored first (or ``base_value``, its score where the caller has it) and kept unless a setting beats it,
-    so a grid that misses the current thresholds never makes a model worse on the data it is tuned on."""
-    trials = []
+    so a grid that misses the current thresholds never makes a model worse on the data it is tuned on.
+
+    The settings are scored on ``workers`` threads (a config's ``threads``), so ``score`` must not change shared
+    state.  Post-processing (scipy / scikit-image) releases the GIL, so the threads run in parallel; the
+    trials and the result are those of a serial search, in the grid's order.
+    """
     best_value, best_pp = (score(base) if base_value is None else base_value), base
-    for values in itertools.product(*(getattr(grid, axis) for axis in grid.AXES)):
-        setting = dict(zip(grid.AXES, values))
-        pp = dataclasses.replace(base, **setting)
-        value = score(pp)
+    settings = [dict(zip(grid.AXES, values)) for values in itertools.product(*(getattr(grid, a) for a in grid.AXES))]
+    candidates = [dataclasses.replace(base, **setting) for setting in settings]
+    n = min(len(candidates), max(1, workers))
+    if n > 1:
+        with ThreadPoolExecutor(n, thread_name_prefix="histopan-tune") as pool:
+            values = list(pool.map(score, candidates))
+    else:
+        values = [score(pp) for pp in candidates]
+    trials = []
+    for setting, pp, value in zip(settings, candidates, values, strict=True):
         trials.append({**setting, metric: value})
         if value > best_value:
             best_value, best_pp = value, pp
@@ -342,7 +353,7 @@ def tune_postprocess(maps: ValidationMaps, model: ModelConfig, config: TrainConf
                      ) -> tuple[PostprocessConfig, dict[str, Any], list[dict[str, Any]]]:
     """Grid search of the post-processing thresholds (``config.tune``) for the best validation PQ."""
     best, trials = grid_search(config.tune, model.postprocess,
-                               lambda pp: score_maps(maps, model, pp, with_aji=False)["pq"])
+                               lambda pp: score_maps(maps, model, pp, with_aji=False)["pq"], workers=config.threads)
     return best, score_maps(maps, model, best), trials
 
 

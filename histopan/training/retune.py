@@ -135,7 +135,7 @@ def retune(model: str | Path, config: TrainConfig | FinetuneConfig, *, tta: bool
         items, pmaps = point_maps(loaded, config, tta=tta, device=device)
         metric = "detection_f1"
         best, trials, before, after, data = search_point_thresholds(items, pmaps, run_config, config.tune,
-                                                                    config.test.radius_um)
+                                                                    config.test.radius_um, config.threads)
     else:
         maps = validation_maps(loaded, config, tta=tta, device=device)
 
@@ -148,7 +148,8 @@ def retune(model: str | Path, config: TrainConfig | FinetuneConfig, *, tta: bool
         metric = "pq"
         data = {"validation_images": len(maps.nuclei), "validation_tiles": len(maps.tiles)}
         before = scores(run_config.postprocess)
-        best, trials = grid_search(config.tune, run_config.postprocess, trial, metric, base_value=before["pq"])
+        best, trials = grid_search(config.tune, run_config.postprocess, trial, metric, base_value=before["pq"],
+                                   workers=config.threads)
         after = before if best == run_config.postprocess else scores(best)
     written = None
     if out is not None:
