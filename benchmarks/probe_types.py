@@ -154,6 +154,9 @@ def main() -> None:
     model = load_model(args.model)
     if not model.config.has_types:
         raise SystemExit(f"model {args.model!r} has no nucleus-type head: nothing to probe")
+    if model.config.architecture.arch != "unet":
+        raise SystemExit(f"model {args.model!r} is a {model.config.architecture.arch!r}: the probe reads the decoder "
+                         "blocks of a plain U-Net ('unet') only")
     config = read_finetune_config(args.config)
     data = load_finetune_data(config, model.config)
     test_items = load_test_data(config, model.config).points
