@@ -4,7 +4,8 @@ Writes JSON (default benchmarks/results/tune.json).
     python benchmarks/bench_tune.py [--model crc-nucleus-types]
         [--config workflows/finetune-sparse/crc-nucleus-types-detection.yaml] [--workers 2] [--trials 24]
 
-The model's maps of the config's held-back point images are computed once (not timed).  Then the first
+The model's maps of the config's held-back point images are computed once, as `histopan tune --points`
+computes them (not timed).  Then the first
 ``--trials`` settings of the config's `tune` grid are searched with `grid_search` on one thread and on
 ``--workers`` threads, alternating (1, N, 1, N, ...; ``--repeats`` rounds, best time kept).  The JSON gives
 the seconds per trial, the speed-up (one-thread seconds / N-thread seconds) and whether both searches gave
@@ -41,21 +42,18 @@ def main() -> None:
     from histopan.config import from_dict, to_dict
     from histopan.model.checkpoint import load_model
     from histopan.training.config import TuneConfig, read_finetune_config
-    from histopan.training.finetune import _heldback_points, score_points
-    from histopan.training.loop import grid_search, predict_maps
-    from histopan.training.sparse_data import load_finetune_data
+    from histopan.training.finetune import score_points
+    from histopan.training.loop import grid_search
+    from histopan.training.retune import point_maps
 
     torch.set_num_threads(args.workers)
     model = load_model(args.model)
     config = read_finetune_config(args.config)
-    items = _heldback_points(load_finetune_data(config, model.config).val, config)
-    maps = [predict_maps(model.network.eval(), image, model.config, torch.device("cpu"))
-            for _, image, _, _ in items]
+    items, maps = point_maps(model, config, device="cpu")  # what `histopan tune --points` searches on
     # the grid cut to its first --trials settings: one value list per axis, as TuneConfig takes them
     settings = list(itertools.product(*(getattr(config.tune, a) for a in TuneConfig.AXES)))[:args.trials]
     grid_values = {a: sorted({s[i] for s in settings}) for i, a in enumerate(TuneConfig.AXES)}
     grid = from_dict(TuneConfig, grid_values)
-    n_trials = len(list(itertools.product(*grid_values.values())))
 
     def score(pp):
         return score_points(items, maps, dataclasses.replace(model.config, postprocess=pp),
@@ -71,6 +69,7 @@ def main() -> None:
                                            base_value=base_value, workers=workers)
             times[workers].append(time.perf_counter() - t)
     one, many = min(times[1]), min(times[args.workers])
+    n_trials = len(results[1][1])
     out = {
         "model": str(model.path), "config": str(args.config), "heldback_images": len(items),
         "points": int(sum(len(it[2]) for it in items)), "trials": n_trials, "grid": to_dict(grid),
