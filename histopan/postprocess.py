@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
-from skimage.segmentation import watershed
+import cv2
 
+from histopan import kernels
 from histopan.errors import ModelError, MppError
 
 __all__ = ["NUCLEUS_COLUMNS", "PostprocessConfig", "ProbabilityMaps", "TileLabels", "nucleus_table",
@@ -131,121 +131,101 @@ def _thing_index(classes: Sequence[Any], n_channels: int) -> tuple[int, list[int
     return things[0], stuff
 
 
-def _markers(centre: np.ndarray, mask: np.ndarray, components: np.ndarray, n_components: int,
-             distance: np.ndarray, min_distance_px: int, threshold: float, h: float = 0.0) -> np.ndarray:
-    """Marker image: centre-map peaks inside the mask, plus one marker per mask component without a peak.
-
-    A peak is a mask pixel above ``threshold`` that is the maximum of the (masked) centre map within
-    ``min_distance_px`` (Chebyshev) and, with ``h`` > 0, lies in an h-maximum of its mask component's map
-    (a dome at least ``h`` high, :func:`_h_peaks`); a flat top gives one marker.
-    """
+def _peaks(centre: np.ndarray, mask: np.ndarray, components: np.ndarray, n_components: int,
+           min_distance_px: int, threshold: float, h: float) -> np.ndarray:
+    """Flat indices (raster order) of the centre-map peaks: mask pixels at or above ``threshold`` that are
+    the maximum of the (masked) map within ``min_distance_px`` (Chebyshev), and, with ``h`` > 0, at least
+    ``h`` high and in an h-maximum of their mask component (:func:`histopan.kernels.h_peaks`)."""
     masked = np.where(mask, centre, -np.inf).astype(np.float32)
     size = 2 * min_distance_px + 1
-    peak = mask & (masked >= threshold) & (masked == ndi.maximum_filter(masked, size=size, mode="nearest"))
+    # a square maximum filter, edges repeated (scipy's mode="nearest"); OpenCV's is separable and fast
+    local_max = cv2.dilate(masked, np.ones((size, size), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    peak = mask & (masked >= threshold) & (masked == local_max)
     if h > 0:
-        peak = _h_peaks(peak, centre, components, h)
+        peak &= centre >= h
+    flat = np.flatnonzero(peak)
+    if h > 0 and flat.size:
+        per_component = np.bincount(components.ravel()[flat], minlength=n_components + 1)
+        crowded = per_component >= 2
+        if crowded.any():
+            values = np.ascontiguousarray(centre).ravel()
+            keep = kernels.h_peaks(flat, values, components.ravel(), crowded, values.dtype.type(h),
+                                   centre.shape[1])
+            flat = flat[keep]
+    return flat
+
+
+def _markers(centre: np.ndarray, mask: np.ndarray, components: np.ndarray, n_components: int,
+             deepest_at: np.ndarray, min_distance_px: int, threshold: float,
+             h: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Marker image and the markers' flat indices: one marker per flat top of the centre-map peaks
+    (:func:`_peaks`, at its first pixel in raster order, numbered in that order), plus one marker per mask
+    component without a peak at its most interior pixel (``deepest_at``, flat index per component)."""
+    peaks = _peaks(centre, mask, components, n_components, min_distance_px, threshold, h)
     markers = np.zeros(mask.shape, dtype=np.int32)
-    plateaus, n_peaks = ndi.label(peak, structure=np.ones((3, 3), bool))
-    if n_peaks:
-        # one marker per flat top: its first pixel in raster order
-        flat = plateaus.ravel()
-        idx = np.flatnonzero(flat)
-        first = idx[np.unique(flat[idx], return_index=True)[1]]
-        markers.ravel()[first] = np.arange(1, n_peaks + 1)
+    flat = markers.ravel()
+    at = peaks[:0]
+    n_peaks = 0
+    if peaks.size:
+        number, first = kernels.plateau_markers(peaks, mask.shape[1], mask.shape[0])
+        at = peaks[first]
+        flat[at] = number[first]
+        n_peaks = at.size
+    # a plateau is 8-connected and may touch two components diagonally: only its marker's component has one
     has_peak = np.zeros(n_components + 1, dtype=bool)
-    has_peak[components[markers > 0]] = True
+    has_peak[components.ravel()[at]] = True
     missing = np.flatnonzero(~has_peak[1:]) + 1
-    if len(missing):
-        deepest = ndi.maximum_position(distance, labels=components, index=missing)
-        start = n_peaks + 1
-        for k, (r, c) in enumerate(deepest):
-            markers[r, c] = start + k
-    return markers
-
-
-def _h_peaks(peak: np.ndarray, centre: np.ndarray, components: np.ndarray, h: float) -> np.ndarray:
-    """The peaks that lie in an h-maximum of their mask component's centre map (the mask's edge counting as
-    0): a peak of value v is kept when no higher pixel can be reached from it without going below v - h.
-
-    A lone peak is its component's highest point and needs only v >= h.  In a component with several peaks
-    each one is checked by labelling the component's pixels above v - h on the component's bounding box, so
-    the cost follows the crowded nuclei, not the tile.
-    """
-    peak = peak & (centre >= h)
-    labels = components[peak]
-    counts = np.bincount(labels, minlength=int(components.max()) + 1)
-    crowded = np.flatnonzero(counts >= 2)
-    if not len(crowded):
-        return peak
-    keep = peak.copy()
-    boxes = ndi.find_objects(components)
-    eight = np.ones((3, 3), bool)
-    for k in crowded:
-        box = boxes[k - 1]
-        inside = components[box] == k
-        values = np.where(inside, centre[box], -np.inf)
-        top = values.max()
-        rows, cols = np.nonzero(peak[box] & inside)
-        for r, c in zip(rows, cols):
-            v = values[r, c]
-            if v >= top:
-                continue
-            above, _ = ndi.label(values > v - h, structure=eight)
-            if values[above == above[r, c]].max() > v:  # a higher pixel within reach: not a centre
-                keep[box][r, c] = False
-    return keep
+    flat[deepest_at[missing]] = np.arange(n_peaks + 1, n_peaks + 1 + missing.size, dtype=np.int32)
+    return markers, np.concatenate([at, deepest_at[missing]])
 
 
 def _fill_holes(instances: np.ndarray) -> np.ndarray:
-    """Fill background pockets that are enclosed by a single instance (vectorised over all instances)."""
-    fg = instances > 0
-    holes = ndi.binary_fill_holes(fg) & ~fg
-    if not holes.any():
+    """Fill background pockets (4-connected, not touching the tile's edge) enclosed by a single instance."""
+    n_bg, background = cv2.connectedComponents((instances == 0).view(np.uint8), connectivity=4,
+                                               ltype=cv2.CV_32S)
+    if n_bg <= 1:
         return instances
-    hole_ids, n_holes = ndi.label(holes)
-    padded = np.pad(instances, 1)
-    pairs = []
-    for shifted in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
-        at = (hole_ids > 0) & (shifted > 0)
-        pairs.append(np.stack([hole_ids[at], shifted[at].astype(np.int64)], axis=1))
-    pairs = np.unique(np.concatenate(pairs), axis=0)
-    n_neighbours = np.bincount(pairs[:, 0], minlength=n_holes + 1)
-    fill = np.zeros(n_holes + 1, dtype=instances.dtype)
-    single = pairs[n_neighbours[pairs[:, 0]] == 1]
-    fill[single[:, 0]] = single[:, 1]
-    out = instances.copy()
-    out[holes] = fill[hole_ids[holes]]
-    return out
+    owner = kernels.hole_owner(background.ravel(), n_bg - 1, instances.ravel(), instances.shape[1])
+    if not owner.any():
+        return instances
+    return np.where(background > 0, owner.astype(instances.dtype)[background], instances)
 
 
-def _drop_faint(instances: np.ndarray, p_nucleus: np.ndarray, min_prob: float) -> None:
-    """Remove, in place, the objects whose mean ``p_nucleus`` over their pixels is below ``min_prob``."""
-    flat = instances.ravel()
-    area = np.bincount(flat)
-    faint = np.bincount(flat, weights=p_nucleus.ravel(), minlength=area.size) < min_prob * area
-    faint[0] = False
-    instances[faint[instances]] = 0
+def _type_columns(flat: np.ndarray, n: int, types: np.ndarray | None,
+                  area: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per object 1..n: the majority nucleus type (most pixels whose most probable type it is; ties go to
+    the lower index) and the mean probability of that type over the object; -1 and NaN without types."""
+    if types is None or n == 0:
+        return np.full(n, -1, dtype=np.int64), np.full(n, np.nan)
+    k = types.shape[0]
+    winner = np.argmax(types, axis=0).ravel()
+    inside = flat > 0
+    votes = np.bincount(flat[inside] * k + winner[inside], minlength=(n + 1) * k).reshape(n + 1, k)
+    type_idx = np.argmax(votes[1:], axis=1)
+    chosen = np.zeros(flat.size)
+    rows = np.flatnonzero(inside)
+    chosen[rows] = types.reshape(k, -1)[type_idx[flat[rows] - 1], rows]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        type_prob = np.bincount(flat, weights=chosen, minlength=n + 1)[1:] / area
+    return type_idx.astype(np.int64), type_prob
 
 
-def _drop_centreless(instances: np.ndarray, centre: np.ndarray, min_peak: float) -> None:
-    """Remove, in place, the objects whose highest ``centre`` value over their pixels is below ``min_peak``."""
-    n = int(instances.max())
-    drop = np.zeros(n + 1, dtype=bool)
-    drop[1:] = ndi.maximum(centre, labels=instances, index=np.arange(1, n + 1)) < min_peak
-    instances[drop[instances]] = 0
-
-
-def _relabel_raster(instances: np.ndarray) -> np.ndarray:
-    """Renumber labels 1..n in raster order of their centroids (row, then column); 0 stays 0."""
-    ids = np.unique(instances)
-    ids = ids[ids > 0]
-    if not len(ids):
-        return np.zeros(instances.shape, dtype=np.uint32)
-    centroids = np.asarray(ndi.center_of_mass(np.ones(instances.shape), instances, ids)).reshape(-1, 2)
-    order = np.lexsort((centroids[:, 1], centroids[:, 0]))
-    lut = np.zeros(int(instances.max()) + 1, dtype=np.uint32)
-    lut[ids[order]] = np.arange(1, len(ids) + 1, dtype=np.uint32)
-    return lut[instances]
+def _table(ids: np.ndarray, area: np.ndarray, sy: np.ndarray, sx: np.ndarray, prob: np.ndarray,
+           type_idx: np.ndarray, type_prob: np.ndarray, mpp: float) -> pd.DataFrame:
+    """The :data:`NUCLEUS_COLUMNS` frame of the objects ``ids`` from per-object sums (index = id - 1)."""
+    sel = ids - 1
+    a = area[sel]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pd.DataFrame({
+            "id": ids.astype(np.uint32),
+            "centroid_y": sy[sel] / a,
+            "centroid_x": sx[sel] / a,
+            "area_px": a.astype(np.int64),
+            "area_um2": a * float(mpp) ** 2,
+            "nucleus_prob": prob[sel],
+            "type": type_idx[sel].astype(np.int64),
+            "type_prob": type_prob[sel],
+        }, columns=list(NUCLEUS_COLUMNS))
 
 
 def nucleus_table(instances: np.ndarray, mpp: float, nucleus_prob: np.ndarray | None = None,
@@ -257,40 +237,16 @@ def nucleus_table(instances: np.ndarray, mpp: float, nucleus_prob: np.ndarray | 
     index) and the mean probability of that type over the nucleus.
     """
     n = int(instances.max()) if instances.size else 0
-    flat = instances.ravel().astype(np.int64)
-    area = np.bincount(flat, minlength=n + 1)[1:]
-    present = np.flatnonzero(area) + 1
-    rows, cols = np.indices(instances.shape)
+    flat = np.ascontiguousarray(instances).ravel().astype(np.int64)
+    zeros = np.zeros(flat.size, dtype=np.float32)
+    p = zeros if nucleus_prob is None else np.ascontiguousarray(nucleus_prob).ravel()
+    area, sy, sx, sp, _ = kernels.label_stats(flat, n, p, zeros, max(instances.shape[-1], 1))
+    area = area[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
-        cy = np.bincount(flat, weights=rows.ravel(), minlength=n + 1)[1:] / area
-        cx = np.bincount(flat, weights=cols.ravel(), minlength=n + 1)[1:] / area
-        if nucleus_prob is not None:
-            prob = np.bincount(flat, weights=nucleus_prob.ravel(), minlength=n + 1)[1:] / area
-        else:
-            prob = np.full(n, np.nan)
-        if types is not None and n:
-            k = types.shape[0]
-            winner = np.argmax(types, axis=0).ravel()
-            votes = np.zeros((n + 1, k), dtype=np.int64)
-            np.add.at(votes, (flat, winner), 1)
-            type_idx = np.argmax(votes[1:], axis=1)
-            sums = np.stack([np.bincount(flat, weights=types[j].ravel(), minlength=n + 1)[1:]
-                             for j in range(k)], axis=1)
-            type_prob = sums[np.arange(n), type_idx] / area
-        else:
-            type_idx = np.full(n, -1, dtype=np.int64)
-            type_prob = np.full(n, np.nan)
-    sel = present - 1
-    return pd.DataFrame({
-        "id": present.astype(np.uint32),
-        "centroid_y": cy[sel],
-        "centroid_x": cx[sel],
-        "area_px": area[sel].astype(np.int64),
-        "area_um2": area[sel] * float(mpp) ** 2,
-        "nucleus_prob": prob[sel],
-        "type": type_idx[sel].astype(np.int64),
-        "type_prob": type_prob[sel],
-    }, columns=list(NUCLEUS_COLUMNS))
+        prob = sp[1:] / area if nucleus_prob is not None else np.full(n, np.nan)
+    type_idx, type_prob = _type_columns(flat, n, types, area)
+    present = np.flatnonzero(area) + 1
+    return _table(present, area, sy[1:], sx[1:], prob, type_idx, type_prob, mpp)
 
 
 def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
@@ -299,44 +255,88 @@ def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
 
     ``classes`` are the model's class specs (anything with a ``kind`` of ``"stuff"`` or ``"thing"``) in
     channel order.  See the module docstring for the steps; every size is converted from microns with
-    ``mpp``, so the same tissue at 0.25 and 0.5 um/px gives the same objects.
+    ``mpp``, so the same tissue at 0.25 and 0.5 um/px gives the same objects.  The cost is O(N log N) in the
+    tile's pixels whatever the tile holds (crowded nuclei, one giant component with thousands of peaks).
     """
     if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not (math.isfinite(mpp) and mpp > 0):
         raise MppError("mpp must be a positive number of microns per pixel", value=mpp,
                        fix="pass the tile's resolution, e.g. mpp=0.5")
     nucleus, stuff = _thing_index(classes, maps.semantic.shape[0])
     p_nucleus = maps.semantic[nucleus]
+    height, width = p_nucleus.shape
     mask = p_nucleus > cfg.nucleus_threshold
-    components, n_components = ndi.label(mask)
+    mask8 = mask.view(np.uint8)
+    n_labels, components = cv2.connectedComponents(mask8, connectivity=4, ltype=cv2.CV_32S)
+    n_components = n_labels - 1
 
     instances = np.zeros(mask.shape, dtype=np.int32)
     if n_components:
-        distance = ndi.distance_transform_edt(mask, sampling=mpp)
-        deepest = ndi.maximum(distance, labels=components, index=np.arange(1, n_components + 1))
-        depth = np.concatenate([[1.0], np.maximum(deepest, 1e-9)])[components]
-        surface = (cfg.boundary_weight * maps.boundary.astype(np.float64)
-                   + (1.0 - cfg.boundary_weight) * (1.0 - distance / depth))
+        # Euclidean distance to the mask's edge in pixels (exact: OpenCV's precise mode, squared distances
+        # are whole numbers); the surface normalises it per component, so the unit cancels
+        d = cv2.distanceTransform(mask8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE).astype(np.float64)
+        distance = np.sqrt(np.rint(d * d)).ravel()
+        comp_flat = components.ravel()
+        depth, deepest_at = kernels.component_argmax(comp_flat, distance, n_components)
+        depth = np.maximum(depth, 1e-9)
         min_distance_px = max(1, int(round(cfg.min_distance_um / mpp)))
-        markers = _markers(maps.centre, mask, components, n_components, distance, min_distance_px,
-                           cfg.centre_threshold, cfg.centre_h)
-        instances = watershed(surface, markers, mask=mask)
+        centre = maps.centre if maps.centre.flags.c_contiguous else np.ascontiguousarray(maps.centre)
+        instances, marker_at = _markers(centre, mask, components, n_components, deepest_at, min_distance_px,
+                                        cfg.centre_threshold, cfg.centre_h)
+        flat = instances.ravel()
+        # a component with one marker is that marker's object; only components with several are flooded
+        per_component = np.bincount(comp_flat[marker_at], minlength=n_components + 1)
+        owner = np.zeros(n_components + 1, dtype=np.int32)
+        single = per_component[comp_flat[marker_at]] == 1
+        owner[comp_flat[marker_at[single]]] = flat[marker_at[single]]
+        shared = per_component >= 2
+        if shared.any():
+            boundary = np.ascontiguousarray(maps.boundary).ravel()
+            kernels.flood(flat, comp_flat, shared, boundary, distance, depth, float(cfg.boundary_weight),
+                          width)
+        np.maximum(instances, owner[components], out=instances)
 
+        n = int(instances.max())
         min_area_px = cfg.min_area_um2 / mpp**2
-        area = np.bincount(instances.ravel())
+        area = np.bincount(instances.ravel(), minlength=n + 1)
         small = area < min_area_px
         small[0] = False
-        instances[small[instances]] = 0
+        if small.any():
+            instances[small[instances]] = 0
         if cfg.fill_holes:
             instances = _fill_holes(instances)
-        if cfg.min_nucleus_prob > 0:
-            _drop_faint(instances, p_nucleus, cfg.min_nucleus_prob)
-        if cfg.min_centre_peak > 0:
-            _drop_centreless(instances, maps.centre, cfg.min_centre_peak)
-    instances = _relabel_raster(instances)
+    flat = instances.ravel()
+    n = int(instances.max()) if instances.size else 0
+    p_flat = np.ascontiguousarray(p_nucleus).ravel()
+    c_flat = np.ascontiguousarray(maps.centre).ravel()
+    area, sy, sx, sp, peak = kernels.label_stats(flat, n, p_flat, c_flat, width)
+    drop = np.zeros(n + 1, dtype=bool)
+    drop[area == 0] = True
+    if cfg.min_nucleus_prob > 0:  # faint: mean nucleus probability below the threshold
+        drop |= sp < cfg.min_nucleus_prob * area
+    if cfg.min_centre_peak > 0:  # centreless: no centre-map value reaching the threshold
+        drop |= peak < cfg.min_centre_peak
+    drop[0] = True
+    ids = np.flatnonzero(~drop)
+    # ids 1..n in raster order of the centroids (row, then column)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy, cx = sy[ids] / area[ids], sx[ids] / area[ids]
+    order = np.lexsort((cx, cy))
+    ids = ids[order]
+    lut = np.zeros(n + 1, dtype=np.uint32)
+    lut[ids] = np.arange(1, ids.size + 1, dtype=np.uint32)
+    instances = lut[instances]
 
-    stuff_argmax = np.asarray(stuff, dtype=np.uint8)[np.argmax(maps.semantic[stuff], axis=0)]
-    semantic = np.where(instances > 0, np.uint8(nucleus), stuff_argmax).astype(np.uint8)
-    table = nucleus_table(instances, mpp, p_nucleus, maps.types)
+    new_area = np.zeros(ids.size + 1, dtype=np.int64)
+    new_area[1:] = area[ids]
+    gather = np.concatenate([[0], ids])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prob = sp[ids] / area[ids]
+    type_idx, type_prob = _type_columns(instances.ravel().astype(np.int64), ids.size, maps.types,
+                                        new_area[1:])
+    table = _table(np.arange(1, ids.size + 1), new_area[1:], sy[gather][1:], sx[gather][1:], prob, type_idx,
+                   type_prob, mpp)
+
+    semantic = kernels.semantic_labels(maps.semantic, np.asarray(stuff, dtype=np.int64), instances, nucleus)
     return TileLabels(semantic=semantic, instances=instances, nuclei=table, mpp=float(mpp))
 
 

@@ -1,0 +1,379 @@
+"""Compiled loops of the post-processing (numba): each one pass, or one sort, over the pixels.
+
+These are the steps of :mod:`histopan.postprocess` that numpy, scipy and OpenCV cannot do in a fixed number of
+vectorised passes.  Every function takes flat (raveled, C order) arrays of one tile and the tile's width,
+allocates only arrays of the tile's size or smaller, and runs in O(N) or O(N log N) time for N pixels:
+
+- :func:`component_argmax`: the highest value of each labelled component and its first pixel (raster order);
+- :func:`h_peaks`: which peaks of a map rise at least ``h`` above the pass that leads to a higher point, for
+  all peaks at once by one union-find sweep (O(N log Q) for Q peaks, never O(peaks x area));
+- :func:`plateau_markers`: one marker per 8-connected group of peak pixels, at its first pixel;
+- :func:`flood`: marker-controlled watershed (priority flood with a binary heap; ties go to the pixel queued
+  first), restricted to given components;
+- :func:`hole_owner`: for each background region, whether it touches the tile's edge and which single
+  object (if any) surrounds it;
+- :func:`label_stats`: per-object pixel count, centroid sums, probability sum and peak centre value;
+- :func:`semantic_labels`: the class map, nucleus where an object is, else the most probable stuff class.
+
+The functions release the GIL (``nogil``), so tiles post-processed on threads run in parallel.  They are
+compiled on first use and cached beside this file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["component_argmax", "flood", "h_peaks", "hole_owner", "label_stats", "plateau_markers",
+           "semantic_labels"]
+
+_JIT = {"cache": True, "nogil": True}
+
+
+@njit(**_JIT)
+def component_argmax(labels, values, n):  # pragma: no cover - compiled
+    """Per label 1..n: the largest value and the flat index of its first pixel in raster order (-1 if the
+    label is absent).  Index 0 of both outputs is unused."""
+    best = np.full(n + 1, -np.inf)
+    where = np.full(n + 1, -1, np.int64)
+    for i in range(labels.size):
+        k = labels[i]
+        if k > 0 and values[i] > best[k]:
+            best[k] = values[i]
+            where[k] = i
+    return best, where
+
+
+@njit(**_JIT)
+def _find(parent, i):  # pragma: no cover - compiled
+    root = i
+    while parent[root] != root:
+        root = parent[root]
+    while parent[i] != root:  # path compression
+        nxt = parent[i]
+        parent[i] = root
+        i = nxt
+    return root
+
+
+@njit(**_JIT)
+def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover - compiled
+    """Which of the ``peaks`` (flat indices) to keep: a peak of value v in a component marked ``crowded`` is
+    dropped when a higher pixel of its component can be reached through 8-connected pixels of that component
+    all above ``v - h``; peaks in other components are all kept.
+
+    One sweep answers every peak: the pixels of the crowded components are bucketed by how many peak
+    thresholds ``v - h`` lie below their value, then added to a union-find (8-neighbours of the same
+    component) from the highest bucket down; just before the pixels at or below a peak's threshold would be
+    added, the peak's set holds exactly the pixels above its threshold that it can reach, and its running
+    maximum answers the question.  ``h`` must have the dtype of ``values`` (thresholds are computed as
+    ``values[p] - h`` in that dtype).
+    """
+    n = values.size
+    keep = np.ones(peaks.size, np.bool_)
+    # the queries: peaks in crowded components, sorted by threshold
+    q_peak = np.empty(peaks.size, np.int64)
+    q_n = 0
+    for j in range(peaks.size):
+        if crowded[components[peaks[j]]]:
+            q_peak[q_n] = j
+            q_n += 1
+    if q_n == 0:
+        return keep
+    q_peak = q_peak[:q_n]
+    thresholds = np.empty(q_n, values.dtype)
+    for j in range(q_n):
+        thresholds[j] = values[peaks[q_peak[j]]] - h
+    order = np.argsort(thresholds)
+    t_sorted = thresholds[order]
+    # bucket b holds the pixels with exactly b thresholds below their value (b = 0: never needed)
+    bucket = np.zeros(n, np.int32)
+    counts = np.zeros(q_n + 2, np.int64)
+    lowest = t_sorted[0]
+    for i in range(n):
+        if values[i] > lowest and crowded[components[i]]:
+            b = np.searchsorted(t_sorted, values[i])  # thresholds strictly below values[i]
+            bucket[i] = b
+            counts[b] += 1
+    starts = np.zeros(q_n + 2, np.int64)
+    for b in range(1, q_n + 2):
+        starts[b] = starts[b - 1] + counts[b - 1]
+    fill = starts.copy()
+    pixels = np.empty(starts[q_n + 1], np.int64)  # bucket 0 is never filled: its slots stay unused
+    for i in range(n):
+        b = bucket[i]
+        if b > 0:
+            pixels[fill[b]] = i
+            fill[b] += 1
+    parent = np.full(n, -1, np.int64)
+    top = np.empty(n, values.dtype)
+    height = n // width
+    for j in range(q_n - 1, -1, -1):
+        # add the pixels above threshold j (bucket j + 1)
+        for s in range(starts[j + 1], starts[j + 2]):
+            i = pixels[s]
+            parent[i] = i
+            top[i] = values[i]
+            r, c = i // width, i % width
+            for dr in range(-1, 2):
+                rr = r + dr
+                if rr < 0 or rr >= height:
+                    continue
+                for dc in range(-1, 2):
+                    cc = c + dc
+                    if (dr == 0 and dc == 0) or cc < 0 or cc >= width:
+                        continue
+                    m = rr * width + cc
+                    if parent[m] < 0 or components[m] != components[i]:
+                        continue
+                    a = _find(parent, i)
+                    b = _find(parent, m)
+                    if a != b:
+                        parent[b] = a
+                        if top[b] > top[a]:
+                            top[a] = top[b]
+        p = peaks[q_peak[order[j]]]
+        if top[_find(parent, p)] > values[p]:
+            keep[q_peak[order[j]]] = False
+    return keep
+
+
+@njit(**_JIT)
+def plateau_markers(peaks, width, height):  # pragma: no cover - compiled
+    """Group the peak pixels (sorted flat indices) into 8-connected plateaus and return, per peak, the
+    plateau's number 1..m in raster order of its first pixel, and whether the peak is that first pixel."""
+    n = peaks.size
+    parent = np.arange(n)
+    for j in range(n):
+        i = peaks[j]
+        r, c = i // width, i % width
+        # earlier neighbours in raster order: left, and the three above
+        for dr, dc in ((0, -1), (-1, -1), (-1, 0), (-1, 1)):
+            rr, cc = r + dr, c + dc
+            if rr < 0 or cc < 0 or cc >= width:
+                continue
+            m = rr * width + cc
+            k = np.searchsorted(peaks, m)
+            if k < n and peaks[k] == m:
+                a = _find(parent, j)
+                b = _find(parent, k)
+                if a != b:  # keep the earlier pixel as the root
+                    if a < b:
+                        parent[b] = a
+                    else:
+                        parent[a] = b
+    number = np.zeros(n, np.int64)
+    first = np.zeros(n, np.bool_)
+    m = 0
+    for j in range(n):
+        root = _find(parent, j)
+        if root == j:
+            m += 1
+            number[j] = m
+            first[j] = True
+        else:
+            number[j] = number[root]
+    return number, first
+
+
+@njit(**_JIT)
+def _push(hv, ha, hi, items, value, age, index):  # pragma: no cover - compiled
+    """Push (value, age, index) onto the binary min-heap held in ``hv, ha, hi`` (ordered by value, then
+    age); returns the new item count."""
+    child = items
+    while child > 0:
+        parent = (child - 1) >> 1
+        pv = hv[parent]
+        if value < pv or (value == pv and age < ha[parent]):
+            hv[child] = pv
+            ha[child] = ha[parent]
+            hi[child] = hi[parent]
+            child = parent
+        else:
+            break
+    hv[child] = value
+    ha[child] = age
+    hi[child] = index
+    return items + 1
+
+
+@njit(**_JIT)
+def _pop(hv, ha, hi, items):  # pragma: no cover - compiled
+    """Remove the heap's first item (the caller has read it); returns the new item count."""
+    items -= 1
+    if items == 0:
+        return 0
+    value, age, index = hv[items], ha[items], hi[items]
+    j = 0
+    while True:
+        small = 2 * j + 1
+        if small >= items:
+            break
+        right = small + 1
+        if right < items and (hv[right] < hv[small] or (hv[right] == hv[small] and ha[right] < ha[small])):
+            small = right
+        sv = hv[small]
+        if sv < value or (sv == value and ha[small] < age):
+            hv[j] = sv
+            ha[j] = ha[small]
+            hi[j] = hi[small]
+            j = small
+        else:
+            break
+    hv[j] = value
+    ha[j] = age
+    hi[j] = index
+    return items
+
+
+@njit(**_JIT)
+def flood(labels, components, active, boundary, distance, depth, weight, width):  # pragma: no cover
+    """Marker-controlled watershed, in place on ``labels`` (markers non-zero, else 0), over the pixels of the
+    components marked ``active``; 4-connected, as :func:`skimage.segmentation.watershed`.
+
+    The flooding surface ``weight * boundary + (1 - weight) * (1 - distance / depth[component])`` is
+    computed as pixels are reached.  The order is that of :func:`skimage.segmentation.watershed`: markers
+    are queued in raster order at their own level, a pixel takes the label of the pixel that reaches it
+    first and is queued at no less than that pixel's level, and equal levels go to the pixel queued first.
+    (scikit-image breaks ties between markers at exactly equal levels by its heap's layout; here the first
+    marker in raster order goes first, so flooding each component alone gives the same result as flooding
+    all together.)
+    """
+    n = labels.size
+    height = n // width
+    size = 0
+    for i in range(n):
+        k = components[i]
+        if k > 0 and active[k]:
+            size += 1
+    hv = np.empty(size, np.float64)
+    ha = np.empty(size, np.int64)
+    hi = np.empty(size, np.int64)
+    # Pixels queued at exactly the current level come after every queued pixel of that level (they are the
+    # youngest) and before every higher one: they wait in a FIFO instead of the heap.  The heap's items at
+    # the current level were queued before the level was reached, so they go first.  Same order, O(1).
+    fifo = np.empty(size, np.int64)
+    head = 0
+    tail = 0
+    items = 0
+    age = 0
+    level = -np.inf
+    for i in range(n):
+        k = components[i]
+        if k > 0 and labels[i] > 0 and active[k]:
+            v = weight * boundary[i] + (1.0 - weight) * (1.0 - distance[i] / depth[k])
+            items = _push(hv, ha, hi, items, v, age, i)
+            age += 1
+    while items > 0 or head < tail:
+        if items > 0 and (head == tail or hv[0] <= level):
+            level = hv[0]
+            i = hi[0]
+            items = _pop(hv, ha, hi, items)
+        else:
+            i = fifo[head]
+            head += 1
+        label = labels[i]
+        r = i // width
+        c = i - r * width
+        for d in range(4):
+            if d == 0:
+                if r == 0:
+                    continue
+                m = i - width
+            elif d == 1:
+                if c == 0:
+                    continue
+                m = i - 1
+            elif d == 2:
+                if c == width - 1:
+                    continue
+                m = i + 1
+            else:
+                if r == height - 1:
+                    continue
+                m = i + width
+            k = components[m]
+            if k == 0 or labels[m] != 0 or not active[k]:
+                continue
+            labels[m] = label
+            v = weight * boundary[m] + (1.0 - weight) * (1.0 - distance[m] / depth[k])
+            if v <= level:
+                fifo[tail] = m
+                tail += 1
+            else:
+                items = _push(hv, ha, hi, items, v, age, m)
+            age += 1
+
+
+@njit(**_JIT)
+def hole_owner(background, n_regions, instances, width):  # pragma: no cover - compiled
+    """For background regions 1..n (``background``: 4-connected labels of the pixels without an object):
+    the one object that borders region k (4-neighbours) when it touches no tile edge and borders exactly
+    one object, else 0."""
+    n = background.size
+    height = n // width
+    owner = np.zeros(n_regions + 1, np.int64)
+    open_ = np.zeros(n_regions + 1, np.bool_)
+    for i in range(n):
+        k = background[i]
+        if k == 0 or open_[k]:
+            continue
+        r, c = i // width, i % width
+        if r == 0 or c == 0 or r == height - 1 or c == width - 1:
+            open_[k] = True
+            continue
+        for m in (i - width, i - 1, i + 1, i + width):
+            o = instances[m]
+            if o > 0:
+                if owner[k] == 0:
+                    owner[k] = o
+                elif owner[k] != o:
+                    open_[k] = True
+                    break
+    for k in range(n_regions + 1):
+        if open_[k]:
+            owner[k] = 0
+    return owner
+
+
+@njit(**_JIT)
+def label_stats(instances, n, prob, centre, width):  # pragma: no cover - compiled
+    """Per object 1..n: pixel count, sum of rows, sum of columns, sum of ``prob`` and the largest ``centre``
+    value, each summed in raster order (float64)."""
+    area = np.zeros(n + 1, np.int64)
+    sy = np.zeros(n + 1)
+    sx = np.zeros(n + 1)
+    sp = np.zeros(n + 1)
+    mc = np.full(n + 1, -np.inf)
+    for i in range(instances.size):
+        k = instances[i]
+        if k > 0:
+            area[k] += 1
+            sy[k] += i // width
+            sx[k] += i % width
+            sp[k] += prob[i]
+            if centre[i] > mc[k]:
+                mc[k] = centre[i]
+    return area, sy, sx, sp, mc
+
+
+@njit(**_JIT)
+def semantic_labels(semantic, stuff, instances, nucleus):  # pragma: no cover - compiled
+    """(H, W) uint8 class map from (C, H, W) probabilities: ``nucleus`` where ``instances`` (H, W) is non-zero,
+    else the most probable of the ``stuff`` channels (the first of equals, as :func:`numpy.argmax`)."""
+    h, w = instances.shape
+    out = np.empty((h, w), np.uint8)
+    for r in range(h):
+        for c in range(w):
+            if instances[r, c] > 0:
+                out[r, c] = nucleus
+                continue
+            best = stuff[0]
+            top = semantic[best, r, c]
+            for j in range(1, stuff.size):
+                v = semantic[stuff[j], r, c]
+                if v > top:
+                    top = v
+                    best = stuff[j]
+            out[r, c] = best
+    return out
