@@ -293,6 +293,25 @@ class TileGrid:
         inside = (ya >= c.y) & (ya < c.y1) & (xa >= c.x) & (xa < c.x1)
         return bool(inside) if inside.ndim == 0 else inside
 
+    # ------------------------------------------------------------------------------------- neighbourhood
+    def neighbours(self, tile: Tile) -> list[Tile]:
+        """The tiles around ``tile`` whose read boxes can overlap its own (the halo is smaller than the tile,
+        so these are its up to 8 grid neighbours), in row-major order."""
+        out = []
+        for r in range(max(tile.row - 1, 0), min(tile.row + 2, self.n_rows)):
+            for c in range(max(tile.col - 1, 0), min(tile.col + 2, self.n_cols)):
+                if (r, c) != (tile.row, tile.col):
+                    out.append(self.tile_at(r, c))
+        return out
+
+    def tiles_reaching(self, box: Box) -> list[Tile]:
+        """The tiles whose read box can reach ``box`` (target pixels, inside the slide): those whose core lies
+        within one halo of it, in row-major order."""
+        h = self.halo
+        r0, c0 = self.owner_of(max(box.y - h, 0), max(box.x - h, 0))
+        r1, c1 = self.owner_of(min(box.y1 + h, self.height) - 1, min(box.x1 + h, self.width) - 1)
+        return [self.tile_at(r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+
 
 def _cell_starts(size: int, tile: int, origin: int) -> np.ndarray:
     """Starts of the grid cells (lines at ``origin + k * tile``) that overlap ``[0, size)``."""
