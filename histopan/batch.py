@@ -13,11 +13,12 @@ The single-slide pipeline's building blocks become Dask tasks:
 
 Batches are the plan's fixed slices, so a slide segmented here gives the same arrays as ``histopan
 segment`` with the same options and device.  Workers open slides, the model (checked against its
-sha256) and the network once per process (the engine's caches).  The client keeps a bounded number of batches in flight, taken
-round-robin from a few open slides, so tiles of several slides interleave and memory stays bounded however
-many slides are queued.  A slide whose task fails is recorded with its error and traceback and its other
-tasks are cancelled; the other slides go on.  A worker that dies is replaced (by its nanny) and the
-scheduler recomputes what it held; records are written atomically, so nothing is half-written.
+sha256) and the network once per process (the engine's caches).  The client keeps a bounded number of
+batches in flight, taken round-robin from a few open slides, so tiles of several slides interleave and
+memory stays bounded however many slides are queued.  A slide whose task fails is recorded with its error
+and traceback and its other tasks are cancelled; the other slides go on.  A worker that dies is replaced (by
+its nanny) and the scheduler recomputes what it held; records are written atomically, so nothing is
+half-written.
 
 Stores are written by path from the workers: every worker must see ``OUTDIR`` (and the slides and the
 model) at the same path, e.g. on a shared filesystem.
@@ -303,8 +304,7 @@ def _plan_task(job: SlideJob, options: SegmentOptions, model: ModelRef) -> _Plan
     if job.mpp is not None:
         options = dataclasses.replace(options, mpp=job.mpp)
     plan, store = plan_run(cached_reader(job.slide, options.mpp), job.out, options, model=cached_model(model))
-    pending = plan.pending_batches(store)
-    resumed = int(len(plan.selected) - sum(len(b) for b in pending))
+    pending, resumed = plan.pending_batches(store)
     return _Planned(plan, pending, resumed, started)
 
 

@@ -22,6 +22,7 @@ marked complete.  The slide is opened once per run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -102,11 +103,8 @@ class SegmentResult:
         return self.megapixels / self.seconds if self.seconds > 0 else float("nan")
 
     def to_json(self) -> dict[str, Any]:
-        return {"store": str(self.store), "n_nuclei": self.n_nuclei, "n_tiles": self.n_tiles,
-                "n_tissue_tiles": self.n_tissue_tiles, "n_cut": self.n_cut, "stuff_area_mm2": self.stuff_area_mm2,
-                "megapixels": self.megapixels, "seconds": self.seconds,
-                "megapixels_per_second": self.megapixels_per_second, "timings": self.timings,
-                "resumed_tiles": self.resumed_tiles}
+        return {**dataclasses.asdict(self), "store": str(self.store),
+                "megapixels_per_second": self.megapixels_per_second}
 
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -142,9 +140,11 @@ class RunPlan:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "model": ModelRef.of(self.model)}
 
-    def pending_batches(self, store: SlideStore) -> list[np.ndarray]:
-        """Batches with at least one tile not yet recorded (a resumed run recomputes whole batches)."""
-        return [b for b in self.batches if not all(store.has_tile(int(t)) for t in b)]
+    def pending_batches(self, store: SlideStore) -> tuple[list[np.ndarray], int]:
+        """Batches with at least one tile not yet recorded (a resumed run recomputes whole batches), and the
+        number of tiles in the others (done by an earlier run)."""
+        todo = [b for b in self.batches if not all(store.has_tile(int(t)) for t in b)]
+        return todo, int(len(self.selected) - sum(len(b) for b in todo))
 
 
 def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
@@ -170,8 +170,7 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
     work_mpp = reader.snap_mpp(cfg.mpp)
     grid = TileGrid.for_slide(reader, work_mpp, tile_size, halo, tuple(options.origin))
     classes = [ClassInfo(i, c.name, tuple(c.color), c.kind) for i, c in enumerate(cfg.classes)]
-    min_area_px = max(cfg.postprocess.min_area_um2 / work_mpp**2, 1.0)
-    ids = IdScheme.for_grid(len(grid), (tile_size + 2 * halo) ** 2, min_area_px)
+    ids = IdScheme.for_tiles(grid, cfg.postprocess.min_area_um2)
 
     t0 = time.perf_counter()
     boxes = grid.boxes("core", level0=True)
@@ -281,8 +280,7 @@ def _pass1(plan: RunPlan, store: SlideStore, reader: Any, options: SegmentOption
     """Pass 1 in this process: reading runs one batch ahead and post-processing (``options.workers``
     threads) one batch behind the network, so on a GPU node the accelerator does not wait for the CPU stages.
     Returns the number of tiles an earlier run had already recorded."""
-    todo = plan.pending_batches(store)
-    resumed = int(len(plan.selected) - sum(len(b) for b in todo))
+    todo, resumed = plan.pending_batches(store)
     if resumed:
         log.info("resuming: %d of %d tissue tiles already done", resumed, len(plan.selected))
     emit("tiles_done", {"done": resumed, "nuclei": 0})

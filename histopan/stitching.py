@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from histopan.errors import HistopanError
 from histopan.panoptic import fuse
-from histopan.tiling import Box, TileGrid
+from histopan.tiling import Box, Tile, TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,12 @@ class IdScheme:
                 fix="raise the post-processing min_area_um2 or use a larger tile size",
             )
         return cls(stride=stride, n_tiles=n_tiles)
+
+    @classmethod
+    def for_tiles(cls, grid: TileGrid, min_area_um2: float) -> IdScheme:
+        """The ids of a tile grid whose windows hold nuclei of at least ``min_area_um2`` (one pixel at least)."""
+        min_area_px = max(min_area_um2 / grid.mpp**2, 1.0)
+        return cls.for_grid(len(grid), (grid.tile + 2 * grid.halo) ** 2, min_area_px)
 
     def global_ids(self, tile_index: int, count: int) -> np.ndarray:
         if count > self.stride:
@@ -400,7 +406,7 @@ class Chunk:
 
     key: str
     box: Box
-    tiles: tuple[Any, ...]
+    tiles: tuple[Tile, ...]
 
 
 class ChunkPainter:

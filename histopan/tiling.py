@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import logging
 import math
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -338,7 +337,7 @@ class _ReaderRef:
     """A picklable handle on a slide reader: pickles as ``(path, mpp, identity)``.
 
     In the process that built the graph it holds the caller's reader; elsewhere (a distributed worker) the
-    first use reopens the slide through :func:`histopan.slide.open_slide` and caches it per process, so a
+    first use takes the process's shared reader of the slide (:func:`histopan.engine.cached_reader`), so a
     worker opens each slide once, not once per task.  A reopened slide whose identity differs from the one
     the graph was built for raises :class:`~histopan.errors.SlideError`.
     """
@@ -356,23 +355,16 @@ class _ReaderRef:
         return self._reader
 
 
-_OPEN_LOCK = threading.Lock()
+def _open_cached(path: str, mpp: float | None, identity: Any) -> Any:
+    """The process's shared reader of the slide (:func:`histopan.engine.cached_reader`), checked against the
+    identity the graph was built for."""
+    from histopan.engine import cached_reader
 
-
-@functools.lru_cache(maxsize=32)
-def _open_cached_unlocked(path: str, mpp: float | None, identity: Any) -> Any:
-    from histopan.slide import open_slide
-
-    reader = open_slide(path, mpp=mpp)
+    reader = cached_reader(path, mpp)
     if identity is not None and reader.identity != identity:
         raise SlideError("the slide changed on disk after the tile graph was built", path=path,
                          value=reader.identity, fix="rebuild the dask array from the current file")
     return reader
-
-
-def _open_cached(path: str, mpp: float | None, identity: Any) -> Any:
-    with _OPEN_LOCK:
-        return _open_cached_unlocked(path, mpp, identity)
 
 
 def _reader_ref(reader: Any) -> _ReaderRef:
