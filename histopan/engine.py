@@ -110,8 +110,8 @@ def cached_model(model: str | PathLike[str] | Any) -> Any:
     """The :class:`~histopan.model.checkpoint.LoadedModel` of ``model``, loaded once per process.
 
     A LoadedModel is returned as it is; a :class:`ModelRef` is loaded from its path once and must still have
-    the weights it was made from; a name or folder is loaded once per (folder, file modification times), so
-    a model saved again is reloaded.
+    the weights it was made from; a name or folder is loaded once per (folder, its files' modification times,
+    sizes and inodes), so a model saved again is reloaded.
     """
     from histopan.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, LoadedModel, load_model, resolve_model_path
 
@@ -130,8 +130,8 @@ def cached_model(model: str | PathLike[str] | Any) -> Any:
             return _MODELS[key]
         folder = resolve_model_path(model)
         weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
-        stamp = (weights.stat().st_mtime_ns if weights.is_file() else -1,
-                 config.stat().st_mtime_ns if config.is_file() else -1)
+        stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size, f.stat().st_ino) if f.is_file() else None
+                      for f in (weights, config))
         key = ("folder", str(Path(folder).resolve()), *stamp)
         if key not in _MODELS:
             for old in [k for k in _MODELS if k[:2] == key[:2]]:
