@@ -294,8 +294,8 @@ class TileGrid:
 
     # ------------------------------------------------------------------------------------- neighbourhood
     def neighbours(self, tile: Tile) -> list[Tile]:
-        """The tiles around ``tile`` whose read boxes can overlap its own (the halo is smaller than the tile,
-        so these are its up to 8 grid neighbours), in row-major order."""
+        """The up to 8 grid neighbours of ``tile``, in row-major order: with a halo of at most half the tile
+        size, every tile whose read box can overlap ``tile``'s."""
         out = []
         for r in range(max(tile.row - 1, 0), min(tile.row + 2, self.n_rows)):
             for c in range(max(tile.col - 1, 0), min(tile.col + 2, self.n_cols)):

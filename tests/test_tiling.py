@@ -148,7 +148,7 @@ def test_bad_grid_parameters_raise_clear_errors(kwargs, error, words):
 
 @settings(max_examples=40, deadline=None)
 @given(w0=st.integers(200, 1500), h0=st.integers(200, 1500), tile=st.sampled_from([64, 96, 128]),
-       halo=st.integers(0, 40), ox=st.integers(0, 127), oy=st.integers(0, 127),
+       halo=st.integers(0, 32), ox=st.integers(0, 127), oy=st.integers(0, 127),
        bx=st.floats(0, 0.9), by=st.floats(0, 0.9), bw=st.integers(1, 200), bh=st.integers(1, 200))
 def test_neighbours_and_tiles_reaching_a_box_match_the_read_boxes(w0, h0, tile, halo, ox, oy, bx, by, bw, bh):
     grid = TileGrid(w0, h0, 0.5, 0.5, tile, halo, (ox, oy))
@@ -163,7 +163,7 @@ def test_neighbours_and_tiles_reaching_a_box_match_the_read_boxes(w0, h0, tile, 
     touching = ((reads[:, 0] < read.x1) & (reads[:, 0] + reads[:, 2] > read.x)
                 & (reads[:, 1] < read.y1) & (reads[:, 1] + reads[:, 3] > read.y))
     touching[tile_.index] = False
-    # every tile whose read box overlaps this one's is a neighbour (neighbours may also merely touch)
+    # with halo <= tile / 2, every tile whose read box overlaps this one's is a neighbour
     assert set(np.flatnonzero(touching).tolist()) <= {t.index for t in grid.neighbours(tile_)}
     assert len(grid.neighbours(tile_)) <= 8 and tile_.index not in {t.index for t in grid.neighbours(tile_)}
 
