@@ -137,7 +137,7 @@ def measure(path: str, mode: str, mpp: float, tile: int) -> dict:
             # warm-up on a trivial graph (lazy imports, the thread pool), as in a running pipeline
             compute_local(dask.array.ones(2, chunks=1).sum(), int(mode[-1]))
             start = time.perf_counter()
-            result = compute_local(graph(), int(mode[-1]))  # what the pipeline's read_windows calls
+            result = compute_local(graph(), int(mode[-1]))  # what the engine's read_batch calls
             seconds = time.perf_counter() - start
         elif mode == "distributed-2":
             import distributed

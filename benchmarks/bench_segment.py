@@ -8,7 +8,7 @@ Measurements (each slide run in its own process, so peak RSS is that run's own):
   default model on the CPU: megapixels per second (tissue tiles x tile^2 / wall time) and the pipeline's
   own stage timings (read, model, post-process in worker-thread seconds, stitch + write, table + pyramids);
 - pipeline overhead = 1 - (the network alone on the same tile windows, same batches / total wall time);
-- post-processing megapixels per second on one core (process_tile on precomputed maps);
+- post-processing megapixels per second on one core (the engine's record_tile on precomputed maps);
 - peak RSS on generated slides of --rss-sizes, run with a small real network at 1 um/px (random weights:
   memory scaling is a property of the pipeline, and a cheap network keeps a 40k slide within minutes).
 """
@@ -103,7 +103,7 @@ def model_only(slide: Path, model_name: str, out: Path) -> dict:
 
     from histopan.inference import TileInferencer
     from histopan.model.checkpoint import load_model
-    from histopan.pipeline import _timed_process_tile
+    from histopan.engine import record_tile
     from histopan.slide import open_slide
     from histopan.stitching import IdScheme
     from histopan.store import open_store
@@ -130,7 +130,7 @@ def model_only(slide: Path, model_name: str, out: Path) -> dict:
             model_s += time.perf_counter() - t
             if start < 4 * batch:  # post-processing throughput on one core, on the first few batches
                 for m, i in zip(maps, chunk):
-                    _, seconds = _timed_process_tile(m, grid[int(i)], grid, cfg, ids)
+                    _, seconds = record_tile(m, grid, int(i), cfg, ids)
                     post_s += seconds
                     post_px += int(np.prod(m.shape))
     return {"model_only_s": model_s, "postprocess_mp_per_s_one_core": post_px / 1e6 / post_s if post_s else None}

@@ -1,23 +1,24 @@
 """Many slides on a Dask distributed cluster: ``histopan batch``.
 
-The single-slide pipeline's building blocks (:mod:`histopan.pipeline`) become Dask tasks:
+The single-slide pipeline's building blocks become Dask tasks:
 
 - *plan* (one per slide): tissue detection, the tile grid, and creating or resuming the slide's store
   (:func:`~histopan.pipeline.plan_run`); a store that is already complete is reported, not redone;
-- *read -> infer -> post-process* (one chain per fixed batch of tissue tiles): the windows are read
-  (:func:`~histopan.pipeline.read_windows`), the network runs on a worker holding a ``GPU`` resource when
-  the cluster has any, and each tile is post-processed (:func:`~histopan.pipeline.process_tile`) and
-  recorded in the store's resume state by a worker that reopens the store by path;
+- *read -> infer -> record* (one chain per fixed batch of tissue tiles): pass 1's engine
+  (:mod:`histopan.engine`, the same functions ``histopan segment`` runs): the windows are read, the network
+  runs on a worker holding a ``GPU`` resource when the cluster has any, and each tile's record is made and
+  saved in the store's resume state by a worker that reopens the store by path;
 - *finish* (one per slide, after all its chains): pass 2, the nucleus table, the pyramids, and marking the
   store complete (:func:`~histopan.pipeline.finish_run`).
 
 Batches are the plan's fixed slices, so a slide segmented here gives the same arrays as ``histopan
 segment`` with the same options and device.  Workers open slides, the model (checked against its
-sha256) and the network once per process.  The client keeps a bounded number of batches in flight, taken
-round-robin from a few open slides, so tiles of several slides interleave and memory stays bounded however
-many slides are queued.  A slide whose task fails is recorded with its error and traceback and its other
-tasks are cancelled; the other slides go on.  A worker that dies is replaced (by its nanny) and the
-scheduler recomputes what it held; records are written atomically, so nothing is half-written.
+sha256) and the network once per process (the engine's caches).  The client keeps a bounded number of
+batches in flight, taken round-robin from a few open slides, so tiles of several slides interleave and
+memory stays bounded however many slides are queued.  A slide whose task fails is recorded with its error
+and traceback and its other tasks are cancelled; the other slides go on.  A worker that dies is replaced (by
+its nanny) and the scheduler recomputes what it held; records are written atomically, so nothing is
+half-written.
 
 Stores are written by path from the workers: every worker must see ``OUTDIR`` (and the slides and the
 model) at the same path, e.g. on a shared filesystem.
@@ -32,11 +33,10 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 import traceback
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,9 +47,10 @@ from typing import Any
 import numpy as np
 
 from histopan import __version__
-from histopan.errors import ConfigError, HistopanError, ModelError
-from histopan.pipeline import ModelRef, RunPlan, SegmentOptions, _Timer, finish_run, plan_run, process_tile, \
-    read_windows
+from histopan.engine import ModelRef, Timer, cached_inferencer, cached_model, cached_reader, infer_batch, \
+    read_batch, record_tile
+from histopan.errors import ConfigError, HistopanError
+from histopan.pipeline import RunPlan, SegmentOptions, finish_run, plan_run
 
 log = logging.getLogger(__name__)
 
@@ -278,54 +279,7 @@ def write_report(result: BatchResult, outdir: str | PathLike[str]) -> tuple[Path
     return csv_path, json_path
 
 
-# --------------------------------------------------------------------------- worker side (one per process)
-
-_CACHE_LOCK = threading.RLock()
-_MODELS: dict[tuple[str, str], Any] = {}
-_INFERENCERS: dict[tuple[str, str, str | None, int], Any] = {}
-_READERS: OrderedDict[tuple[str, float | None], Any] = OrderedDict()
-_MAX_READERS = 8
-
-
-def _worker_model(ref: Any) -> Any:
-    """The LoadedModel of ``ref`` (a ModelRef or LoadedModel), loaded once per process and sha-checked."""
-    from histopan.model.checkpoint import load_model
-
-    key = (str(ref.path), ref.weights_sha256)
-    with _CACHE_LOCK:
-        if key not in _MODELS:
-            model = load_model(ref.path)
-            if model.weights_sha256 != ref.weights_sha256:
-                raise ModelError("the model's weights changed on disk after the batch started", path=ref.path,
-                                 value=model.weights_sha256[:12],
-                                 fix="do not replace a model while a batch uses it; rerun the batch")
-            _MODELS[key] = model
-        return _MODELS[key]
-
-
-def _worker_inferencer(ref: Any, device: str | None, batch_size: int, tta: bool = False) -> Any:
-    from histopan.inference import TileInferencer
-
-    key = (str(ref.path), ref.weights_sha256, device, batch_size, tta)
-    with _CACHE_LOCK:
-        if key not in _INFERENCERS:
-            _INFERENCERS[key] = TileInferencer(_worker_model(ref), device=device, batch_size=batch_size, tta=tta)
-        return _INFERENCERS[key]
-
-
-def _worker_reader(path: Path, mpp: float | None) -> Any:
-    from histopan.slide import open_slide
-
-    key = (str(path), mpp)
-    with _CACHE_LOCK:
-        if key in _READERS:
-            _READERS.move_to_end(key)
-            return _READERS[key]
-        reader = open_slide(path, mpp=mpp)
-        _READERS[key] = reader
-        while len(_READERS) > _MAX_READERS:
-            _READERS.popitem(last=False)[1].close()
-        return reader
+# ------------------------------------------------------------------------------------------------ tasks
 
 
 @dataclass
@@ -349,29 +303,20 @@ def _plan_task(job: SlideJob, options: SegmentOptions, model: ModelRef) -> _Plan
             return _Planned(None, [], 0, started, summary=dict(store.attrs.get("summary", {})))
     if job.mpp is not None:
         options = dataclasses.replace(options, mpp=job.mpp)
-    plan, store = plan_run(job.slide, job.out, options, model=_worker_model(model))
-    pending = plan.pending_batches(store)
-    resumed = int(len(plan.selected) - sum(len(b) for b in pending))
+    plan, store = plan_run(cached_reader(job.slide, options.mpp), job.out, options, model=cached_model(model))
+    pending, resumed = plan.pending_batches(store)
     return _Planned(plan, pending, resumed, started)
 
 
 def _read_task(plan: RunPlan, batch: np.ndarray) -> tuple[np.ndarray, float]:
-    t = time.perf_counter()
-    windows = read_windows(_worker_reader(plan.slide, plan.slide_mpp), plan.grid, batch, 1)
-    return windows, time.perf_counter() - t
+    return read_batch(cached_reader(plan.slide, plan.slide_mpp), plan.grid, batch)
 
 
 def _infer_task(plan: RunPlan, read: tuple[np.ndarray, float], device: str | None, batch_size: int,
                 tta: bool = False) -> tuple[list[Any], float, float]:
-    import torch
-
     windows, t_read = read
-    inferencer = _worker_inferencer(plan.model, device, batch_size, tta)
-    t = time.perf_counter()
-    maps = inferencer.predict(windows)
-    if inferencer.device.type == "cuda":
-        torch.cuda.synchronize(inferencer.device)
-    return maps, t_read, time.perf_counter() - t
+    maps, t_model = infer_batch(cached_inferencer(plan.model, device, batch_size, tta), windows)
+    return maps, t_read, t_model
 
 
 def _post_task(plan: RunPlan, inferred: tuple[list[Any], float, float], batch: np.ndarray) -> dict[str, float]:
@@ -379,14 +324,13 @@ def _post_task(plan: RunPlan, inferred: tuple[list[Any], float, float], batch: n
 
     maps, t_read, t_model = inferred
     store = open_store(plan.out, partial=True)
-    t = time.perf_counter()
-    nuclei = 0
+    nuclei, t_post = 0, 0.0
     for m, index in zip(maps, batch):
-        record = process_tile(m, plan.grid[int(index)], plan.grid, plan.config, plan.ids)
-        store.save_tile(int(index), record)
-        nuclei += int(record["ids"].size)
-    return {"tiles": len(batch), "nuclei": nuclei, "read": t_read, "model": t_model,
-            "postprocess": time.perf_counter() - t}
+        record, seconds = record_tile(m, plan.grid, int(index), plan.config, plan.ids)
+        store.save_tile(int(index), record.to_arrays())
+        nuclei += len(record)
+        t_post += seconds
+    return {"tiles": len(batch), "nuclei": nuclei, "read": t_read, "model": t_model, "postprocess": t_post}
 
 
 def _finish_task(plan: RunPlan, resumed: int, started: float, *batches: dict[str, float]) -> dict[str, Any]:
@@ -395,13 +339,14 @@ def _finish_task(plan: RunPlan, resumed: int, started: float, *batches: dict[str
     store = open_store(plan.out, partial=True)
     if store.complete:  # a retry of a finish that completed on a worker that died before reporting
         return dict(store.attrs["summary"])
-    timer = _Timer()
+    timer = Timer()
     timer.add("tissue", plan.tissue_seconds)
     for b in batches:
         for stage in ("read", "model", "postprocess"):
             timer.add(stage, b[stage])
     t_start = time.perf_counter() - (time.time() - started)  # the slide's wall clock, on this process's timer
-    return finish_run(plan, store, lambda event, data: None, timer, t_start, resumed).to_json()
+    reader = cached_reader(plan.slide, plan.slide_mpp)
+    return finish_run(plan, store, reader, lambda event, data: None, timer, t_start, resumed).to_json()
 
 
 # ------------------------------------------------------------------------------------------------ cluster

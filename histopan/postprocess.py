@@ -35,9 +35,13 @@ import cv2
 
 from histopan import kernels
 from histopan.errors import ModelError, MppError
+from histopan.panoptic import absorb_small_regions, fuse, stuff_argmax
+from histopan.stitching import IdScheme, TileRecord, own_objects
+from histopan.tiling import Tile, TileGrid
 
-__all__ = ["NUCLEUS_COLUMNS", "PostprocessConfig", "ProbabilityMaps", "TileLabels", "nucleus_table",
-           "postprocess_tile"]
+__all__ = ["NUCLEUS_COLUMNS", "PanopticLabels", "PostprocessConfig", "ProbabilityMaps", "TileLabels",
+           "drop_small_objects", "nucleus_table", "panoptic_labels", "postprocess_tile", "process_tile",
+           "shape_features", "tissue_classes"]
 
 
 @dataclass(frozen=True)
@@ -400,3 +404,105 @@ def shape_features(instances: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarr
             hull_area[k] = area[ids[k]]
     solidity = np.clip(area[ids] / np.maximum(hull_area, 1e-9), 0, 1)
     return {"area": area[ids], "perimeter": perimeter, "eccentricity": eccentricity, "solidity": solidity}
+
+
+# ------------------------------------------------------------------------------ tissue rules, tile records
+#
+# panoptic_labels adds the tissue rules (stuff regions below min_stuff_area_um2 absorbed by their neighbours)
+# and an optional crop to postprocess_tile: the one path from maps to panoptic labels that `histopan segment`
+# and predict_tile share.  process_tile turns one slide tile's maps into its stitching.TileRecord.
+
+
+def drop_small_objects(instances: np.ndarray, min_area_um2: float, mpp: float) -> np.ndarray:
+    """The label image without the objects smaller than ``min_area_um2`` (the post-processing's minimum
+    nucleus area), e.g. after cropping a label image; returns ``instances`` itself when none is too small."""
+    area = np.bincount(instances.ravel(), minlength=int(instances.max(initial=0)) + 1)
+    too_small = area < min_area_um2 / mpp**2
+    too_small[0] = False
+    if not too_small.any():
+        return instances
+    return np.where(too_small[instances], 0, instances).astype(instances.dtype)
+
+
+def tissue_classes(semantic: np.ndarray, classes: Sequence[Any], min_stuff_area_um2: float,
+                   mpp: float) -> np.ndarray:
+    """The stuff map of semantic probabilities ``(C, H, W)``: the most probable stuff class per pixel, then
+    stuff regions smaller than ``min_stuff_area_um2`` given the class of the nearest larger region
+    (:func:`~histopan.panoptic.absorb_small_regions`; regions touching the border are left as they are)."""
+    _, stuff_ids = _thing_index(classes, semantic.shape[0])
+    return absorb_small_regions(stuff_argmax(semantic, np.asarray(stuff_ids, dtype=np.intp)),
+                                min_stuff_area_um2, mpp)
+
+
+@dataclass(frozen=True)
+class PanopticLabels:
+    """Panoptic labels of one window (or a crop of it): nucleus instances over the tissue classes.
+
+    ``instances`` (H, W) uint32 nucleus ids (0 = none); ``stuff`` (H, W) uint8 stuff class under everything
+    (small regions absorbed, :func:`tissue_classes`); ``nuclei`` the window's nucleus table
+    (:data:`NUCLEUS_COLUMNS`, ids as in ``instances``, centroids in window pixels); ``thing`` the nucleus
+    class index.
+    """
+
+    instances: np.ndarray
+    stuff: np.ndarray
+    nuclei: pd.DataFrame
+    thing: int
+
+    @property
+    def semantic(self) -> np.ndarray:
+        """The semantic map: the nucleus class where an instance is, the stuff class elsewhere."""
+        return fuse(self.stuff, self.instances, self.thing)
+
+
+def panoptic_labels(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig, classes: Sequence[Any],
+                    crop: tuple[slice, slice] | None = None) -> PanopticLabels:
+    """:func:`postprocess_tile` plus the tissue rules, the one path from maps to panoptic labels that
+    ``histopan segment`` (per tile) and ``predict_tile`` share.
+
+    ``crop`` (row and column slices) keeps only that part of the window, e.g. the part inside the slide: the
+    nuclei are cut there and what remains of each must still have the minimum area (else slivers along the
+    slide border would become nuclei), and the tissue rules run on the crop.
+    """
+    labels = postprocess_tile(maps, mpp, cfg, classes)
+    instances = labels.instances
+    semantic = maps.semantic
+    if crop is not None:
+        instances = instances[crop]
+        semantic = semantic[:, crop[0], crop[1]]
+        if instances.shape != labels.instances.shape:
+            instances = drop_small_objects(instances, cfg.min_area_um2, mpp)
+    stuff = tissue_classes(semantic, classes, cfg.min_stuff_area_um2, mpp)
+    thing, _ = _thing_index(classes, maps.semantic.shape[0])
+    return PanopticLabels(instances=instances, stuff=stuff, nuclei=labels.nuclei, thing=thing)
+
+
+def process_tile(maps: ProbabilityMaps, tile: Tile, grid: TileGrid, model_config: Any, ids: IdScheme) -> TileRecord:
+    """Probability maps of one tile's window -> its :class:`~histopan.stitching.TileRecord`: the nuclei it
+    owns (:func:`~histopan.stitching.own_objects`), their measurements, and its stuff core."""
+    labels = panoptic_labels(maps, grid.mpp, model_config.postprocess, model_config.classes,
+                             crop=tile.read_in_window)
+    instances, stuff = labels.instances, labels.stuff
+    owned = own_objects(instances, tile.read.as_tuple(), tile.core.as_tuple(), grid.shape, tile.index, ids)
+    core_stuff = stuff[tile.core.slices_in(tile.read)]
+    if not len(owned):
+        return TileRecord.without_nuclei(owned, core_stuff)
+    local = owned.local_ids
+    shape = shape_features(instances, local)
+    rows = labels.nuclei.set_index("id").loc[local.astype(np.uint32)]  # ids of the window = of the read crop
+    # majority stuff class under each nucleus
+    lab = instances.ravel().astype(np.int64)
+    votes = np.zeros((int(lab.max()) + 1, len(model_config.classes)), np.int64)
+    fg = lab > 0
+    np.add.at(votes, (lab[fg], stuff.ravel()[fg]), 1)
+    return TileRecord(
+        objects=owned, stuff=core_stuff,
+        area_px=shape["area"].astype(np.int64),
+        perimeter_px=shape["perimeter"],
+        eccentricity=shape["eccentricity"],
+        solidity=shape["solidity"],
+        nucleus_prob=rows["nucleus_prob"].to_numpy(np.float64),
+        type=rows["type"].to_numpy(np.int64),
+        type_prob=rows["type_prob"].to_numpy(np.float64),
+        stuff_class=votes[local].argmax(axis=1).astype(np.int64),
+    )

@@ -2,8 +2,9 @@
 
 The image is resampled (anti-aliased) to the model's working resolution, run through the network
 (:class:`~histopan.inference.TileInferencer`, windows of the model's tile + halo for large images),
-post-processed (:func:`~histopan.postprocess.postprocess_tile`) and the labels are mapped back to the
-input's pixel grid by nearest neighbour, so every output is at the input's resolution.
+post-processed with the tissue rules (:func:`~histopan.postprocess.panoptic_labels`, the same path as
+``histopan segment``'s tiles) and the labels are mapped back to the input's pixel grid by nearest neighbour,
+so every output is at the input's resolution.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ import logging
 import math
 from dataclasses import dataclass
 from os import PathLike
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from skimage.transform import resize
 
+from histopan.engine import cached_model
 from histopan.errors import HistopanError, MppError
 from histopan.inference import MIN_TILE_PX, TileInferencer
-from histopan.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, LoadedModel, load_model, resolve_model_path
+from histopan.model.checkpoint import LoadedModel
 from histopan.model.config import ClassSpec, NucleusTypeSpec
-from histopan.postprocess import nucleus_table, postprocess_tile
+from histopan.postprocess import nucleus_table, panoptic_labels
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +66,6 @@ class TileResult:
         return tuple(c.color for c in self.classes)
 
 
-_CACHE: dict[tuple[str, int, int], LoadedModel] = {}
-
-
-def _get_model(model: str | PathLike[str] | LoadedModel) -> LoadedModel:
-    """A LoadedModel as is; a name or path loaded once per (folder, file modification times)."""
-    if isinstance(model, LoadedModel):
-        return model
-    folder = resolve_model_path(model)
-    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
-    stamp = (weights.stat().st_mtime_ns if weights.is_file() else -1,
-             config.stat().st_mtime_ns if config.is_file() else -1)
-    key = (str(Path(folder).resolve()), *stamp)
-    if key not in _CACHE:
-        for old in [k for k in _CACHE if k[0] == key[0]]:
-            del _CACHE[old]
-        _CACHE[key] = load_model(folder)
-    return _CACHE[key]
-
-
 def _as_rgb_uint8(image: object) -> np.ndarray:
     """uint8 (H, W, 3); grayscale is replicated to RGB and RGBA composited over white."""
     arr = np.asarray(image)
@@ -118,6 +100,8 @@ def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | Loa
     :func:`~histopan.inference.resolve_device` (default: CUDA when available); ``tta`` averages the network
     over flips and 90-degree rotations (eight times the inference time).  The image must cover at
     least 32 px at the model's resolution and at most 4096 px per side (use the slide pipeline for more).
+    The labels are those ``histopan segment`` makes of the same region (tissue regions smaller than the
+    model's ``min_stuff_area_um2`` absorbed by their neighbours, except where they touch the border).
     Labels are mapped back by sampling the model-grid labels at the input pixel centres, so ``semantic`` and
     ``instances`` agree; a nucleus that no input pixel centre falls on (possible when the input is coarser
     than the model's resolution) is dropped.
@@ -128,7 +112,7 @@ def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | Loa
                        fix="pass the image's resolution, e.g. mpp=0.5 for a 20x scan")
     mpp = float(mpp)
     rgb = _as_rgb_uint8(image)
-    loaded = _get_model(model).for_tta(tta)
+    loaded = cached_model(model).for_tta(tta)
     cfg = loaded.config
     in_h, in_w = rgb.shape[:2]
     scale = mpp / cfg.mpp
@@ -152,7 +136,7 @@ def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | Loa
         work, h, w = rgb, in_h, in_w
 
     maps = TileInferencer(loaded, device=device, tta=tta).predict_image(work)
-    labels = postprocess_tile(maps, cfg.mpp, cfg.postprocess, cfg.classes)
+    labels = panoptic_labels(maps, cfg.mpp, cfg.postprocess, cfg.classes)
 
     if resampled:
         rows, cols = _nearest_index(in_h, h), _nearest_index(in_w, w)

@@ -14,19 +14,28 @@ Each tile is segmented on its *read* box (core + halo).  Stitching works in two 
 
 Because step 2 works per output region (the store's chunks), chunk writers never share a chunk, and the
 chunk grid does not need to match the tile grid.
+
+Slide-level, over the :class:`TileRecord` of every processed tile (one typed record per tile: its owned
+nuclei, their measurements and its stuff core): :func:`deduplicate_tiles` decides which nuclei to keep in
+ascending tile order, and :class:`ChunkPainter` paints and fuses the output chunks from the records of the
+tiles that reach each chunk.  Records come from a ``load(index)`` callable, so nothing here opens files.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from histopan.errors import HistopanError
+from histopan.panoptic import fuse
+from histopan.tiling import Box, Tile, TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,12 @@ class IdScheme:
                 fix="raise the post-processing min_area_um2 or use a larger tile size",
             )
         return cls(stride=stride, n_tiles=n_tiles)
+
+    @classmethod
+    def for_tiles(cls, grid: TileGrid, min_area_um2: float) -> IdScheme:
+        """The ids of a tile grid whose windows hold nuclei of at least ``min_area_um2`` (one pixel at least)."""
+        min_area_px = max(min_area_um2 / grid.mpp**2, 1.0)
+        return cls.for_grid(len(grid), (grid.tile + 2 * grid.halo) ** 2, min_area_px)
 
     def global_ids(self, tile_index: int, count: int) -> np.ndarray:
         if count > self.stride:
@@ -240,3 +255,199 @@ def paint(region: tuple[int, int, int, int], owned: Iterable[OwnedObjects]) -> n
         dst = out[oy0 - y:oy1 - y, ox0 - x:ox1 - x]
         dst[sub & (dst == 0)] = gid
     return out
+
+
+# ------------------------------------------------------------------------------------------ tile records
+
+#: the per-nucleus measurements of a :class:`TileRecord`, with their dtypes
+MEASUREMENTS: dict[str, type] = {"area_px": np.int64, "perimeter_px": np.float64, "eccentricity": np.float64,
+                                 "solidity": np.float64, "nucleus_prob": np.float64, "type": np.int64,
+                                 "type_prob": np.float64, "stuff_class": np.int64}
+
+
+@dataclass(frozen=True)
+class TileRecord:
+    """What pass 1 keeps of one tile: the nuclei it owns, their measurements, and its stuff core.
+
+    ``objects`` are the owned nuclei (:class:`OwnedObjects`); the measurement arrays have one entry per owned
+    nucleus, in the same order: ``area_px``, ``perimeter_px`` (target pixels), ``eccentricity``,
+    ``solidity``, ``nucleus_prob``, ``type`` (index into the model's nucleus types, -1 without a type head),
+    ``type_prob`` and ``stuff_class`` (the majority stuff class under the nucleus).  ``stuff`` is the tile's
+    core of the stuff map (uint8 class ids, small regions already absorbed).
+    """
+
+    objects: OwnedObjects
+    stuff: np.ndarray
+    area_px: np.ndarray
+    perimeter_px: np.ndarray
+    eccentricity: np.ndarray
+    solidity: np.ndarray
+    nucleus_prob: np.ndarray
+    type: np.ndarray
+    type_prob: np.ndarray
+    stuff_class: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.objects)
+        for name in MEASUREMENTS:
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"record of tile {self.objects.tile_index}: {name} has shape "
+                                 f"{getattr(self, name).shape}, expected ({n},)")
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    @classmethod
+    def without_nuclei(cls, objects: OwnedObjects, stuff: np.ndarray) -> TileRecord:
+        """The record of a tile that owns no nucleus."""
+        return cls(objects, stuff, **{name: np.zeros(0, dtype) for name, dtype in MEASUREMENTS.items()})
+
+    def subset(self, keep: np.ndarray) -> TileRecord:
+        """The record with only the nuclei where ``keep`` is True (same order)."""
+        keep = np.asarray(keep, bool)
+        if keep.all():
+            return self
+        return TileRecord(self.objects.subset(keep), self.stuff,
+                          **{name: getattr(self, name)[keep] for name in MEASUREMENTS})
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays (for ``np.savez``); :meth:`from_arrays` restores the record."""
+        return {**self.objects.to_arrays(), "stuff": self.stuff,
+                **{name: getattr(self, name) for name in MEASUREMENTS}}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> TileRecord:
+        objects = OwnedObjects.from_arrays(arrays)
+        if len(objects) == 0:
+            return cls.without_nuclei(objects, arrays["stuff"])
+        return cls(objects, arrays["stuff"], **{name: arrays[name] for name in MEASUREMENTS})
+
+    def table_columns(self, downsample: float, mpp: float, base_mpp: float, class_names: list[str],
+                      type_names: list[str]) -> dict[str, Any]:
+        """The nucleus-table columns of this record's nuclei (see :data:`histopan.store.NUCLEUS_TABLE_COLUMNS`):
+        centroids in level-0 pixels (pixel centres) and microns, sizes in microns, names for classes."""
+        cy, cx = self.objects.centroids[:, 0], self.objects.centroids[:, 1]
+        x0_level0 = (cx + 0.5) * downsample
+        y0_level0 = (cy + 0.5) * downsample
+        area_um2 = self.area_px * mpp * mpp
+        perim_um = self.perimeter_px * mpp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            circ = np.where(perim_um > 0, 4 * np.pi * area_um2 / perim_um**2, np.nan)
+        circ = np.minimum(circ, 1.0)
+        bb = self.objects.bboxes
+        return {
+            "id": self.objects.ids.astype(np.uint32), "centroid_x": x0_level0, "centroid_y": y0_level0,
+            "centroid_x_um": x0_level0 * base_mpp, "centroid_y_um": y0_level0 * base_mpp,
+            "area_um2": area_um2, "perimeter_um": perim_um, "eccentricity": self.eccentricity,
+            "solidity": self.solidity, "circularity": circ, "nucleus_prob": self.nucleus_prob,
+            "type": [type_names[t] if 0 <= t < len(type_names) else None for t in self.type],
+            "type_prob": self.type_prob,
+            "stuff_class": [class_names[s] for s in self.stuff_class],
+            "bbox_x": bb[:, 1], "bbox_y": bb[:, 0], "bbox_w": bb[:, 3] - bb[:, 1], "bbox_h": bb[:, 2] - bb[:, 0],
+            "cut": self.objects.cut.astype(bool),
+        }
+
+
+class RecordCache:
+    """Tile records from ``load(index)``, least recently used dropped first (bounded memory).
+
+    :meth:`get` returns the record with only the nuclei kept by de-duplication once ``keep`` has an entry
+    for the tile.
+    """
+
+    def __init__(self, load: Callable[[int], TileRecord], capacity: int,
+                 keep: dict[int, np.ndarray] | None = None) -> None:
+        self.load = load
+        self.capacity = capacity
+        self.keep = keep if keep is not None else {}
+        self.items: OrderedDict[int, TileRecord] = OrderedDict()
+
+    def get(self, index: int) -> TileRecord:
+        if index in self.items:
+            self.items.move_to_end(index)
+            record = self.items[index]
+        else:
+            record = self.load(index)
+            self.items[index] = record
+            if len(self.items) > self.capacity:
+                self.items.popitem(last=False)
+        if index in self.keep:
+            record = record.subset(self.keep[index])
+        return record
+
+
+def _cache_capacity(grid: TileGrid) -> int:
+    return 4 * (grid.n_cols + 2)  # a few rows of tiles: what painting row by row revisits
+
+
+def deduplicate_tiles(grid: TileGrid, recorded: np.ndarray,
+                      load: Callable[[int], TileRecord]) -> tuple[dict[int, np.ndarray], int]:
+    """Keep flags of every recorded tile's nuclei, decided in ascending tile (= id) order (:func:`deduplicate`
+    against the kept nuclei of its earlier neighbours), and the number of kept nuclei flagged ``cut``."""
+    keep: dict[int, np.ndarray] = {}
+    cache = RecordCache(load, _cache_capacity(grid), keep=keep)
+    n_cut = 0
+    for index in np.flatnonzero(recorded):
+        tile = grid[int(index)]
+        objs = cache.get(int(index)).objects
+        earlier = [cache.get(t.index).objects for t in grid.neighbours(tile) if t.index < index
+                   and recorded[t.index]]
+        keep[int(index)] = deduplicate(objs, earlier)
+        n_cut += int(objs.cut[keep[int(index)]].sum())
+    n_dropped = sum(int((~k).sum()) for k in keep.values())
+    if n_dropped:
+        log.info("dropped %d duplicate nuclei seen by two neighbouring tiles", n_dropped)
+    return keep, n_cut
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One output chunk: its key (``"<row>_<col>"``), its box, and the recorded tiles that reach it."""
+
+    key: str
+    box: Box
+    tiles: tuple[Tile, ...]
+
+
+class ChunkPainter:
+    """Pass 2's geometry: the output chunks (``chunk`` x ``chunk`` target pixels) that recorded tiles reach,
+    each painted from their kept nuclei (:func:`paint`) and stuff cores, and fused (things over stuff)."""
+
+    def __init__(self, grid: TileGrid, recorded: np.ndarray, keep: dict[int, np.ndarray],
+                 load: Callable[[int], TileRecord], chunk: int, thing_id: int) -> None:
+        self.grid, self.recorded, self.chunk, self.thing_id = grid, recorded, int(chunk), int(thing_id)
+        self.cache = RecordCache(load, _cache_capacity(grid), keep=keep)
+
+    @property
+    def n_rows(self) -> int:
+        return -(-self.grid.height // self.chunk)
+
+    def rows(self) -> Iterator[list[Chunk]]:
+        """Chunk rows top to bottom; each the row's chunks, left to right, that at least one recorded tile
+        reaches (possibly none)."""
+        height, width = self.grid.shape
+        c = self.chunk
+        for y in range(0, height, c):
+            row = []
+            for x in range(0, width, c):
+                box = Box(x, y, min(c, width - x), min(c, height - y))
+                near = tuple(t for t in self.grid.tiles_reaching(box) if self.recorded[t.index])
+                if near:
+                    row.append(Chunk(f"{y // c}_{x // c}", box, near))
+            yield row
+
+    def paint(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+        """The chunk's semantic (uint8) and nucleus instance (uint32) labels."""
+        box = chunk.box
+        records = {t.index: self.cache.get(t.index) for t in chunk.tiles}
+        stuff = np.zeros((box.h, box.w), np.uint8)  # background where no tile was processed
+        for t in chunk.tiles:
+            core = t.core
+            oy0, ox0 = max(core.y, box.y), max(core.x, box.x)
+            oy1, ox1 = min(core.y1, box.y1), min(core.x1, box.x1)
+            if oy0 < oy1 and ox0 < ox1:
+                src = records[t.index].stuff
+                stuff[oy0 - box.y:oy1 - box.y, ox0 - box.x:ox1 - box.x] = src[oy0 - core.y:oy1 - core.y,
+                                                                              ox0 - core.x:ox1 - core.x]
+        nuclei = paint(box.as_tuple(), [records[t.index].objects for t in chunk.tiles])
+        return fuse(stuff, nuclei, self.thing_id), nuclei

@@ -9,7 +9,9 @@ Layout of ``OUT.zarr``::
     labels/semantic/0, 1, ... uint8 class per pixel at the model's mpp (nucleus class included),
                               pyramid by 2x2 majority; ``image-label`` colours and class names
     labels/nuclei/0, 1, ...   uint32 nucleus instance ids (0 = none), pyramid by nearest (top-left) sampling
-    tables/nuclei.parquet     one row per nucleus
+    tables/nuclei.parquet     one row per nucleus (:data:`NUCLEUS_TABLE_COLUMNS`), written tile by tile
+                              (:meth:`SlideStore.nucleus_table_writer`), read back batch by batch
+                              (:meth:`SlideStore.nucleus_table`)
     work/                     resume state while a run is incomplete (per-tile records, finished chunks);
                               removed when the store is marked complete
 
@@ -25,7 +27,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,81 @@ log = logging.getLogger(__name__)
 FORMAT = "histopan-store"
 FORMAT_VERSION = 1
 NGFF_VERSION = "0.5"
+
+#: Resolution of the RGB overview image: this many times the labels' mpp, at least 2 um/px.
+IMAGE_MPP_FACTOR = 4.0
+MIN_IMAGE_MPP = 2.0
+
+#: the nucleus table's columns and their Arrow types: centroids in level-0 pixels and in microns, sizes in
+#: microns, the mean nucleus probability, type and stuff class names, the bounding box in target pixels, and
+#: whether the nucleus touched a tile's halo edge (``cut``)
+NUCLEUS_TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("id", "uint32"), ("centroid_x", "float64"), ("centroid_y", "float64"), ("centroid_x_um", "float64"),
+    ("centroid_y_um", "float64"), ("area_um2", "float64"), ("perimeter_um", "float64"), ("eccentricity", "float64"),
+    ("solidity", "float64"), ("circularity", "float64"), ("nucleus_prob", "float64"), ("type", "string"),
+    ("type_prob", "float64"), ("stuff_class", "string"), ("bbox_x", "int64"), ("bbox_y", "int64"),
+    ("bbox_w", "int64"), ("bbox_h", "int64"), ("cut", "bool"),
+)
+
+
+def nucleus_table_schema():
+    """The Arrow schema of :data:`NUCLEUS_TABLE_COLUMNS`."""
+    import pyarrow as pa
+
+    types = {"uint32": pa.uint32(), "float64": pa.float64(), "int64": pa.int64(), "string": pa.string(),
+             "bool": pa.bool_()}
+    return pa.schema([(name, types[kind]) for name, kind in NUCLEUS_TABLE_COLUMNS])
+
+
+class NucleusTableWriter:
+    """Appends batches of nucleus-table rows (column name -> values, :data:`NUCLEUS_TABLE_COLUMNS`)."""
+
+    def __init__(self, writer: Any, schema: Any) -> None:
+        self._writer, self._schema = writer, schema
+        self.n_rows = 0
+
+    def write(self, columns: Mapping[str, Any]) -> None:
+        import pyarrow as pa
+
+        table = pa.table(dict(columns), schema=self._schema)
+        if table.num_rows:
+            self._writer.write_table(table)
+            self.n_rows += table.num_rows
+
+
+class NucleusTable:
+    """The store's nucleus table, read batch by batch (bounded memory, whatever the table's size)."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self._file = pq.ParquetFile(path)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._file.metadata.num_rows)
+
+    @property
+    def schema(self) -> Any:
+        """The file's Arrow schema."""
+        return self._file.schema_arrow
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names)
+
+    def require(self, columns: Sequence[str]) -> None:
+        """Raise :class:`~histopan.errors.StoreError` naming the ``columns`` the table lacks."""
+        missing = [c for c in columns if c not in self.schema.names]
+        if missing:
+            raise StoreError(f"the nucleus table lacks the columns {missing}", path=self.path,
+                             fix="use a store written by 'histopan segment' of this histopan version")
+
+    def batches(self, columns: Sequence[str], batch_size: int = 65536) -> Iterator[Any]:
+        """Arrow record batches of ``columns`` (all of which the table must have), in row order."""
+        self.require(columns)
+        yield from self._file.iter_batches(batch_size=batch_size, columns=list(columns))
 
 
 @dataclass(frozen=True)
@@ -130,13 +208,26 @@ class SlideStore:
     def table_path(self) -> Path:
         return self.path / "tables" / "nuclei.parquet"
 
-    def read_table(self, columns: Sequence[str] | None = None):
-        import pandas as pd
+    @property
+    def has_table(self) -> bool:
+        return self.table_path.is_file()
 
-        if not self.table_path.is_file():
+    def _require_table(self) -> None:
+        if not self.has_table:
             raise StoreError("the store has no nucleus table", path=self.path,
                              fix="run 'histopan segment' to completion (rerun the same command to resume)")
+
+    def read_table(self, columns: Sequence[str] | None = None):
+        """The whole nucleus table as a pandas DataFrame (:meth:`nucleus_table` reads it in batches)."""
+        import pandas as pd
+
+        self._require_table()
         return pd.read_parquet(self.table_path, columns=list(columns) if columns else None)
+
+    def nucleus_table(self) -> NucleusTable:
+        """The nucleus table, for reading in batches; :class:`~histopan.errors.StoreError` when there is none."""
+        self._require_table()
+        return NucleusTable(self.table_path)
 
     # ------------------------------------------------------------------------------------- resume state
     @property
@@ -184,7 +275,36 @@ class SlideStore:
         h, w = rgb.shape[:2]
         self.group["0"][:, y:y + h, x:x + w] = np.moveaxis(rgb, -1, 0)
 
+    def write_overview(self, reader: Any, block: int = 1024) -> None:
+        """Level 0 of the RGB overview image, read from the slide ``reader`` block by block at the store's
+        ``image_mpp``."""
+        image_mpp = float(self.attrs["image_mpp"])
+        arr = self.group["0"]
+        _, height, width = arr.shape
+        ds = image_mpp / reader.require_mpp()
+        w0, h0 = reader.dimensions
+        for y in range(0, height, block):
+            for x in range(0, width, block):
+                h, w = min(block, height - y), min(block, width - x)
+                lw, lh = min(w * ds, w0 - x * ds), min(h * ds, h0 - y * ds)
+                rgb = reader.read_region(x * ds, y * ds, lw, lh, mpp=image_mpp, out_size=(w, h))
+                self.write_image_level0(y, x, rgb)
+
+    @contextmanager
+    def nucleus_table_writer(self) -> Iterator[NucleusTableWriter]:
+        """Write the nucleus table (:data:`NUCLEUS_TABLE_COLUMNS`) batch by batch; it replaces the store's
+        table only once the block ends without an error."""
+        import pyarrow.parquet as pq
+
+        self.table_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.table_path.with_name("nuclei.parquet.tmp")
+        schema = nucleus_table_schema()
+        with pq.ParquetWriter(tmp, schema) as writer:
+            yield NucleusTableWriter(writer, schema)
+        os.replace(tmp, self.table_path)
+
     def write_table(self, table) -> None:
+        """Write a whole nucleus table at once from a pandas DataFrame."""
         self.table_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.table_path.with_name("nuclei.parquet.tmp")
         table.to_parquet(tmp, index=False)
@@ -238,6 +358,22 @@ def _downsample_array(src: zarr.Array, dst: zarr.Array, method: str, block: int)
                 continue  # leave empty chunks unwritten
             oy, ox = y // 2, x // 2
             dst[..., oy:oy + out.shape[-2], ox:ox + out.shape[-1]] = out
+
+
+def overview_geometry(reader: Any, labels_mpp: float) -> tuple[tuple[int, int], float]:
+    """Shape ``(height, width)`` and mpp of the RGB overview image of the slide ``reader`` for labels at
+    ``labels_mpp`` (:data:`IMAGE_MPP_FACTOR` times coarser, at least :data:`MIN_IMAGE_MPP`)."""
+    image_mpp = max(labels_mpp * IMAGE_MPP_FACTOR, MIN_IMAGE_MPP)
+    w0, h0 = reader.dimensions
+    base_mpp = reader.require_mpp()
+    return (max(int(h0 * base_mpp / image_mpp), 1), max(int(w0 * base_mpp / image_mpp), 1)), image_mpp
+
+
+def slide_attributes(reader: Any) -> dict[str, Any]:
+    """What a store records about its slide (the ``slide`` attribute): identity, path, mpp, size, scanner."""
+    return {"identity": reader.identity, "path": str(reader.path), "name": reader.path.name,
+            "mpp": reader.require_mpp(), "width": int(reader.dimensions[0]), "height": int(reader.dimensions[1]),
+            "vendor": reader.vendor, "objective_power": reader.objective_power}
 
 
 def create_store(

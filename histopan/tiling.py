@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import logging
 import math
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -293,6 +292,25 @@ class TileGrid:
         inside = (ya >= c.y) & (ya < c.y1) & (xa >= c.x) & (xa < c.x1)
         return bool(inside) if inside.ndim == 0 else inside
 
+    # ------------------------------------------------------------------------------------- neighbourhood
+    def neighbours(self, tile: Tile) -> list[Tile]:
+        """The up to 8 grid neighbours of ``tile``, in row-major order: with a halo of at most half the tile
+        size, every tile whose read box can overlap ``tile``'s."""
+        out = []
+        for r in range(max(tile.row - 1, 0), min(tile.row + 2, self.n_rows)):
+            for c in range(max(tile.col - 1, 0), min(tile.col + 2, self.n_cols)):
+                if (r, c) != (tile.row, tile.col):
+                    out.append(self.tile_at(r, c))
+        return out
+
+    def tiles_reaching(self, box: Box) -> list[Tile]:
+        """The tiles whose read box can reach ``box`` (target pixels, inside the slide): those whose core lies
+        within one halo of it, in row-major order."""
+        h = self.halo
+        r0, c0 = self.owner_of(max(box.y - h, 0), max(box.x - h, 0))
+        r1, c1 = self.owner_of(min(box.y1 + h, self.height) - 1, min(box.x1 + h, self.width) - 1)
+        return [self.tile_at(r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+
 
 def _cell_starts(size: int, tile: int, origin: int) -> np.ndarray:
     """Starts of the grid cells (lines at ``origin + k * tile``) that overlap ``[0, size)``."""
@@ -319,7 +337,7 @@ class _ReaderRef:
     """A picklable handle on a slide reader: pickles as ``(path, mpp, identity)``.
 
     In the process that built the graph it holds the caller's reader; elsewhere (a distributed worker) the
-    first use reopens the slide through :func:`histopan.slide.open_slide` and caches it per process, so a
+    first use takes the process's shared reader of the slide (:func:`histopan.engine.cached_reader`), so a
     worker opens each slide once, not once per task.  A reopened slide whose identity differs from the one
     the graph was built for raises :class:`~histopan.errors.SlideError`.
     """
@@ -337,23 +355,16 @@ class _ReaderRef:
         return self._reader
 
 
-_OPEN_LOCK = threading.Lock()
+def _open_cached(path: str, mpp: float | None, identity: Any) -> Any:
+    """The process's shared reader of the slide (:func:`histopan.engine.cached_reader`), checked against the
+    identity the graph was built for."""
+    from histopan.engine import cached_reader
 
-
-@functools.lru_cache(maxsize=32)
-def _open_cached_unlocked(path: str, mpp: float | None, identity: Any) -> Any:
-    from histopan.slide import open_slide
-
-    reader = open_slide(path, mpp=mpp)
+    reader = cached_reader(path, mpp)
     if identity is not None and reader.identity != identity:
         raise SlideError("the slide changed on disk after the tile graph was built", path=path,
                          value=reader.identity, fix="rebuild the dask array from the current file")
     return reader
-
-
-def _open_cached(path: str, mpp: float | None, identity: Any) -> Any:
-    with _OPEN_LOCK:
-        return _open_cached_unlocked(path, mpp, identity)
 
 
 def _reader_ref(reader: Any) -> _ReaderRef:

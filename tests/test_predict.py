@@ -9,6 +9,7 @@ agreement of semantic and instances, table columns and coordinates, determinism)
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -262,3 +263,47 @@ def test_tta_runs_use_the_thresholds_tuned_for_tta(tile, model_dir, tmp_path):
     tta = predict_tile(tile, MPP, model=model, tta=True)
     assert len(plain.nuclei) > 0 and len(tta.nuclei) == 0
     assert len(predict_tile(tile, MPP, model=loaded, tta=True).nuclei) > 0
+
+
+# -- predict_tile == segment ---------------------------------------------------------------------------
+def test_predict_tile_equals_segment_on_the_same_region(data_dir, tmp_path):
+    """The default model on a real 480 x 480 CRC region at its own 0.5 um/px: ``histopan segment`` over the
+    region as a one-tile slide (tile 480, no halo: the network sees the same pixels) and ``predict_tile`` give
+    the same tissue classes, small regions absorbed alike, and the same nuclei."""
+    from histopan.pipeline import SegmentOptions, segment_slide
+    from histopan.postprocess import postprocess_tile
+    from histopan.store import open_store
+
+    default = Path(histopan.__file__).resolve().parents[1] / "models" / "default"
+    image = np.asarray(Image.open(data_dir / "crc_points" / "val" / "images" / "img11.png").convert("RGB"))
+    image = np.ascontiguousarray(image[:480, :480])
+    png = tmp_path / "region.png"
+    Image.fromarray(image).save(png)
+    segment_slide(png, tmp_path / "region.zarr",
+                  SegmentOptions(model=str(default), mpp=MPP, tile=480, halo=0, min_tissue=0.0, workers=1))
+    store = open_store(tmp_path / "region.zarr")
+    result = predict_tile(image, MPP, model=default)
+
+    # tissue classes: equal, and the region has small stuff regions that the shared rule absorbed
+    assert np.array_equal(store.semantic[:], result.semantic)
+    model = load_model(default)
+    raw = postprocess_tile(TileInferencer(model).predict_image(image), MPP, model.config.postprocess,
+                           model.config.classes).semantic
+    assert (raw != result.semantic).sum() > 100
+    assert len(np.unique(result.semantic)) >= 3
+
+    # nuclei: the same instances up to renumbering, with the same centroids and areas
+    seg, pred = store.nuclei[:], result.instances
+    pairs = np.unique(np.stack([seg.ravel().astype(np.int64), pred.ravel().astype(np.int64)]), axis=1)
+    assert ((pairs[0] == 0) == (pairs[1] == 0)).all()
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]  # one-to-one
+    table = store.read_table().set_index("id")
+    nuclei = result.nuclei.set_index("id")
+    assert len(table) == len(nuclei) > 50
+    matched = pairs[:, pairs[0] > 0]
+    a, b = table.loc[matched[0].astype(np.uint32)], nuclei.loc[matched[1].astype(np.uint32)]
+    np.testing.assert_allclose(a["area_um2"].to_numpy(), b["area_um2"].to_numpy())
+    # the store's centroids are level-0 pixel centres (+0.5); the slide is at 0.5 um/px, so level 0 = this grid
+    np.testing.assert_allclose(a["centroid_x"].to_numpy() - 0.5, b["centroid_x"].to_numpy())
+    np.testing.assert_allclose(a["centroid_y"].to_numpy() - 0.5, b["centroid_y"].to_numpy())
+    np.testing.assert_allclose(a["nucleus_prob"].to_numpy(), b["nucleus_prob"].to_numpy())

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from skimage.draw import ellipse
 
 from histopan.errors import HistopanError
-from histopan.stitching import IdScheme, OwnedObjects, own_objects, paint
+from histopan.stitching import IdScheme, OwnedObjects, TileRecord, own_objects, paint
 from histopan.tiling import TileGrid
 
 
@@ -165,3 +165,44 @@ def test_neighbours_that_only_touch_are_both_kept():
     own = [own_objects(labels[t.read.slices], t.read.as_tuple(), t.core.as_tuple(), (h, w), t.index, scheme)
            for t in (grid[0], grid[1])]
     assert deduplicate(own[1], [own[0]]).all()
+
+
+def test_tile_record_round_trips_through_arrays_and_subsets_every_field():
+    labels = _nuclei_image(96, 96, 30, seed=3)
+    grid = TileGrid(96, 96, 0.5, 0.5, 64, 16)
+    ids = IdScheme.for_tiles(grid, 1.0)
+    tile = grid[0]
+    owned = own_objects(labels[tile.read.slices], tile.read.as_tuple(), tile.core.as_tuple(), grid.shape, 0, ids)
+    n = len(owned)
+    assert n > 5
+    rng = np.random.default_rng(0)
+    record = TileRecord(owned, np.full((tile.core.h, tile.core.w), 2, np.uint8),
+                        area_px=rng.integers(5, 50, n), perimeter_px=rng.random(n), eccentricity=rng.random(n),
+                        solidity=rng.random(n), nucleus_prob=rng.random(n), type=rng.integers(-1, 3, n),
+                        type_prob=rng.random(n), stuff_class=rng.integers(0, 4, n))
+    back = TileRecord.from_arrays(dict(np.load(_saved(record))))
+    keep = np.arange(n) % 3 != 0
+    for a, b in ((record, back), (record.subset(keep), back.subset(keep))):
+        assert len(a) == len(b)
+        assert np.array_equal(a.objects.ids, b.objects.ids) and np.array_equal(a.objects.masks, b.objects.masks)
+        for name in ("stuff", "area_px", "perimeter_px", "eccentricity", "solidity", "nucleus_prob", "type",
+                     "type_prob", "stuff_class"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert np.array_equal(record.subset(keep).type, record.type[keep])
+    columns = record.subset(keep).table_columns(2.0, 0.5, 0.25, ["bg", "a", "b", "c"], ["x", "y", "z"])
+    assert all(len(v) == int(keep.sum()) for v in columns.values())
+    assert np.allclose(columns["area_um2"], record.area_px[keep] * 0.25)
+    empty = TileRecord.from_arrays(TileRecord.without_nuclei(OwnedObjects.empty(1), record.stuff).to_arrays())
+    assert len(empty) == 0 and empty.area_px.shape == (0,)
+    with pytest.raises(ValueError, match="solidity"):
+        TileRecord(owned, record.stuff, **{**{k: getattr(record, k) for k in ("area_px", "perimeter_px",
+                   "eccentricity", "nucleus_prob", "type", "type_prob", "stuff_class")}, "solidity": np.zeros(n + 1)})
+
+
+def _saved(record: TileRecord):
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **record.to_arrays())
+    buffer.seek(0)
+    return buffer

@@ -146,6 +146,28 @@ def test_bad_grid_parameters_raise_clear_errors(kwargs, error, words):
     assert isinstance(info.value, HistopanError) and info.value.fix
 
 
+@settings(max_examples=40, deadline=None)
+@given(w0=st.integers(200, 1500), h0=st.integers(200, 1500), tile=st.sampled_from([64, 96, 128]),
+       halo=st.integers(0, 32), ox=st.integers(0, 127), oy=st.integers(0, 127),
+       bx=st.floats(0, 0.9), by=st.floats(0, 0.9), bw=st.integers(1, 200), bh=st.integers(1, 200))
+def test_neighbours_and_tiles_reaching_a_box_match_the_read_boxes(w0, h0, tile, halo, ox, oy, bx, by, bw, bh):
+    grid = TileGrid(w0, h0, 0.5, 0.5, tile, halo, (ox, oy))
+    reads = grid.boxes("read", level0=False)
+    x, y = int(bx * grid.width), int(by * grid.height)
+    box = tiling.Box(x, y, min(bw, grid.width - x), min(bh, grid.height - y))
+    overlap = ((reads[:, 0] < box.x1) & (reads[:, 0] + reads[:, 2] > box.x)
+               & (reads[:, 1] < box.y1) & (reads[:, 1] + reads[:, 3] > box.y))
+    assert [t.index for t in grid.tiles_reaching(box)] == np.flatnonzero(overlap).tolist()
+    tile_ = grid[len(grid) // 2]
+    read = tile_.read
+    touching = ((reads[:, 0] < read.x1) & (reads[:, 0] + reads[:, 2] > read.x)
+                & (reads[:, 1] < read.y1) & (reads[:, 1] + reads[:, 3] > read.y))
+    touching[tile_.index] = False
+    # with halo <= tile / 2, every tile whose read box overlaps this one's is a neighbour
+    assert set(np.flatnonzero(touching).tolist()) <= {t.index for t in grid.neighbours(tile_)}
+    assert len(grid.neighbours(tile_)) <= 8 and tile_.index not in {t.index for t in grid.neighbours(tile_)}
+
+
 def test_owner_of_outside_slide_is_an_error():
     g = TileGrid(100, 100, 1.0, 1.0, 32, 4)
     with pytest.raises(ConfigError, match="outside"):

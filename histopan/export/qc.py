@@ -146,14 +146,11 @@ def _overview(store: SlideStore, out: Path) -> None:
 
 
 def _table_batches(store: SlideStore, columns: list[str]):
-    import pyarrow.parquet as pq
-
-    if not store.table_path.is_file():
+    """The nucleus table's ``columns`` (those it has) batch by batch; nothing for a store without a table."""
+    if not store.has_table:
         return
-    pf = pq.ParquetFile(store.table_path)
-    names = set(pf.schema_arrow.names)
-    for batch in pf.iter_batches(batch_size=262144, columns=[c for c in columns if c in names]):
-        yield batch
+    table = store.nucleus_table()
+    yield from table.batches([c for c in columns if c in table.columns], batch_size=262144)
 
 
 def _density_grid(store: SlideStore, slide: dict[str, Any]) -> tuple[np.ndarray, float]:

@@ -284,27 +284,20 @@ def _read_table(store: SlideStore) -> dict[str, np.ndarray]:
     with pyarrow would peak at several times its final size); ``type`` becomes codes into ``type_names``,
     the measurement columns one (n, len(MEASUREMENTS)) float64 array ``values``."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    if not store.table_path.is_file():
-        raise StoreError("the store has no nucleus table yet", path=store.path,
-                         fix="let 'histopan segment' finish (rerun the same command to resume)")
-    pf = pq.ParquetFile(store.table_path)
-    missing = [c for c in _TABLE_COLUMNS if c not in pf.schema_arrow.names]
-    if missing:
-        raise StoreError(f"the nucleus table lacks the columns {missing}", path=store.table_path,
-                         fix="export a store written by 'histopan segment' of this histopan version")
-    n = pf.metadata.num_rows
+    table = store.nucleus_table()  # a StoreError naming the fix when there is none
+    table.require(_TABLE_COLUMNS)
+    n = table.num_rows
     out: dict[str, np.ndarray] = {}
     measured = list(MEASUREMENTS.values())
     numeric = [c for c in _TABLE_COLUMNS if c != "type" and c not in measured]
     for name in numeric:
-        out[name] = np.empty(n, pf.schema_arrow.field(name).type.to_pandas_dtype())
+        out[name] = np.empty(n, table.schema.field(name).type.to_pandas_dtype())
     out["values"] = np.empty((n, len(measured)), np.float64)
     out["type_code"] = np.full(n, -1, np.int64)
     type_names: dict[str, int] = {}
     pos = 0
-    for batch in pf.iter_batches(batch_size=65536, columns=list(_TABLE_COLUMNS)):
+    for batch in table.batches(_TABLE_COLUMNS, batch_size=65536):
         k = batch.num_rows
         for name in numeric:
             out[name][pos:pos + k] = batch.column(name).to_numpy(zero_copy_only=False)
@@ -319,7 +312,7 @@ def _read_table(store: SlideStore) -> dict[str, np.ndarray]:
             out["type_code"][pos:pos + k] = lut[idx]
         pos += k
     out["type_names"] = np.array(list(type_names), dtype=object)
-    del pf
+    del table
     pa.default_memory_pool().release_unused()  # the batches' buffers: give them back to the system
     return out
 
@@ -444,7 +437,7 @@ def export_qupath(store_path: str | PathLike[str], out: str | PathLike[str],
                               f"of {slide.width} x {slide.height} pixels", path=store.path,
                               fix=f"keep 0 <= x, 0 <= y, x + w <= {slide.width}, y + h <= {slide.height}")
 
-    has_table = store.table_path.is_file()
+    has_table = store.has_table
     if not has_table and not options.partial:
         _read_table(store)  # raises the StoreError naming the fix
     t = time.perf_counter()
