@@ -57,6 +57,37 @@ def _find(parent, i):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
+def _count_below(sorted_values, v, guess):  # pragma: no cover - compiled
+    """How many of ``sorted_values`` are strictly below ``v``, searched outwards from ``guess`` (galloping,
+    then bisection): O(log distance from the guess)."""
+    n = sorted_values.size
+    lo = min(max(guess, 0), n)
+    if lo > 0 and sorted_values[lo - 1] >= v:  # the answer is below the guess
+        step = 1
+        hi = lo
+        while lo > 0 and sorted_values[lo - 1] >= v:
+            hi = lo
+            lo = max(lo - step, 0)
+            step *= 2
+        # sorted_values[lo - 1] < v (or lo = 0) and sorted_values[hi - 1] >= v
+    else:  # the answer is at or above the guess
+        step = 1
+        hi = lo
+        while hi < n and sorted_values[hi] < v:
+            lo = hi + 1
+            hi = min(hi + step, n)
+            step *= 2
+    # the answer lies in lo..hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sorted_values[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(**_JIT)
 def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover - compiled
     """Which of the ``peaks`` (flat indices) to keep: a peak of value v in a component marked ``crowded`` is
     dropped when a higher pixel of its component can be reached through 8-connected pixels of that component
@@ -90,9 +121,19 @@ def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover -
     bucket = np.zeros(n, np.int32)
     counts = np.zeros(q_n + 2, np.int64)
     lowest = t_sorted[0]
+    # a guess table: for 4 Q value bins, the count of thresholds below the bin's lower edge; each pixel's
+    # count is then found by a galloping search from its bin's guess (exact whatever the rounding)
+    span = float(t_sorted[q_n - 1]) - float(lowest)
+    n_bins = 4 * q_n
+    scale = n_bins / span if span > 0 else 0.0
+    guess = np.empty(n_bins + 1, np.int64)
+    for b in range(n_bins + 1):
+        guess[b] = np.searchsorted(t_sorted, lowest + b / scale) if scale > 0 else 0
     for i in range(n):
-        if values[i] > lowest and crowded[components[i]]:
-            b = np.searchsorted(t_sorted, values[i])  # thresholds strictly below values[i]
+        v = values[i]
+        if v > lowest and crowded[components[i]]:
+            g = min(int((float(v) - float(lowest)) * scale), n_bins)
+            b = _count_below(t_sorted, v, guess[g])
             bucket[i] = b
             counts[b] += 1
     starts = np.zeros(q_n + 2, np.int64)
@@ -105,16 +146,21 @@ def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover -
         if b > 0:
             pixels[fill[b]] = i
             fill[b] += 1
-    parent = np.full(n, -1, np.int64)
-    top = np.empty(n, values.dtype)
+    parent = np.full(n, -1, np.int64)  # -1: not added yet
+    size = np.zeros(n, np.int32)  # union by size keeps the trees shallow
+    top = np.empty(n, values.dtype)  # the highest value of each set, at its root
     height = n // width
     for j in range(q_n - 1, -1, -1):
         # add the pixels above threshold j (bucket j + 1)
         for s in range(starts[j + 1], starts[j + 2]):
             i = pixels[s]
             parent[i] = i
+            size[i] = 1
             top[i] = values[i]
-            r, c = i // width, i % width
+            root = i
+            k = components[i]
+            r = i // width
+            c = i - r * width
             for dr in range(-1, 2):
                 rr = r + dr
                 if rr < 0 or rr >= height:
@@ -124,14 +170,17 @@ def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover -
                     if (dr == 0 and dc == 0) or cc < 0 or cc >= width:
                         continue
                     m = rr * width + cc
-                    if parent[m] < 0 or components[m] != components[i]:
+                    if parent[m] < 0 or components[m] != k:
                         continue
-                    a = _find(parent, i)
-                    b = _find(parent, m)
-                    if a != b:
-                        parent[b] = a
-                        if top[b] > top[a]:
-                            top[a] = top[b]
+                    other = _find(parent, m)
+                    if other == root:
+                        continue
+                    if size[other] > size[root]:
+                        root, other = other, root
+                    parent[other] = root
+                    size[root] += size[other]
+                    if top[other] > top[root]:
+                        top[root] = top[other]
         p = peaks[q_peak[order[j]]]
         if top[_find(parent, p)] > values[p]:
             keep[q_peak[order[j]]] = False
