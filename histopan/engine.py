@@ -6,7 +6,9 @@ A run's tissue tiles go through in fixed batches, each in three steps:
   process);
 - :func:`infer_batch`: the network on those windows (:class:`~histopan.inference.TileInferencer`);
 - :func:`record_tile`: each tile's maps post-processed into its :class:`~histopan.stitching.TileRecord`
-  (:func:`~histopan.postprocess.process_tile`), which the caller saves in the store.
+  (:func:`~histopan.postprocess.process_tile`), which the caller saves in the store; a tile whose
+  post-processing runs longer than :data:`SLOW_TILE_SECONDS` is reported by name while it runs
+  (:class:`SlowWatch`).
 
 ``segment`` runs them in one process (reading one batch ahead and post-processing one batch behind the
 network), ``batch`` as Dask tasks on worker processes.  Worker processes reuse what they load across tasks
@@ -35,8 +37,8 @@ from histopan.tiling import TileGrid, compute_local, tile_stack
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelRef", "Timer", "cached_inferencer", "cached_model", "cached_reader", "infer_batch",
-           "read_batch", "record_tile"]
+__all__ = ["SLOW_TILE_SECONDS", "ModelRef", "SlowWatch", "Timer", "cached_inferencer", "cached_model",
+           "cached_reader", "describe_tile", "infer_batch", "read_batch", "record_tile"]
 
 
 class Timer:
@@ -89,11 +91,67 @@ def infer_batch(inferencer: Any, windows: np.ndarray) -> tuple[list[ProbabilityM
     return maps, time.perf_counter() - t
 
 
+#: a tile still being post-processed after this many seconds is reported, and again every such period
+SLOW_TILE_SECONDS = 60.0
+
+
+def describe_tile(grid: TileGrid, index: int) -> str:
+    """Where tile ``index`` lies, for a message: its grid cell and its core box in level-0 pixels."""
+    tile = grid[int(index)]
+    x, y, w, h = (int(round(v)) for v in tile.core_level0)
+    return f"tile {int(index)} (row {tile.row}, column {tile.col}; level-0 pixels x {x}-{x + w}, y {y}-{y + h})"
+
+
+class SlowWatch:
+    """Reports, from a timer thread, work that runs longer than ``after`` seconds while it is still running
+    (a warning naming ``what`` every ``after`` seconds), so one slow window cannot stall a slide unseen; use
+    as a context manager around the work.  ``reports`` counts the warnings given."""
+
+    def __init__(self, what: str, after: float = SLOW_TILE_SECONDS) -> None:
+        self.what = what
+        self.after = float(after)
+        self.reports = 0
+        self._started = 0.0
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._running = False
+
+    def _arm(self) -> None:
+        self._timer = threading.Timer(self.after, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if not self._running:
+                return
+            self.reports += 1
+            log.warning("post-processing of %s is still running after %.0f s; the run goes on (a window this "
+                        "slow is unusual: look at it in the QC report)", self.what, time.perf_counter() - self._started)
+            self._arm()
+
+    def __enter__(self) -> SlowWatch:
+        self._started = time.perf_counter()
+        self._running = True
+        self._arm()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._running = False
+            if self._timer is not None:
+                self._timer.cancel()
+        if self.reports:
+            log.warning("post-processing of %s finished after %.0f s", self.what, time.perf_counter() - self._started)
+
+
 def record_tile(maps: ProbabilityMaps, grid: TileGrid, index: int, model_config: Any,
-                ids: IdScheme) -> tuple[TileRecord, float]:
-    """Tile ``index``'s record from its window's maps, and the seconds the post-processing took."""
+                ids: IdScheme, slow_after: float = SLOW_TILE_SECONDS) -> tuple[TileRecord, float]:
+    """Tile ``index``'s record from its window's maps, and the seconds the post-processing took.  A tile
+    still being post-processed after ``slow_after`` seconds is reported while it runs (:class:`SlowWatch`)."""
     t = time.perf_counter()
-    record = process_tile(maps, grid[int(index)], grid, model_config, ids)
+    with SlowWatch(describe_tile(grid, index), slow_after):
+        record = process_tile(maps, grid[int(index)], grid, model_config, ids)
     return record, time.perf_counter() - t
 
 
