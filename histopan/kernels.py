@@ -225,13 +225,18 @@ def plateau_markers(peaks, width, height):  # pragma: no cover - compiled
     return number, first
 
 
+# The flooding queue is a 4-ary min-heap over three parallel arrays (value, age, pixel): half the depth of a
+# binary heap, and the four children of a node share a cache line.  Keys (value, age) are unique, so any
+# correct heap pops them in the same order.
+
+
 @njit(**_JIT)
 def _push(hv, ha, hi, items, value, age, index):  # pragma: no cover - compiled
-    """Push (value, age, index) onto the binary min-heap held in ``hv, ha, hi`` (ordered by value, then
-    age); returns the new item count."""
+    """Push (value, age, index) onto the heap held in ``hv, ha, hi`` (ordered by value, then age); returns
+    the new item count."""
     child = items
     while child > 0:
-        parent = (child - 1) >> 1
+        parent = (child - 1) >> 2
         pv = hv[parent]
         if value < pv or (value == pv and age < ha[parent]):
             hv[child] = pv
@@ -255,16 +260,18 @@ def _pop(hv, ha, hi, items):  # pragma: no cover - compiled
     value, age, index = hv[items], ha[items], hi[items]
     j = 0
     while True:
-        small = 2 * j + 1
-        if small >= items:
+        first = 4 * j + 1
+        if first >= items:
             break
-        right = small + 1
-        if right < items and (hv[right] < hv[small] or (hv[right] == hv[small] and ha[right] < ha[small])):
-            small = right
-        sv = hv[small]
-        if sv < value or (sv == value and ha[small] < age):
+        small = first
+        sv, sa = hv[first], ha[first]
+        for child in range(first + 1, min(first + 4, items)):
+            cv = hv[child]
+            if cv < sv or (cv == sv and ha[child] < sa):
+                small, sv, sa = child, cv, ha[child]
+        if sv < value or (sv == value and sa < age):
             hv[j] = sv
-            ha[j] = ha[small]
+            ha[j] = sa
             hi[j] = hi[small]
             j = small
         else:
