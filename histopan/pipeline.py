@@ -20,7 +20,6 @@ marked complete.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -34,7 +33,8 @@ import numpy as np
 
 from histopan import __version__
 from histopan.config import to_dict
-from histopan.errors import ConfigError, HistopanError
+from histopan.checks import check_mpp, check_output
+from histopan.errors import ConfigError
 from histopan.panoptic import absorb_small_regions, fuse, stuff_argmax
 from histopan.stitching import IdScheme, OwnedObjects, deduplicate, own_objects, paint
 from histopan.store import ClassInfo, SlideStore, create_store, open_for_run
@@ -68,10 +68,9 @@ class SegmentOptions:
     tta: bool = False  # test-time augmentation: logits averaged over 8 flips / rotations (8x inference)
 
     def __post_init__(self) -> None:
-        if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp)
-                                         and self.mpp > 0):
-            raise ConfigError("--mpp must be a positive number of microns per pixel", value=self.mpp,
-                              fix="pass e.g. --mpp 0.25 for a 40x slide or --mpp 0.5 for 20x")
+        if self.mpp is not None:
+            check_mpp(self.mpp, what="--mpp", fix="pass e.g. --mpp 0.25 for a 40x slide or --mpp 0.5 for 20x",
+                      error=ConfigError)
         for name in ("batch_size", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -240,8 +239,7 @@ def plan_run(slide: str | PathLike[str], out: str | PathLike[str], options: Segm
     from histopan.slide import open_slide
     from histopan.slide.tissue import select_tiles, tissue_mask
 
-    out = Path(out)
-    _check_output(out)
+    out = check_output(out, folder=True, suffixes=(".zarr",))
     with open_slide(slide, mpp=options.mpp) as reader:
         base_mpp = reader.require_mpp()
         model = model if model is not None else load_model(options.model)
@@ -410,16 +408,6 @@ def segment_slide(slide: str | PathLike[str], out: str | PathLike[str], options:
 
     # --------------------------------------------------------------- pass 2, table, pyramids
     return finish_run(plan, store, emit, timer, t_start, resumed)
-
-
-def _check_output(out: Path) -> None:
-    if out.suffix != ".zarr":
-        raise HistopanError("the output store must be a folder named *.zarr", path=out,
-                            fix=f"pass e.g. -o {out.with_suffix('.zarr').name}")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise HistopanError("the output folder's parent does not exist", path=parent,
-                            fix=f"create it first (mkdir -p {parent})")
 
 
 class _RecordCache:

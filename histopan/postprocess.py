@@ -34,7 +34,8 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from histopan.errors import ModelError, MppError
+from histopan.checks import check_mpp
+from histopan.errors import ModelError
 
 __all__ = ["NUCLEUS_COLUMNS", "PostprocessConfig", "ProbabilityMaps", "TileLabels", "nucleus_table",
            "postprocess_tile"]
@@ -301,9 +302,7 @@ def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
     channel order.  See the module docstring for the steps; every size is converted from microns with
     ``mpp``, so the same tissue at 0.25 and 0.5 um/px gives the same objects.
     """
-    if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not (math.isfinite(mpp) and mpp > 0):
-        raise MppError("mpp must be a positive number of microns per pixel", value=mpp,
-                       fix="pass the tile's resolution, e.g. mpp=0.5")
+    check_mpp(mpp, fix="pass the tile's resolution, e.g. mpp=0.5")
     nucleus, stuff = _thing_index(classes, maps.semantic.shape[0])
     p_nucleus = maps.semantic[nucleus]
     mask = p_nucleus > cfg.nucleus_threshold

@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 from skimage.transform import resize
 
-from histopan.errors import HistopanError, MppError
+from histopan.checks import check_mpp
+from histopan.errors import HistopanError
 from histopan.inference import MIN_TILE_PX, TileInferencer
 from histopan.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, LoadedModel, load_model, resolve_model_path
 from histopan.model.config import ClassSpec, NucleusTypeSpec
@@ -122,11 +123,7 @@ def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | Loa
     ``instances`` agree; a nucleus that no input pixel centre falls on (possible when the input is coarser
     than the model's resolution) is dropped.
     """
-    if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(float(mpp)) or mpp <= 0:
-        raise MppError("mpp must be a positive number of microns per pixel", value=mpp,
-                       fix="pass the image's resolution, e.g. mpp=0.5 for a 20x scan")
-    mpp = float(mpp)
+    mpp = check_mpp(mpp, fix="pass the image's resolution, e.g. mpp=0.5 for a 20x scan")
     rgb = _as_rgb_uint8(image)
     loaded = _get_model(model).for_tta(tta)
     cfg = loaded.config

@@ -25,6 +25,7 @@ from os import PathLike
 from typing import Any, Literal
 
 from histopan.config import from_dict, load_yaml, save_yaml, to_dict
+from histopan.checks import check_mpp
 from histopan.errors import ConfigError
 from histopan.postprocess import PostprocessConfig
 
@@ -189,8 +190,7 @@ class ModelConfig:
         dupes = sorted({n for n in type_names if type_names.count(n) > 1})
         if dupes:
             raise ValueError(f"nucleus type names must be unique; repeated: {dupes}")
-        if not (math.isfinite(self.mpp) and self.mpp > 0):
-            raise ValueError(f"mpp must be a positive number of microns per pixel, got {self.mpp}")
+        check_mpp(self.mpp, error=ValueError)
         if self.tile < 32 or self.tile % 32:
             raise ValueError(f"tile must be a positive multiple of 32 pixels, got {self.tile}")
         if self.halo < 0:

@@ -47,7 +47,7 @@ from histopan.model.config import ModelConfig
 from histopan.model.network import grow_heads, normalize_input, split_outputs
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps, postprocess_tile
 from histopan.training.config import FinetuneConfig, TuneConfig, write_finetune_config
-from histopan.training.data import _meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
+from histopan.training.data import meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
 from histopan.training.loop import (STATE_FILE, VAL_TILE_MAX, WEIGHTS, ValidationMaps, _centre_crop, _device,
                                     _jsonable, _load_checkpoint, _save_checkpoint, amp_setup, append_record, forward_padded,
                                     grid_search, learning_rate, log_step, optimizer_step, predict_maps, score_maps,
@@ -332,13 +332,13 @@ class HeldOutData:
 
 def load_test_data(config: FinetuneConfig, model: ModelConfig) -> HeldOutData:
     """The test sets of ``config`` (every image / tile of each set) at ``model``'s mpp."""
-    from histopan.export.qupath import read_geojson
+    from histopan.export.geojson import read_geojson
     from histopan.training.sparse import resolve_classes
 
     points = []
     for pset in config.test.points:
         images, geo = Path(pset.images), Path(pset.geojson)
-        mpp = _meta_mpp(images.parent, pset.mpp)
+        mpp = meta_mpp(images.parent, pset.mpp)
         for gpath in sorted(geo.glob("*.geojson")):
             stem = gpath.name[: -len(".geojson")]
             matches = [p for p in images.glob(f"{stem}.*")]
