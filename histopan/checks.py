@@ -29,12 +29,9 @@ def check_mpp(mpp: object, *, what: str = "mpp", path: str | PathLike[str] | Non
     which :func:`histopan.config.from_dict` turns into a ConfigError naming the file and key) gets the
     message with the value.
     """
-    if isinstance(mpp, bool) or not isinstance(mpp, numbers.Real):
-        problem = f"{what} must be a number of microns per pixel"
-    elif not (math.isfinite(mpp) and mpp > 0):
-        problem = f"{what} must be a positive finite number of microns per pixel"
-    else:
+    if not isinstance(mpp, bool) and isinstance(mpp, numbers.Real) and math.isfinite(mpp) and mpp > 0:
         return float(mpp)
+    problem = f"{what} must be a positive finite number of microns per pixel"
     if issubclass(error, HistopanError):
         raise error(problem, path=path, value=mpp, fix=fix)
     raise error(f"{problem}, got {mpp!r}")

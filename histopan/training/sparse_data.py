@@ -34,7 +34,7 @@ from histopan.training.sparse import (SparseTargets, annotation_counts, check_ex
 log = logging.getLogger(__name__)
 
 __all__ = ["FinetuneData", "SparseCropSampler", "SparseSample", "load_annotated_set", "load_finetune_data",
-           "load_slide_annotations", "read_points"]
+           "load_slide_annotations", "read_points", "type_name_points"]
 
 #: the longest side of one region read from a slide, in pixels at the model's mpp
 MAX_REGION_PX = 2048
@@ -100,7 +100,7 @@ def read_points(annotations: Sequence, scale: float, mapping) -> tuple[np.ndarra
     return np.asarray(xy, np.float64).reshape(-1, 2), tuple(names)
 
 
-def _type_name_points(points: tuple[str | None, ...], mapping, type_names: Sequence[str]) -> tuple[str | None, ...]:
+def type_name_points(points: tuple[str | None, ...], mapping, type_names: Sequence[str]) -> tuple[str | None, ...]:
     """Annotation class names -> the model's type names."""
     out = []
     for n in points:
@@ -120,7 +120,7 @@ def _sample_from_annotations(name: str, dataset: str, image: np.ndarray, annotat
     xy, cls = read_points(annotations, scale, mapping)
     xy = xy - np.asarray(offset)[None, :]
     return SparseSample(name=name, dataset=dataset, image=image, targets=targets, points=xy,
-                        point_types=_type_name_points(cls, mapping, model.type_names),
+                        point_types=type_name_points(cls, mapping, model.type_names),
                         counts=annotation_counts(annotations, mapping))
 
 
