@@ -37,7 +37,7 @@ from histopan.checks import check_mpp, check_output
 from histopan.errors import ConfigError
 from histopan.panoptic import absorb_small_regions, fuse, stuff_argmax
 from histopan.stitching import IdScheme, OwnedObjects, deduplicate, own_objects, paint
-from histopan.store import ClassInfo, SlideStore, create_store, open_for_run
+from histopan.store import SlideStore, create_store, open_for_run
 from histopan.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def plan_run(slide: str | PathLike[str], out: str | PathLike[str], options: Segm
                               fix="use a halo that is a multiple of 16, e.g. 64")
         work_mpp = reader.snap_mpp(cfg.mpp)
         grid = TileGrid.for_slide(reader, work_mpp, tile_size, halo, tuple(options.origin))
-        classes = [ClassInfo(i, c.name, tuple(c.color), c.kind) for i, c in enumerate(cfg.classes)]
+        classes = list(cfg.classes)  # numbered by the model config: id = pixel value
         min_area_px = max(cfg.postprocess.min_area_um2 / work_mpp**2, 1.0)
         ids = IdScheme.for_grid(len(grid), (tile_size + 2 * halo) ** 2, min_area_px)
 
