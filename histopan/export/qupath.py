@@ -156,7 +156,7 @@ _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 _DASHES = (8, 12, 16, 20)
 
 
-def _nucleus_uuids(slide_identity: str, ids: np.ndarray) -> list[str]:
+def nucleus_uuids(slide_identity: str, ids: np.ndarray) -> list[str]:
     """:func:`nucleus_uuid` for many ids (SHA-1 per id, the bit fiddling and hex formatting vectorised)."""
     if ids.size == 0:
         return []
@@ -179,7 +179,7 @@ def _nucleus_uuids(slide_identity: str, ids: np.ndarray) -> list[str]:
 # ------------------------------------------------------------------------------------------ geometry
 
 
-def _ring_polygons(rings: Rings, scale: float, dx: float, dy: float, simplify: float):
+def ring_polygons(rings: Rings, scale: float, dx: float, dy: float, simplify: float):
     """The rings as single-ring polygons in output coordinates ((x + dx) * scale), simplified within
     ``simplify * scale`` (Douglas-Peucker, all rings in one call), rounded to two decimals and valid.
 
@@ -611,19 +611,19 @@ def _encode_block(ctx: _NucleiContext, window: np.ndarray, block: _Block) -> _En
         found = np.zeros(ids.size, bool)
     n_missing = int((~found).sum())
     ids, pos = ids[found], pos[found]
-    nuc_coords, nuc_bounds = _ring_polygons(nuc_rings.take(pos), ctx.downsample, block.x0, block.y0,
+    nuc_coords, nuc_bounds = ring_polygons(nuc_rings.take(pos), ctx.downsample, block.x0, block.y0,
                                             ctx.simplify_px)
     vals = block.values[found]
     if ctx.cells:
         cpos = np.searchsorted(cell_rings.label, ids)
-        cell_coords, cell_bounds = _ring_polygons(cell_rings.take(cpos), ctx.downsample, block.x0, block.y0,
+        cell_coords, cell_bounds = ring_polygons(cell_rings.take(cpos), ctx.downsample, block.x0, block.y0,
                                                   ctx.simplify_px)
         cell_area = (cell_rings.area[cpos] + 0.5) * ctx.px_area_um2  # midpoint ring area + 1/2 = pixel count
         vals = np.concatenate([vals, cell_area[:, None]], axis=1)
     vals = np.round(vals, 4)
     finite = np.isfinite(vals)
     vals_l = vals.tolist()
-    uids = _nucleus_uuids(ctx.identity, ids)
+    uids = nucleus_uuids(ctx.identity, ids)
     codes = block.codes[found].tolist()
     t3 = time.perf_counter()
 
