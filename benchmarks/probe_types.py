@@ -147,7 +147,7 @@ def main() -> None:
 
     from histopan.model.checkpoint import load_model
     from histopan.training.config import read_finetune_config
-    from histopan.training.finetune import point_items, load_test_data
+    from histopan.training.finetune import load_test_data, point_items
     from histopan.training.sparse_data import load_finetune_data
 
     torch.set_num_threads(args.threads)

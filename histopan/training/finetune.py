@@ -13,7 +13,8 @@ and per-type F1, nucleus PQ and tile accuracy.  The run folder holds::
 
     finetune.yaml  metrics.jsonl  curves.png  scores.json  checkpoints/{last,best}/  model/
 
-``model/`` is a model folder (weights, ``model.yaml`` with the base model's post-processing thresholds and a
+The epoch loop, checkpoints, moving average and deadline are the training engine's (:mod:`.engine`, shared with
+``histopan train``).  ``model/`` is a model folder (weights, ``model.yaml`` with the base model's post-processing thresholds and a
 ``training`` record, and a ``README.md`` card with the before / after figures) usable by
 ``histopan segment --model``.
 """

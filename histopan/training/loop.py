@@ -1,4 +1,7 @@
-"""The training loop: AdamW + warm-up/cosine schedule, validation PQ every epoch, resume, threshold tuning.
+"""``histopan train``: AdamW + warm-up/cosine schedule, validation PQ every epoch, resume, threshold tuning.
+
+The epoch loop, the moving average, the checkpoints and the deadline are the engine's (:mod:`.engine`, shared
+with fine-tuning); this module plugs in the dense-label loss, the validation PQ and the export.
 
 A run folder holds::
 
