@@ -27,10 +27,10 @@ from histopan.metrics import ClassSpec, binary_pq, panoptic_quality
 
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics.json"
 CLASSES = (
-    ClassSpec(0, "background", "stuff"),
-    ClassSpec(1, "stroma", "stuff"),
-    ClassSpec(2, "tumour_nucleus", "thing"),
-    ClassSpec(3, "lymphocyte", "thing"),
+    ClassSpec("background", (128, 128, 128), "stuff", id=0),
+    ClassSpec("stroma", (128, 128, 128), "stuff", id=1),
+    ClassSpec("tumour_nucleus", (128, 128, 128), "thing", id=2),
+    ClassSpec("lymphocyte", (128, 128, 128), "thing", id=3),
 )
 
 

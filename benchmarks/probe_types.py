@@ -49,7 +49,7 @@ def collect(network, items, model) -> dict[str, np.ndarray]:
 
     from histopan.model.network import INPUT_MULTIPLE, split_outputs
     from histopan.training.finetune import POINT_TYPE_RADIUS_UM, types_at_points
-    from histopan.training.loop import forward_padded
+    from histopan.inference import forward_padded
 
     seen: dict[str, object] = {}
     hooks = [network.encoder.register_forward_hook(lambda _m, _i, out: seen.__setitem__("encoder", out))]
@@ -147,7 +147,7 @@ def main() -> None:
 
     from histopan.model.checkpoint import load_model
     from histopan.training.config import read_finetune_config
-    from histopan.training.finetune import _point_items, load_test_data
+    from histopan.training.finetune import load_test_data, point_items
     from histopan.training.sparse_data import load_finetune_data
 
     torch.set_num_threads(args.threads)
@@ -165,8 +165,8 @@ def main() -> None:
     names = model.config.type_names
     t0 = time.perf_counter()
     network = model.network.eval()
-    sets = {"train": collect(network, _point_items(data.train), model.config),
-            "val": collect(network, _point_items(data.val), model.config),
+    sets = {"train": collect(network, point_items(data.train), model.config),
+            "val": collect(network, point_items(data.val), model.config),
             "test": collect(network, test_items, model.config)}
     extract_s = time.perf_counter() - t0
     head = {part: scores(sets[part]["label"], sets[part]["head"], names) for part in ("val", "test")}

@@ -49,7 +49,8 @@ import numpy as np
 from histopan import __version__
 from histopan.engine import ModelRef, Timer, cached_inferencer, cached_model, cached_reader, infer_batch, \
     read_batch, record_tile
-from histopan.errors import ConfigError, HistopanError
+from histopan.checks import check_mpp, check_output
+from histopan.errors import ConfigError
 from histopan.pipeline import RunPlan, SegmentOptions, finish_run, plan_run
 
 log = logging.getLogger(__name__)
@@ -117,10 +118,9 @@ def _read_manifest(path: Path, outdir: Path) -> list[SlideJob]:
                 try:
                     mpp = float(row["mpp"])
                 except ValueError:
-                    mpp = math.nan
-                if not (math.isfinite(mpp) and mpp > 0):
-                    raise ConfigError(f"line {line} of the manifest: mpp must be a positive number", path=path,
-                                      value=row["mpp"], fix="write e.g. 0.25 for 40x, 0.5 for 20x, or leave it empty")
+                    mpp = row["mpp"]  # refused as text below
+                mpp = check_mpp(mpp, what=f"line {line} of the manifest: mpp", path=path, error=ConfigError,
+                                fix="write e.g. 0.25 for 40x, 0.5 for 20x, or leave it empty")
             name = _check_name(row["name"], f"{path} line {line}") if row.get("name") else _stem(slide)
             jobs.append(SlideJob(slide, outdir / f"{name}.zarr", mpp))
     return jobs
@@ -595,10 +595,7 @@ def run_batch(jobs: Sequence[SlideJob], options: BatchOptions = BatchOptions(), 
     loaded = load_model(options.segment.model)
     ref = ModelRef(Path(loaded.path).resolve(), loaded.weights_sha256, loaded.config)
     for parent in sorted({job.out.parent for job in jobs}):
-        if not parent.resolve().parent.is_dir():
-            raise HistopanError("the output folder's parent does not exist", path=parent.resolve().parent,
-                                fix=f"create it first (mkdir -p {parent.resolve().parent})")
-        parent.mkdir(exist_ok=True)
+        check_output(parent, folder=True).mkdir(exist_ok=True)
     if client is None:
         with batch_client(options) as own:
             return _run(own, jobs, options, ref, emit)

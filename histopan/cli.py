@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from histopan import __version__
+from histopan.checks import check_output
 from histopan.errors import ConfigError, HistopanError
 
 log = logging.getLogger("histopan")
@@ -91,18 +92,13 @@ def _info_args(parser: argparse.ArgumentParser) -> None:
 
 def _info_run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from PIL import Image
 
-    from histopan.errors import HistopanError
     from histopan.slide import MPP_FIX, open_slide
     from histopan.slide.tissue import tissue_mask
 
-    thumb = None if args.thumbnail is None else Path(args.thumbnail)
-    if thumb is not None and (thumb.suffix.lower() != ".png" or not thumb.parent.is_dir()):
-        raise HistopanError("the thumbnail must be a .png file in an existing folder", path=thumb,
-                            fix="pass e.g. --thumbnail out/slide.png after creating out/")
+    thumb = None if args.thumbnail is None else check_output(args.thumbnail, suffixes=(".png",))
     with open_slide(args.slide, mpp=args.mpp) as reader:
         info = reader.describe()
         mask = tissue_mask(reader)
@@ -461,19 +457,12 @@ def _batch_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _batch_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tqdm import tqdm
 
     from histopan.batch import BatchOptions, find_slides, run_batch, write_report
     from histopan.pipeline import SegmentOptions
 
-    outdir = Path(args.out)
-    if not outdir.resolve().parent.is_dir():
-        raise HistopanError("the output folder's parent does not exist", path=outdir.resolve().parent,
-                            fix=f"create it first (mkdir -p {outdir.resolve().parent})")
-    if outdir.exists() and not outdir.is_dir():
-        raise HistopanError("the output path exists and is not a folder", path=outdir, fix="choose another -o")
+    outdir = check_output(args.out, folder=True)
     jobs = find_slides(args.slides, outdir)
     options = BatchOptions(
         segment=SegmentOptions(model=args.model, device=args.device, tile=args.tile, batch_size=args.batch_size,

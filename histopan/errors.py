@@ -69,3 +69,8 @@ class AnnotationError(DataError):
 
 class StoreError(HistopanError):
     """An output store is missing, incomplete, or would be overwritten."""
+
+
+class OutputError(HistopanError):
+    """An output path cannot be written: its folder is missing or read-only, it has the wrong kind or name,
+    or it already exists."""

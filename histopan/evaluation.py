@@ -23,7 +23,9 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from histopan.errors import AnnotationError, DataError, StoreError
+from histopan.checks import check_mpp
+from histopan.errors import DataError, StoreError
+from histopan.export.geojson import read_points_geojson
 from histopan.metrics import (
     NUCLEUS_CLASSES,
     ClassSpec,
@@ -262,54 +264,6 @@ def evaluate(
 # ------------------------------------------------------------------------------------------------ points
 
 
-def read_points_geojson(path: str | Path) -> tuple[np.ndarray, list[str | None]]:
-    """Point coordinates ``(n, 2)`` (x, y in pixels) and class names (``None`` = unclassified) of a GeoJSON file.
-
-    Accepts a FeatureCollection or a list of features with Point or MultiPoint geometry, the class name in
-    ``properties.classification.name`` (QuPath's export).
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnnotationError("cannot read the GeoJSON file", path=path, value=str(exc)) from exc
-    if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":
-        features = data.get("features")
-    elif isinstance(data, Mapping) and data.get("type") == "Feature":
-        features = [data]
-    else:
-        features = data
-    if not isinstance(features, list):
-        raise AnnotationError(
-            "expected a GeoJSON FeatureCollection or a list of features", path=path, fix="export points from QuPath"
-        )
-    xy: list[tuple[float, float]] = []
-    names: list[str | None] = []
-    for i, feat in enumerate(features):
-        geom = feat.get("geometry") if isinstance(feat, Mapping) else None
-        if not isinstance(geom, Mapping) or geom.get("type") not in ("Point", "MultiPoint"):
-            raise AnnotationError(
-                f"feature {i} is not a point",
-                path=path,
-                value=None if not isinstance(geom, Mapping) else geom.get("type"),
-                fix="export point annotations (Point / MultiPoint geometries)",
-            )
-        coords = geom.get("coordinates")
-        pts = [coords] if geom["type"] == "Point" else coords
-        props = feat.get("properties") or {}
-        cls = props.get("classification") if isinstance(props, Mapping) else None
-        name = cls.get("name") if isinstance(cls, Mapping) else None
-        for pt in pts or []:
-            if not isinstance(pt, Sequence) or len(pt) < 2:
-                raise AnnotationError(f"feature {i} has a malformed coordinate", path=path, value=pt)
-            xy.append((float(pt[0]), float(pt[1])))
-            names.append(None if name is None else str(name))
-    arr = np.array(xy, dtype=np.float64).reshape(-1, 2)
-    if not np.isfinite(arr).all():
-        raise AnnotationError("non-finite point coordinates", path=path)
-    return arr, names
-
-
 def instance_centroids(inst: np.ndarray) -> np.ndarray:
     """Centroids ``(n, 2)`` as x, y of each instance (ids in increasing order), in image coordinates whose
     origin is the top-left corner of the top-left pixel (a pixel's centre is at +0.5, as in QuPath)."""
@@ -342,7 +296,8 @@ def find_mpp(truth: Path) -> float | None:
             except (OSError, json.JSONDecodeError) as exc:
                 raise DataError("cannot read meta.json", path=meta, value=str(exc)) from exc
             if value is not None:
-                return float(value)
+                return check_mpp(value, what="the mpp of meta.json", path=meta, error=DataError,
+                                 fix="write a positive number of microns per pixel, e.g. \"mpp\": 0.5")
     return None
 
 
@@ -370,8 +325,9 @@ def evaluate_points(
                 fix="pass --mpp (microns per pixel of the annotated images)",
             )
         log.info("using mpp %.4g from meta.json beside %s", mpp, truth)
-    if not (mpp > 0 and math.isfinite(mpp)) or not (radius_um > 0 and math.isfinite(radius_um)):
-        raise DataError("mpp and radius must be positive", value={"mpp": mpp, "radius_um": radius_um})
+    mpp = check_mpp(mpp, path=truth, error=DataError, fix="pass --mpp (microns per pixel of the annotated images)")
+    if not (radius_um > 0 and math.isfinite(radius_um)):
+        raise DataError("the matching radius must be a finite number > 0", value=radius_um, fix="pass e.g. --radius-um 3")
     radius_px = radius_um / mpp
     suffixes = (*POINT_SUFFIXES, *LABEL_SUFFIXES)
     results: list[PointResult] = []

@@ -20,14 +20,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from histopan.errors import ConfigError, HistopanError
 from histopan.model.checkpoint import LoadedModel
+from histopan.model.config import ModelConfig
 from histopan.model.network import INPUT_MULTIPLE, normalize_input, to_probabilities
 from histopan.postprocess import ProbabilityMaps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIN_TILE_PX", "TileInferencer", "predict_maps", "resolve_device"]
+__all__ = ["MIN_TILE_PX", "TileInferencer", "forward_padded", "predict_maps", "resolve_device"]
 
 #: smallest tile side accepted (reflection padding to a multiple of 32 needs more pixels than the pad).
 MIN_TILE_PX = 32
@@ -67,20 +70,48 @@ def _check_tiles(tiles: np.ndarray) -> np.ndarray:
     return tiles
 
 
+def forward_padded(network: nn.Module, images: np.ndarray, config: ModelConfig, device: torch.device, *,
+                   amp: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """Raw float32 network output (N, C, H, W) of RGB uint8 ``images`` (N, H, W, 3) or one (H, W, 3): normalised
+    as ``config`` says, reflect-padded to a multiple of 32 and cropped back.  ``network`` may be any callable
+    on a batch (e.g. a test-time-augmented forward); ``amp``: float16 autocast; ``channels_last``: that
+    memory format for the input."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    _, h, w, _ = images.shape
+    x = torch.from_numpy(np.require(images, np.uint8, ("C", "W"))).to(device, non_blocking=True)
+    x = normalize_input(x, config)
+    pad_h, pad_w = (-h) % INPUT_MULTIPLE, (-w) % INPUT_MULTIPLE
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        out = network(x)
+    return out[:, :, :h, :w].float()
+
+
 class TileInferencer:
-    """Runs a loaded model on tiles.  The model's network is moved to ``device`` (in place).
+    """Runs a model on tiles: a loaded model, or a bare ``network`` with its ``config`` (training's
+    validation).  The network is moved to ``device`` (in place) and put in eval mode.
 
     ``batch_size`` tiles go through the network at once; ``amp`` (default: on for CUDA) enables float16
     autocast; ``channels_last`` (default: on for CUDA) sets the memory format; ``tta`` averages the logits
     over the eight flips / 90-degree rotations of each tile (see the module docstring).
     """
 
-    def __init__(self, model: LoadedModel, *, device: str | torch.device | None = None, batch_size: int = 8,
-                 amp: bool | None = None, channels_last: bool | None = None, tta: bool = False) -> None:
+    def __init__(self, model: LoadedModel | nn.Module, *, config: ModelConfig | None = None,
+                 device: str | torch.device | None = None, batch_size: int = 8, amp: bool | None = None,
+                 channels_last: bool | None = None, tta: bool = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError("batch_size must be a positive integer", value=batch_size, fix="use e.g. 8")
-        self.model = model
-        self.config = model.config
+        if isinstance(model, nn.Module):
+            if config is None:
+                raise ConfigError("a bare network needs its model config", fix="pass config=the ModelConfig")
+            self.model, self.config, network = None, config, model
+        else:
+            self.model, self.config, network = model, model.config if config is None else config, model.network
         self.device = resolve_device(device)
         on_cuda = self.device.type == "cuda"
         self.amp = on_cuda if amp is None else bool(amp) and on_cuda
@@ -89,7 +120,7 @@ class TileInferencer:
         if not isinstance(tta, bool):
             raise ConfigError("tta must be True or False", value=tta, fix="pass tta=True for test-time augmentation")
         self.tta = tta
-        network = model.network.to(self.device).eval()
+        network = network.to(self.device).eval()
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
         self.network = network
@@ -97,18 +128,13 @@ class TileInferencer:
                   self.channels_last, batch_size)
 
     @torch.inference_mode()
-    def _run_batch(self, batch: np.ndarray) -> list[ProbabilityMaps]:
+    def _run_batch(self, batch: np.ndarray, out_shape: tuple[int, int] | None = None) -> list[ProbabilityMaps]:
         n, h, w, _ = batch.shape
-        x = torch.from_numpy(np.require(batch, np.uint8, ("C", "W"))).to(self.device, non_blocking=True)
-        x = normalize_input(x, self.config)
-        pad_h, pad_w = (-h) % INPUT_MULTIPLE, (-w) % INPUT_MULTIPLE
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
-            out = self._tta_forward(x) if self.tta else self.network(x)
-        probs = to_probabilities(out[:, :, :h, :w], self.config)
+        out = forward_padded(self._tta_forward if self.tta else self.network, batch, self.config, self.device,
+                             amp=self.amp, channels_last=self.channels_last)
+        if out_shape is not None and tuple(out_shape) != (h, w):
+            out = F.interpolate(out, size=tuple(out_shape), mode="bilinear", align_corners=False)
+        probs = to_probabilities(out, self.config)
         arrays = {k: (v.float().cpu().numpy() if v is not None else None) for k, v in probs.items()}
         return [
             ProbabilityMaps(
@@ -134,12 +160,15 @@ class TileInferencer:
                 total = out if total is None else total + out
         return total / 8
 
-    def predict(self, tiles: np.ndarray) -> list[ProbabilityMaps]:
-        """Probability maps for a stack of equally sized tiles, (N, H, W, 3) or one (H, W, 3) uint8."""
+    def predict(self, tiles: np.ndarray, out_shape: tuple[int, int] | None = None) -> list[ProbabilityMaps]:
+        """Probability maps for a stack of equally sized tiles, (N, H, W, 3) or one (H, W, 3) uint8.
+
+        ``out_shape`` resizes the logits (bilinear) to another resolution before the probabilities, e.g. to
+        the data's own in training's validation."""
         tiles = _check_tiles(tiles)
         maps: list[ProbabilityMaps] = []
         for start in range(0, len(tiles), self.batch_size):
-            maps.extend(self._run_batch(tiles[start:start + self.batch_size]))
+            maps.extend(self._run_batch(tiles[start:start + self.batch_size], out_shape))
         return maps
 
     def iter_predict(self, tiles: Iterable[np.ndarray]) -> Iterator[ProbabilityMaps]:
@@ -193,7 +222,11 @@ def _starts(size: int, core: int) -> list[int]:
     return [*range(0, size - core, core), size - core]
 
 
-def predict_maps(model: LoadedModel, tiles: np.ndarray, *, device: str | torch.device | None = None,
-                 batch_size: int = 8, amp: bool | None = None, tta: bool = False) -> list[ProbabilityMaps]:
-    """One-shot convenience: :meth:`TileInferencer.predict` with a fresh inferencer."""
-    return TileInferencer(model, device=device, batch_size=batch_size, amp=amp, tta=tta).predict(tiles)
+def predict_maps(model: LoadedModel | nn.Module, tiles: np.ndarray, *, config: ModelConfig | None = None,
+                 device: str | torch.device | None = None, batch_size: int = 8, amp: bool | None = None,
+                 channels_last: bool | None = None, tta: bool = False,
+                 out_shape: tuple[int, int] | None = None) -> list[ProbabilityMaps]:
+    """Probability maps of tiles (N, H, W, 3) or one (H, W, 3) uint8 image, whole (no windows):
+    :meth:`TileInferencer.predict` with a fresh inferencer (see it for the arguments)."""
+    return TileInferencer(model, config=config, device=device, batch_size=batch_size, amp=amp,
+                          channels_last=channels_last, tta=tta).predict(tiles, out_shape)

@@ -80,6 +80,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from histopan.classes import ClassSpec
 from histopan.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -93,53 +94,36 @@ NUCLEUS_CLASS_ID = 1
 # Above this many distinct keys a dense bincount would waste memory; np.unique is used instead.
 _DENSE_LIMIT = 1 << 22
 
-
 # ------------------------------------------------------------------------------------------------ classes
 
 
-@dataclass(frozen=True)
-class ClassSpec:
-    """One semantic class: integer id, name, ``"stuff"`` or ``"thing"``, optional RGB colour."""
-
-    id: int
-    name: str
-    kind: Literal["stuff", "thing"]
-    color: tuple[int, int, int] | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("stuff", "thing"):
-            raise DataError(
-                f"class {self.name!r} has an unknown kind", value=self.kind, fix='use "stuff" or "thing"'
-            )
-        if not 0 <= int(self.id) < 1 << 16:
-            raise DataError(f"class {self.name!r} has an id outside 0..65535", value=self.id)
-
-
-NUCLEUS_CLASSES: tuple[ClassSpec, ...] = (ClassSpec(NUCLEUS_CLASS_ID, "nucleus", "thing"),)
+NUCLEUS_CLASSES: tuple[ClassSpec, ...] = (ClassSpec("nucleus", (40, 40, 220), "thing", id=NUCLEUS_CLASS_ID),)
 
 
 def parse_classes(classes: Iterable[ClassSpec | Mapping[str, object]]) -> tuple[ClassSpec, ...]:
-    """Class specs from :class:`ClassSpec` objects or dicts ``{"id", "name", "kind", "color"?}`` (store layout)."""
+    """Class specs from :class:`~histopan.classes.ClassSpec` objects with ids or dicts ``{"id", "name", "kind",
+    "color"}`` (the store layout)."""
     out: list[ClassSpec] = []
     for item in classes:
         if isinstance(item, ClassSpec):
+            if item.id is None:
+                raise DataError(f"class {item.name!r} has no id (its pixel value in the label maps)",
+                                fix="give each ClassSpec its id, e.g. ClassSpec('tumour', (200, 40, 40), id=3)")
             out.append(item)
             continue
-        if not isinstance(item, Mapping) or not {"id", "name", "kind"} <= set(item):
+        if not isinstance(item, Mapping) or not {"id", "name", "kind", "color"} <= set(item):
             raise DataError(
-                "a class description needs the keys id, name and kind",
+                "a class description needs the keys id, name, kind and color",
                 value=item,
-                fix='describe each class as {"id": 1, "name": "tumour", "kind": "stuff"}',
+                fix='describe each class as {"id": 1, "name": "tumour", "kind": "stuff", "color": [200, 40, 40]}',
             )
-        color = item.get("color")
-        out.append(
-            ClassSpec(
-                int(item["id"]),  # type: ignore[call-overload]
-                str(item["name"]),
-                item["kind"],  # type: ignore[arg-type]
-                None if color is None else tuple(int(c) for c in color),  # type: ignore[union-attr, arg-type]
-            )
-        )
+        try:
+            out.append(ClassSpec(str(item["name"]), tuple(item["color"]), item["kind"],  # type: ignore[arg-type]
+                                 id=item["id"]))  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"invalid class description: {exc}", value=item,
+                            fix='describe each class as {"id": 1, "name": "tumour", "kind": "stuff", '
+                                '"color": [200, 40, 40]}') from exc
     ids = [c.id for c in out]
     names = [c.name for c in out]
     if len(set(ids)) != len(ids) or len(set(names)) != len(names):

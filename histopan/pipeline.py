@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,9 +37,10 @@ import numpy as np
 from histopan import __version__
 from histopan.config import to_dict
 from histopan.engine import ModelRef, Timer, cached_inferencer, cached_model, infer_batch, read_batch, record_tile
-from histopan.errors import ConfigError, HistopanError
+from histopan.checks import check_mpp, check_output
+from histopan.errors import ConfigError
 from histopan.stitching import ChunkPainter, IdScheme, TileRecord, deduplicate_tiles
-from histopan.store import ClassInfo, SlideStore, create_store, open_for_run, overview_geometry, \
+from histopan.store import SlideStore, create_store, open_for_run, overview_geometry, \
     slide_attributes
 from histopan.tiling import TileGrid
 
@@ -64,10 +64,9 @@ class SegmentOptions:
     tta: bool = False  # test-time augmentation: logits averaged over 8 flips / rotations (8x inference)
 
     def __post_init__(self) -> None:
-        if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp)
-                                         and self.mpp > 0):
-            raise ConfigError("--mpp must be a positive number of microns per pixel", value=self.mpp,
-                              fix="pass e.g. --mpp 0.25 for a 40x slide or --mpp 0.5 for 20x")
+        if self.mpp is not None:
+            check_mpp(self.mpp, what="--mpp", fix="pass e.g. --mpp 0.25 for a 40x slide or --mpp 0.5 for 20x",
+                      error=ConfigError)
         for name in ("batch_size", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -156,8 +155,7 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
     """
     from histopan.slide.tissue import select_tiles, tissue_mask
 
-    out = Path(out)
-    _check_output(out)
+    out = check_output(out, folder=True, suffixes=(".zarr",))
     base_mpp = reader.require_mpp()
     model = model if model is not None else cached_model(options.model)
     model = model.for_tta(options.tta)  # TTA runs use the thresholds tuned on TTA maps, where the model has them
@@ -169,7 +167,7 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
                           fix="use a halo that is a multiple of 16, e.g. 64")
     work_mpp = reader.snap_mpp(cfg.mpp)
     grid = TileGrid.for_slide(reader, work_mpp, tile_size, halo, tuple(options.origin))
-    classes = [ClassInfo(i, c.name, tuple(c.color), c.kind) for i, c in enumerate(cfg.classes)]
+    classes = list(cfg.classes)  # numbered by the model config: id = pixel value
     ids = IdScheme.for_tiles(grid, cfg.postprocess.min_area_um2)
 
     t0 = time.perf_counter()
@@ -316,13 +314,3 @@ def _pass1(plan: RunPlan, store: SlideStore, reader: Any, options: SegmentOption
         while in_flight:
             collect(*in_flight.pop(0))
     return resumed
-
-
-def _check_output(out: Path) -> None:
-    if out.suffix != ".zarr":
-        raise HistopanError("the output store must be a folder named *.zarr", path=out,
-                            fix=f"pass e.g. -o {out.with_suffix('.zarr').name}")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise HistopanError("the output folder's parent does not exist", path=parent,
-                            fix=f"create it first (mkdir -p {parent})")

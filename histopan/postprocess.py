@@ -34,7 +34,8 @@ import pandas as pd
 import cv2
 
 from histopan import kernels
-from histopan.errors import ModelError, MppError
+from histopan.checks import check_mpp
+from histopan.errors import ModelError
 from histopan.panoptic import absorb_small_regions, fuse, stuff_argmax
 from histopan.stitching import IdScheme, TileRecord, own_objects
 from histopan.tiling import Tile, TileGrid
@@ -262,9 +263,7 @@ def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
     ``mpp``, so the same tissue at 0.25 and 0.5 um/px gives the same objects.  The cost is O(N log N) in the
     tile's pixels whatever the tile holds (crowded nuclei, one giant component with thousands of peaks).
     """
-    if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not (math.isfinite(mpp) and mpp > 0):
-        raise MppError("mpp must be a positive number of microns per pixel", value=mpp,
-                       fix="pass the tile's resolution, e.g. mpp=0.5")
+    check_mpp(mpp, fix="pass the tile's resolution, e.g. mpp=0.5")
     nucleus, stuff = _thing_index(classes, maps.semantic.shape[0])
     p_nucleus = maps.semantic[nucleus]
     height, width = p_nucleus.shape

@@ -19,8 +19,9 @@ import pandas as pd
 import torch
 from skimage.transform import resize
 
+from histopan.checks import check_mpp
 from histopan.engine import cached_model
-from histopan.errors import HistopanError, MppError
+from histopan.errors import HistopanError
 from histopan.inference import MIN_TILE_PX, TileInferencer
 from histopan.model.checkpoint import LoadedModel
 from histopan.model.config import ClassSpec, NucleusTypeSpec
@@ -106,11 +107,7 @@ def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | Loa
     ``instances`` agree; a nucleus that no input pixel centre falls on (possible when the input is coarser
     than the model's resolution) is dropped.
     """
-    if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(float(mpp)) or mpp <= 0:
-        raise MppError("mpp must be a positive number of microns per pixel", value=mpp,
-                       fix="pass the image's resolution, e.g. mpp=0.5 for a 20x scan")
-    mpp = float(mpp)
+    mpp = check_mpp(mpp, fix="pass the image's resolution, e.g. mpp=0.5 for a 20x scan")
     rgb = _as_rgb_uint8(image)
     loaded = cached_model(model).for_tta(tta)
     cfg = loaded.config

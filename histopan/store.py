@@ -29,7 +29,6 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ import numpy as np
 import zarr
 
 from histopan import __version__
+from histopan.classes import ClassSpec
 from histopan.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -121,19 +121,6 @@ class NucleusTable:
         yield from self._file.iter_batches(batch_size=batch_size, columns=list(columns))
 
 
-@dataclass(frozen=True)
-class ClassInfo:
-    """A semantic class as stored: id (pixel value), name, colour and kind ("stuff" or "thing")."""
-
-    id: int
-    name: str
-    color: tuple[int, int, int]
-    kind: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "color": list(self.color), "kind": self.kind}
-
-
 def _axes(with_channel: bool) -> list[dict[str, str]]:
     axes = [{"name": "y", "type": "space", "unit": "micrometer"},
             {"name": "x", "type": "space", "unit": "micrometer"}]
@@ -185,8 +172,8 @@ class SlideStore:
         return bool(self.attrs.get("complete", False))
 
     @property
-    def classes(self) -> list[ClassInfo]:
-        return [ClassInfo(c["id"], c["name"], tuple(c["color"]), c["kind"]) for c in self.attrs["classes"]]
+    def classes(self) -> list[ClassSpec]:
+        return [ClassSpec(c["name"], tuple(c["color"]), c["kind"], id=c["id"]) for c in self.attrs["classes"]]
 
     @property
     def mpp(self) -> float:
@@ -382,7 +369,7 @@ def create_store(
     shape: tuple[int, int],
     mpp: float,
     chunk: int,
-    classes: Sequence[ClassInfo],
+    classes: Sequence[ClassSpec],
     image_shape: tuple[int, int],
     image_mpp: float,
     name: str,

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from histopan.checks import check_output
 from histopan.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -492,11 +493,9 @@ def write_test_slide(
     stem = path.with_suffix("")
     truth_path = stem.with_name(stem.name + ".truth.tif") if truth else None
     spec_path = stem.with_name(stem.name + ".json")
-    if not path.parent.is_dir():
-        raise DataError("the output folder does not exist", path=path.parent, fix="create it first")
     for p in (path, truth_path, spec_path):
-        if p is not None and p.exists() and not overwrite:
-            raise DataError("file exists", path=p, fix="pass overwrite=True or choose another path")
+        if p is not None:
+            check_output(p, overwrite=overwrite)
 
     synth = _synth(spec)
     dims = level_dimensions(width, height, tile, levels)

@@ -32,14 +32,15 @@ from os import PathLike
 
 import numpy as np
 
-from histopan.store import ClassInfo, SlideStore, create_store
+from histopan.classes import ClassSpec
+from histopan.store import SlideStore, create_store
 
 CLASSES = (
-    ClassInfo(0, "background", (255, 255, 255), "stuff"),
-    ClassInfo(1, "stroma", (240, 160, 200), "stuff"),
-    ClassInfo(2, "necrosis", (120, 120, 40), "stuff"),
-    ClassInfo(3, "tumour", (200, 40, 40), "stuff"),
-    ClassInfo(4, "nucleus", (40, 40, 220), "thing"),
+    ClassSpec("background", (255, 255, 255), "stuff", id=0),
+    ClassSpec("stroma", (240, 160, 200), "stuff", id=1),
+    ClassSpec("necrosis", (120, 120, 40), "stuff", id=2),
+    ClassSpec("tumour", (200, 40, 40), "stuff", id=3),
+    ClassSpec("nucleus", (40, 40, 220), "thing", id=4),
 )
 NUCLEUS_TYPES = ({"name": "epithelial", "color": [220, 60, 60]},
                  {"name": "fibroblast", "color": [0, 160, 0]},

@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from histopan.errors import ConfigError, MppError, SlideError
+from histopan.checks import check_mpp
+from histopan.errors import ConfigError, SlideError
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,6 @@ def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:
         raise ConfigError(f"{name} must be >= {minimum}", value=value, fix=fix)
 
 
-def _check_mpp(name: str, value: Any, error: type[ConfigError] | type[MppError], fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise error(f"{name} must be a number of microns per pixel", value=value, fix=fix)
-    if not (math.isfinite(value) and value > 0):
-        raise error(f"{name} must be a positive finite number of microns per pixel", value=value, fix=fix)
-
-
 @dataclass(frozen=True)
 class TileGrid:
     """A grid of core + halo tiles over a slide resampled to ``mpp`` microns per pixel.
@@ -136,8 +130,8 @@ class TileGrid:
     def __post_init__(self) -> None:
         _check_int("level-0 width", self.level0_width, 1, "pass the slide's level-0 dimensions")
         _check_int("level-0 height", self.level0_height, 1, "pass the slide's level-0 dimensions")
-        _check_mpp("the slide's mpp", self.base_mpp, MppError, "pass the slide's true mpp (--mpp)")
-        _check_mpp("the target mpp", self.mpp, ConfigError, "use a target mpp such as 0.5")
+        check_mpp(self.base_mpp, what="the slide's mpp", fix="pass the slide's true mpp (--mpp)")
+        check_mpp(self.mpp, what="the target mpp", fix="use a target mpp such as 0.5", error=ConfigError)
         _check_int("tile size", self.tile, 1, "use a tile size such as 512")
         _check_int("halo", self.halo, 0, "use a halo such as 32 (0 for none)")
         if self.halo >= self.tile:

@@ -70,8 +70,8 @@ def _bad_files(tmp_path):
         "text": ([str(text)], "not a readable slide"),
         "truncated": ([str(cut)], "truncated"),
         "cmyk": ([str(cmyk)], "CMYK"),
-        "mpp0": ([str(good), "--mpp", "0"], "--mpp must be a finite number > 0"),
-        "mpp-negative": ([str(good), "--mpp", "-0.25"], "--mpp must be a finite number > 0"),
+        "mpp0": ([str(good), "--mpp", "0"], "--mpp must be a positive finite number"),
+        "mpp-negative": ([str(good), "--mpp", "-0.25"], "--mpp must be a positive finite number"),
         "thumb-not-png": ([str(good), "--mpp", "1", "--thumbnail", str(tmp_path / "t.jpg")], "must be a .png"),
     }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from histopan.store import ClassInfo, create_store
+from histopan.store import create_store
 from skimage.morphology import disk, erosion
 
 from histopan.cli import main
@@ -18,10 +18,10 @@ from histopan.metrics import ClassSpec, binary_pq, instance_scores, panoptic_qua
 
 N_IMAGES = 3
 CLASSES = (
-    ClassSpec(0, "background", "stuff"),
-    ClassSpec(1, "stroma", "stuff"),
-    ClassSpec(2, "tumour", "thing"),
-    ClassSpec(3, "lymphocyte", "thing"),
+    ClassSpec("background", (128, 128, 128), "stuff", id=0),
+    ClassSpec("stroma", (128, 128, 128), "stuff", id=1),
+    ClassSpec("tumour", (128, 128, 128), "thing", id=2),
+    ClassSpec("lymphocyte", (128, 128, 128), "thing", id=3),
 )
 
 
@@ -124,7 +124,7 @@ def panoptic_maps(seed: int, size: int = 300) -> tuple[np.ndarray, ...]:
 def write_store(path: Path, sem: np.ndarray, inst: np.ndarray, complete: bool = True) -> Path:
     """A real histopan store (histopan.store) holding the given label maps, 64-px chunks."""
     store = create_store(path, shape=sem.shape, mpp=0.5, chunk=64,
-                         classes=[ClassInfo(c.id, c.name, (1, 2, 3), c.kind) for c in CLASSES],
+                         classes=[ClassSpec(c.name, (1, 2, 3), c.kind, id=c.id) for c in CLASSES],
                          image_shape=(8, 8), image_mpp=4.0, name="test", run={"key": {}})
     store.write_labels(0, 0, sem, inst)
     if complete:

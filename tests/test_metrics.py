@@ -31,10 +31,10 @@ from histopan.metrics import (
 )
 
 CLASSES = (
-    ClassSpec(0, "background", "stuff"),
-    ClassSpec(1, "stroma", "stuff"),
-    ClassSpec(2, "tumour", "thing"),
-    ClassSpec(3, "lymphocyte", "thing"),
+    ClassSpec("background", (128, 128, 128), "stuff", id=0),
+    ClassSpec("stroma", (128, 128, 128), "stuff", id=1),
+    ClassSpec("tumour", (128, 128, 128), "thing", id=2),
+    ClassSpec("lymphocyte", (128, 128, 128), "thing", id=3),
 )
 VOID = 9
 

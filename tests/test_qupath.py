@@ -20,8 +20,8 @@ from shapely.geometry import shape
 from histopan.cli import main
 from histopan.errors import AnnotationError, ConfigError, HistopanError, RegionError, StoreError
 from histopan.export.contours import outer_rings, trace_rings
-from histopan.export.qupath import (ExportOptions, export_qupath, nucleus_uuid, read_geojson, _nucleus_uuids,
-                                    _ring_polygons)
+from histopan.export.qupath import (ExportOptions, export_qupath, nucleus_uuid, nucleus_uuids, read_geojson,
+                                    ring_polygons)
 from histopan.store import open_store
 from histopan.testing_store import build_test_store
 
@@ -147,7 +147,7 @@ def test_rings_that_simplification_collapses_keep_their_traced_outline():
     lab[1, 1] = 1  # one pixel: a diamond that a 2-pixel tolerance collapses
     lab[2:5, 3:8] = 2
     rings = outer_rings(trace_rings(lab))
-    coords, bounds = _ring_polygons(rings, 2.0, 10, 20, simplify=2.0)
+    coords, bounds = ring_polygons(rings, 2.0, 10, 20, simplify=2.0)
     for i in range(len(rings)):
         ring = coords[bounds[i]:bounds[i + 1]]
         poly = shapely.Polygon(ring)
@@ -169,7 +169,7 @@ def test_outer_ring_area_is_pixel_count_minus_half():
 
 def test_uuids_are_uuid5_of_slide_and_nucleus():
     ids = np.array([1, 7, 4_000_000_000], np.int64)
-    assert _nucleus_uuids("abc123", ids) == [nucleus_uuid("abc123", i) for i in ids]
+    assert nucleus_uuids("abc123", ids) == [nucleus_uuid("abc123", i) for i in ids]
     assert uuid.UUID(nucleus_uuid("abc123", 7)).version == 5
     assert nucleus_uuid("abc123", 7) != nucleus_uuid("abd123", 7)
 

@@ -8,10 +8,11 @@ import pytest
 import zarr
 
 from histopan.errors import StoreError
-from histopan.store import ClassInfo, _majority_2x2, create_store, n_pyramid_levels, open_for_run, open_store
+from histopan.classes import ClassSpec
+from histopan.store import _majority_2x2, create_store, n_pyramid_levels, open_for_run, open_store
 
-CLASSES = [ClassInfo(0, "background", (255, 255, 255), "stuff"), ClassInfo(1, "stroma", (255, 160, 200), "stuff"),
-           ClassInfo(2, "nucleus", (40, 40, 200), "thing")]
+CLASSES = [ClassSpec("background", (255, 255, 255), "stuff", id=0), ClassSpec("stroma", (255, 160, 200), "stuff", id=1),
+           ClassSpec("nucleus", (40, 40, 200), "thing", id=2)]
 
 
 def _make(path, shape=(700, 900), chunk=256, run=None):

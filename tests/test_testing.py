@@ -9,7 +9,7 @@ import openslide
 import pytest
 import tifffile
 
-from histopan.errors import ConfigError, DataError, HistopanError
+from histopan.errors import ConfigError, HistopanError, OutputError
 from histopan.slide import open_slide
 from histopan.testing import (
     SlideSpec,
@@ -186,8 +186,8 @@ def test_bad_writer_arguments(tmp_path, kwargs, error, words):
 
 def test_existing_files_are_not_overwritten(tmp_path):
     write_test_slide(tmp_path / "x.svs", 256, 256, truth=False)
-    with pytest.raises(DataError, match="file exists"):
+    with pytest.raises(OutputError, match="file exists"):
         write_test_slide(tmp_path / "x.svs", 256, 256, truth=False)
     write_test_slide(tmp_path / "x.svs", 256, 256, truth=False, overwrite=True)
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         write_test_slide(tmp_path / "missing" / "x.svs", 256, 256)

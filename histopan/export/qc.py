@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from histopan.errors import HistopanError, SlideError, StoreError
+from histopan.checks import check_output
+from histopan.errors import HistopanError, OutputError, SlideError, StoreError
 from histopan.store import SlideStore, open_store
 
 log = logging.getLogger(__name__)
@@ -376,18 +377,12 @@ def qc_report(store_path: str | PathLike[str], out_dir: str | PathLike[str], *,
                              value=reader.identity,
                              fix=f"pass the slide {slide_attrs.get('path', '?')} (identity {slide_attrs.get('identity')})"
                                  " or leave out --slide")
-    out = Path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+        out = check_output(out_dir, folder=True, create=True)
+    except OutputError:
         if reader is not None:
             reader.close()
-        raise HistopanError(f"cannot create the output folder: {exc.strerror or exc}", path=out,
-                            fix="choose a folder you can write to") from exc
-    if not os.access(out, os.W_OK | os.X_OK):
-        if reader is not None:
-            reader.close()
-        raise HistopanError("the output folder is not writable", path=out, fix="choose a folder you can write to")
+        raise
     name = Path(str(slide_attrs.get("name") or store.path.stem)).stem
     written: list[Path] = []
     try:

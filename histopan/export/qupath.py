@@ -24,10 +24,8 @@ same byte for byte for any number.  It is written under a temporary name in the 
 at the end: a file with the final name is always complete.  A name ending in ``.gz`` is gzip-compressed,
 one gzip member per job of a few blocks (members one after the other form one valid gzip stream).
 
-Import (:func:`read_geojson`) reads what QuPath exports (a FeatureCollection, a bare array of Features or
-one Feature; classification as a string or an object; Point, MultiPoint, LineString, MultiLineString,
-Polygon and MultiPolygon geometries; ``.geojson`` or gzip-compressed) into :class:`Annotation` objects with
-shapely geometries.
+Import is :mod:`histopan.export.geojson` (:func:`~histopan.export.geojson.read_geojson`), the one GeoJSON
+reader; its :class:`~histopan.export.geojson.Annotation` and ``read_geojson`` are importable from here too.
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ from __future__ import annotations
 import collections
 import gzip
 import hashlib
-import json
 import logging
 import math
 import os
@@ -50,8 +47,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from histopan.errors import AnnotationError, ConfigError, HistopanError, RegionError, StoreError
+from histopan.checks import check_output
+from histopan.errors import ConfigError, HistopanError, RegionError, StoreError
 from histopan.export.contours import Rings, outer_rings, trace_rings
+from histopan.export.geojson import GEOJSON_SUFFIXES, Annotation, read_geojson  # noqa: F401 (import side, re-exported)
 from histopan.store import SlideStore, open_store
 
 log = logging.getLogger(__name__)
@@ -70,8 +69,6 @@ MEASUREMENTS: dict[str, str] = {
     "Type probability": "type_prob",
 }
 
-OBJECT_TYPES = ("annotation", "detection", "cell", "tile")
-_GEOMETRY_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon")
 _TABLE_COLUMNS = ("id", "centroid_x", "centroid_y", "bbox_x", "bbox_y", "bbox_w", "bbox_h", "type",
                   *MEASUREMENTS.values())
 #: Stuff regions are traced on the finest pyramid level at least this coarse (um per pixel) ...
@@ -159,7 +156,7 @@ _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 _DASHES = (8, 12, 16, 20)
 
 
-def _nucleus_uuids(slide_identity: str, ids: np.ndarray) -> list[str]:
+def nucleus_uuids(slide_identity: str, ids: np.ndarray) -> list[str]:
     """:func:`nucleus_uuid` for many ids (SHA-1 per id, the bit fiddling and hex formatting vectorised)."""
     if ids.size == 0:
         return []
@@ -182,7 +179,7 @@ def _nucleus_uuids(slide_identity: str, ids: np.ndarray) -> list[str]:
 # ------------------------------------------------------------------------------------------ geometry
 
 
-def _ring_polygons(rings: Rings, scale: float, dx: float, dy: float, simplify: float):
+def ring_polygons(rings: Rings, scale: float, dx: float, dy: float, simplify: float):
     """The rings as single-ring polygons in output coordinates ((x + dx) * scale), simplified within
     ``simplify * scale`` (Douglas-Peucker, all rings in one call), rounded to two decimals and valid.
 
@@ -379,26 +376,6 @@ def _encode_features(features: Sequence[dict[str, Any]], gzip_level: int | None)
     return _pack(b",\n".join([dumps(f, option=opt) for f in features]), gzip_level)
 
 
-def _check_output(out: Path) -> None:
-    name = out.name.lower()
-    if not (name.endswith(".geojson") or name.endswith(".geojson.gz") or name.endswith(".json")
-            or name.endswith(".json.gz")):
-        raise HistopanError("the output must be a .geojson (or .geojson.gz) file", path=out,
-                            fix=f"pass e.g. -o {out.stem}.geojson")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise HistopanError("the output folder does not exist", path=parent,
-                            fix=f"create it first (mkdir -p {parent})")
-    if out.is_dir():
-        raise HistopanError("the output path is a folder", path=out, fix="pass a file name ending in .geojson")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise HistopanError("the output folder is not writable", path=parent,
-                            fix="choose a folder you can write to, or fix its permissions")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise HistopanError("the output file exists and is not writable", path=out,
-                            fix="choose another name or fix its permissions")
-
-
 # ------------------------------------------------------------------------------------------ export
 
 
@@ -419,8 +396,7 @@ def export_qupath(store_path: str | PathLike[str], out: str | PathLike[str],
     that asks for more than one must guard its entry point with ``if __name__ == "__main__":``.
     """
     t_start = time.perf_counter()
-    out = Path(out)
-    _check_output(out)
+    out = check_output(out, suffixes=GEOJSON_SUFFIXES)
     store = open_store(store_path, partial=options.partial)
     slide = _slide_info(store)
     classes = store.classes
@@ -628,19 +604,19 @@ def _encode_block(ctx: _NucleiContext, window: np.ndarray, block: _Block) -> _En
         found = np.zeros(ids.size, bool)
     n_missing = int((~found).sum())
     ids, pos = ids[found], pos[found]
-    nuc_coords, nuc_bounds = _ring_polygons(nuc_rings.take(pos), ctx.downsample, block.x0, block.y0,
+    nuc_coords, nuc_bounds = ring_polygons(nuc_rings.take(pos), ctx.downsample, block.x0, block.y0,
                                             ctx.simplify_px)
     vals = block.values[found]
     if ctx.cells:
         cpos = np.searchsorted(cell_rings.label, ids)
-        cell_coords, cell_bounds = _ring_polygons(cell_rings.take(cpos), ctx.downsample, block.x0, block.y0,
+        cell_coords, cell_bounds = ring_polygons(cell_rings.take(cpos), ctx.downsample, block.x0, block.y0,
                                                   ctx.simplify_px)
         cell_area = (cell_rings.area[cpos] + 0.5) * ctx.px_area_um2  # midpoint ring area + 1/2 = pixel count
         vals = np.concatenate([vals, cell_area[:, None]], axis=1)
     vals = np.round(vals, 4)
     finite = np.isfinite(vals)
     vals_l = vals.tolist()
-    uids = _nucleus_uuids(ctx.identity, ids)
+    uids = nucleus_uuids(ctx.identity, ids)
     codes = block.codes[found].tolist()
     t3 = time.perf_counter()
 
@@ -889,145 +865,3 @@ def _export_regions(store: SlideStore, slide: _SlideInfo, level: int, wanted: li
                                              "classification": {"name": cls.name, "color": list(cls.color)},
                                              "measurements": {"Area µm^2": round(p.area * slide.mpp**2, 2)}}})
     return _encode_features(feats, gzip_level), len(feats)
-
-
-# ------------------------------------------------------------------------------------------ import
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """One object read from a QuPath GeoJSON file.
-
-    ``geometry`` is a shapely geometry in the file's coordinates (QuPath: level-0 pixels of the image);
-    ``object_type`` is QuPath's objectType (``"annotation"`` when the file says nothing);
-    ``class_name`` / ``color`` are None for unclassified objects; ``nucleus_geometry`` is set for cells.
-    """
-
-    geometry: Any
-    object_type: str = "annotation"
-    class_name: str | None = None
-    color: tuple[int, int, int] | None = None
-    id: str | None = None
-    name: str | None = None
-    measurements: dict[str, float] = field(default_factory=dict)
-    nucleus_geometry: Any = None
-
-
-_READ_FIX = "export the objects again from QuPath (File > Export objects as GeoJSON) or fix the file"
-
-
-def read_geojson(path: str | PathLike[str]) -> list[Annotation]:
-    """Every object of a QuPath GeoJSON file (``.geojson`` or gzip-compressed); see :class:`Annotation`.
-
-    Raises :class:`~histopan.errors.AnnotationError` naming the file, the feature and the fix for a
-    missing or unreadable file, text that is not JSON, and features QuPath would not import either
-    (unknown geometry type, missing coordinates, a malformed classification).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise AnnotationError("annotation file not found", path=p, fix="check the path and spelling")
-    with open(p, "rb") as fh:
-        data = fh.read()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise AnnotationError(f"the gzip data cannot be read (truncated?): {exc}", path=p,
-                                  fix="copy or export the file again") from exc
-    try:
-        doc = json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise AnnotationError(f"not UTF-8 text: {exc}", path=p, fix=_READ_FIX) from exc
-    except json.JSONDecodeError as exc:
-        raise AnnotationError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", path=p,
-                              fix=_READ_FIX) from exc
-    if isinstance(doc, list):
-        features = doc
-    elif isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-        features = doc.get("features")
-        if not isinstance(features, list):
-            raise AnnotationError("the FeatureCollection has no 'features' array", path=p, fix=_READ_FIX)
-    elif isinstance(doc, dict) and doc.get("type") == "Feature":
-        features = [doc]
-    else:
-        what = doc.get("type") if isinstance(doc, dict) else type(doc).__name__
-        raise AnnotationError("expected a GeoJSON FeatureCollection, an array of Features or one Feature",
-                              path=p, value=what, fix=_READ_FIX)
-    return [_read_feature(f, p, i) for i, f in enumerate(features)]
-
-
-def _read_geometry(geom: Any, path: Path, where: str):
-    import shapely
-    from shapely.errors import GEOSException
-    from shapely.geometry import shape
-
-    if not isinstance(geom, dict):
-        raise AnnotationError(f"{where} has no geometry object", path=path, value=geom, fix=_READ_FIX)
-    gtype = geom.get("type")
-    if gtype not in _GEOMETRY_TYPES:
-        raise AnnotationError(f"{where} has an unsupported geometry type", path=path, value=gtype,
-                              fix=f"use one of {list(_GEOMETRY_TYPES)} (convert or remove this object in QuPath)")
-    if "coordinates" not in geom or geom["coordinates"] is None:
-        raise AnnotationError(f"{where} ({gtype}) has no coordinates", path=path, fix=_READ_FIX)
-    try:
-        g = shape(geom)
-    except (ValueError, TypeError, IndexError, AttributeError, GEOSException) as exc:
-        raise AnnotationError(f"{where} ({gtype}) has malformed coordinates: {exc}", path=path,
-                              value=str(geom["coordinates"])[:80], fix=_READ_FIX) from exc
-    if g.is_empty:
-        raise AnnotationError(f"{where} ({gtype}) has empty coordinates", path=path, fix=_READ_FIX)
-    coords = shapely.get_coordinates(g)
-    if not np.isfinite(coords).all():
-        raise AnnotationError(f"{where} ({gtype}) has non-finite coordinates", path=path, fix=_READ_FIX)
-    return g
-
-
-def _read_classification(value: Any, path: Path, where: str) -> tuple[str | None, tuple[int, int, int] | None]:
-    if value is None:
-        return None, None
-    if isinstance(value, str):
-        return value, None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise AnnotationError(f"{where} has a classification without a name", path=path, value=value,
-                              fix='use "classification": "Tumor" or {"name": "Tumor", "color": [200, 0, 0]}')
-    color = value.get("color")
-    if color is None and isinstance(value.get("colorRGB"), int):  # QuPath 0.2: packed (A)RGB integer
-        rgb = value["colorRGB"] & 0xFFFFFF
-        color = [(rgb >> 16) & 255, (rgb >> 8) & 255, rgb & 255]
-    if color is not None:
-        if not (isinstance(color, list) and len(color) == 3 and all(isinstance(c, int) for c in color)):
-            raise AnnotationError(f"{where} has a classification colour that is not [r, g, b]", path=path,
-                                  value=color, fix="write the colour as three integers 0..255")
-        color = tuple(int(c) for c in color)
-    return value["name"], color
-
-
-def _read_feature(feat: Any, path: Path, index: int) -> Annotation:
-    where = f"feature {index}"
-    if not isinstance(feat, dict) or feat.get("type") != "Feature":
-        raise AnnotationError(f"{where} is not a GeoJSON Feature", path=path,
-                              value=feat.get("type") if isinstance(feat, dict) else type(feat).__name__,
-                              fix=_READ_FIX)
-    props = feat.get("properties") or {}
-    if not isinstance(props, dict):
-        raise AnnotationError(f"{where} has properties that are not an object", path=path, fix=_READ_FIX)
-    geometry = _read_geometry(feat.get("geometry"), path, where)
-    object_type = props.get("objectType", props.get("object_type", "annotation"))
-    if object_type not in OBJECT_TYPES:
-        raise AnnotationError(f"{where} has an unknown objectType", path=path, value=object_type,
-                              fix=f"use one of {list(OBJECT_TYPES)}")
-    class_name, color = _read_classification(props.get("classification"), path, where)
-    measurements: dict[str, float] = {}
-    raw = props.get("measurements")
-    if isinstance(raw, dict):
-        measurements = {str(k): float(v) for k, v in raw.items() if isinstance(v, (int, float))}
-    elif isinstance(raw, list):  # older QuPath: [{"name": ..., "value": ...}]
-        measurements = {str(m["name"]): float(m["value"]) for m in raw
-                        if isinstance(m, dict) and isinstance(m.get("value"), (int, float)) and "name" in m}
-    nucleus = None
-    if props.get("nucleusGeometry") is not None:
-        nucleus = _read_geometry(props["nucleusGeometry"], path, f"{where} nucleusGeometry")
-    fid = feat.get("id")
-    return Annotation(geometry=geometry, object_type=object_type, class_name=class_name, color=color,
-                      id=None if fid is None else str(fid), name=props.get("name"), measurements=measurements,
-                      nucleus_geometry=nucleus)

@@ -22,9 +22,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any, Literal
+from typing import Any
 
 from histopan.config import from_dict, load_yaml, save_yaml, to_dict
+from histopan.checks import check_mpp
+from histopan.classes import ClassSpec, check_color
 from histopan.errors import ConfigError
 from histopan.postprocess import PostprocessConfig
 
@@ -46,11 +48,6 @@ FORMAT_VERSION = 1
 
 #: smp architectures whose ``decoder_channels`` is a per-stage list (the layout this package builds).
 SUPPORTED_ARCHS = ("unet", "unetplusplus")
-
-
-def _check_color(color: tuple[int, ...], what: str) -> None:
-    if len(color) != 3 or any(not 0 <= c <= 255 for c in color):
-        raise ValueError(f"{what} colour must be three integers in 0..255, got {list(color)}")
 
 
 @dataclass(frozen=True)
@@ -81,23 +78,6 @@ class ArchitectureConfig:
 
 
 @dataclass(frozen=True)
-class ClassSpec:
-    """One semantic class: ``stuff`` (tissue region, per pixel) or ``thing`` (the nucleus class)."""
-
-    name: str
-    color: tuple[int, int, int]
-    kind: Literal["stuff", "thing"] = "stuff"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "color", tuple(self.color))
-        if not self.name or not self.name.strip():
-            raise ValueError("a class name may not be empty")
-        _check_color(self.color, f"class {self.name!r}")
-        if self.kind not in ("stuff", "thing"):
-            raise ValueError(f"class {self.name!r} kind must be 'stuff' or 'thing', got {self.kind!r}")
-
-
-@dataclass(frozen=True)
 class NucleusTypeSpec:
     """One nucleus type predicted by the optional type head."""
 
@@ -108,7 +88,7 @@ class NucleusTypeSpec:
         object.__setattr__(self, "color", tuple(self.color))
         if not self.name or not self.name.strip():
             raise ValueError("a nucleus type name may not be empty")
-        _check_color(self.color, f"nucleus type {self.name!r}")
+        check_color(self.color, f"nucleus type {self.name!r}")
 
 
 @dataclass(frozen=True)
@@ -160,7 +140,10 @@ class ModelConfig:
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "classes", tuple(self.classes))
+        # a class's id is its position: the value of its pixels in the semantic label map (an id written in
+        # model.yaml is only a description and follows the order of the list)
+        object.__setattr__(self, "classes", tuple(c if c.id == i else dataclasses.replace(c, id=i)
+                                                  for i, c in enumerate(self.classes)))
         object.__setattr__(self, "nucleus_types", tuple(self.nucleus_types))
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
@@ -189,8 +172,7 @@ class ModelConfig:
         dupes = sorted({n for n in type_names if type_names.count(n) > 1})
         if dupes:
             raise ValueError(f"nucleus type names must be unique; repeated: {dupes}")
-        if not (math.isfinite(self.mpp) and self.mpp > 0):
-            raise ValueError(f"mpp must be a positive number of microns per pixel, got {self.mpp}")
+        check_mpp(self.mpp, error=ValueError)
         if self.tile < 32 or self.tile % 32:
             raise ValueError(f"tile must be a positive multiple of 32 pixels, got {self.tile}")
         if self.halo < 0:

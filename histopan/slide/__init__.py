@@ -13,8 +13,9 @@ from __future__ import annotations
 from os import PathLike
 from pathlib import Path
 
+from histopan.checks import MPP_FIX, check_mpp
 from histopan.errors import SlideError
-from histopan.slide.base import MPP_FIX, SlideReader, check_mpp
+from histopan.slide.base import SlideReader
 from histopan.slide.openslide_backend import OpenSlideReader, detect_format
 from histopan.slide.tifffile_backend import PIL_SUFFIXES, TifffileReader, check_tiff_complete
 

@@ -25,11 +25,11 @@ from typing import Any, Callable
 import numpy as np
 from scipy import sparse
 
+from histopan.checks import MPP_FIX, check_mpp
 from histopan.errors import MppError, RegionError
 
 log = logging.getLogger(__name__)
 
-MPP_FIX = "pass --mpp (e.g. --mpp 0.25 for 40x, 0.5 for 20x)"
 #: metadata mpp outside this range (micrometres per pixel) is treated as missing, e.g. a 72 dpi default
 #: resolution tag (352.8 um/px) written by software that knows nothing about the microscope.
 PLAUSIBLE_MPP = (0.01, 100.0)
@@ -41,18 +41,6 @@ _INTEGRAL_EPS = 1e-6
 #: Gaussian prefilter sigmas below this (in source pixels) are skipped: the filter would change nothing.
 _MIN_SIGMA = 0.05
 _TRUNCATE = 4.0
-
-
-def check_mpp(mpp: float, *, path: Path | str | None, what: str = "mpp") -> float:
-    """Return ``mpp`` as a float, raising :class:`MppError` unless it is a finite number > 0."""
-    try:
-        value = float(mpp)
-    except (TypeError, ValueError):
-        raise MppError(f"{what} must be a number of micrometres per pixel", path=path, value=mpp,
-                       fix=MPP_FIX) from None
-    if not math.isfinite(value) or value <= 0:
-        raise MppError(f"{what} must be a finite number > 0", path=path, value=mpp, fix=MPP_FIX)
-    return value
 
 
 def plausible_mpp(mpp_xy: tuple[float | None, float | None] | None, *, path: Path,

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from skimage import filters, morphology, segmentation
 
+from histopan.checks import check_mpp
 from histopan.errors import ConfigError
-from histopan.slide.base import SlideReader, check_mpp
+from histopan.slide.base import SlideReader
 
 log = logging.getLogger(__name__)
 

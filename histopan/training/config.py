@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from histopan.config import from_dict, load_yaml, save_yaml, to_dict
+from histopan.checks import check_mpp
 from histopan.errors import ConfigError
 from histopan.model.config import ClassSpec, ModelConfig, NucleusTypeSpec
 
@@ -39,8 +40,8 @@ __all__ = [
 
 
 def _check_mpp(mpp: float | None, where: object, optional: bool = False) -> None:
-    if (mpp is None and not optional) or (mpp is not None and not (math.isfinite(mpp) and mpp > 0)):
-        raise ValueError(f"mpp of {where} must be a positive number of microns per pixel, got {mpp}")
+    if mpp is not None or not optional:
+        check_mpp(mpp, what=f"mpp of {where}", error=ValueError)
 
 
 def _check_weight(weight: float, where: object) -> None:

@@ -25,6 +25,7 @@ import tifffile
 from PIL import Image
 from skimage.transform import resize
 
+from histopan.checks import check_mpp
 from histopan.errors import ConfigError, DataError
 from histopan.model.config import ModelConfig
 from histopan.training.augment import colour_jitter, flip_rotate, sample_scale, zoom_to
@@ -53,6 +54,7 @@ __all__ = [
     "load_nucleus_set",
     "load_tile_set",
     "load_training_data",
+    "meta_mpp",
     "read_rgb",
     "resample_image",
     "resample_labels",
@@ -122,7 +124,9 @@ def _read_labels(path: Path) -> np.ndarray:
     return lab.astype(np.int32)
 
 
-def _meta_mpp(folder: Path, override: float | None) -> float:
+def meta_mpp(folder: Path, override: float | None) -> float:
+    """The microns per pixel of the images in ``folder``: ``override`` (the config's ``mpp``) when given, else
+    the ``mpp`` of ``folder/meta.json``; a missing, unreadable or invalid value is a DataError naming the file."""
     if override is not None:
         return float(override)
     meta = folder / "meta.json"
@@ -136,9 +140,8 @@ def _meta_mpp(folder: Path, override: float | None) -> float:
     if mpp is None:
         raise DataError("meta.json states no mpp (microns per pixel)", path=meta,
                         fix="set 'mpp' for this set in the training config (e.g. estimated from nucleus sizes)")
-    if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not mpp > 0:
-        raise DataError("meta.json has an invalid mpp", path=meta, value=mpp, fix="use a positive number")
-    return float(mpp)
+    return check_mpp(mpp, what="the mpp of meta.json", path=meta, error=DataError,
+                     fix="write a positive number of microns per pixel, e.g. \"mpp\": 0.5")
 
 
 # -- resampling ----------------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def load_nucleus_set(cfg: NucleusSetConfig, model_mpp: float, min_size: int
     if not images_dir.is_dir():
         raise DataError("no images/ folder in this nucleus data set", path=folder,
                         fix="use the layout images/<name>.png + labels/<name>.tif + meta.json")
-    mpp = _meta_mpp(folder, cfg.mpp)
+    mpp = meta_mpp(folder, cfg.mpp)
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError("images/ holds no image files", path=images_dir, fix="add .png tiles")

@@ -13,7 +13,8 @@ and per-type F1, nucleus PQ and tile accuracy.  The run folder holds::
 
     finetune.yaml  metrics.jsonl  curves.png  scores.json  checkpoints/{last,best}/  model/
 
-``model/`` is a model folder (weights, ``model.yaml`` with the base model's post-processing thresholds and a
+The epoch loop, checkpoints, moving average and deadline are the training engine's (:mod:`.engine`, shared with
+``histopan train``).  ``model/`` is a model folder (weights, ``model.yaml`` with the base model's post-processing thresholds and a
 ``training`` record, and a ``README.md`` card with the before / after figures) usable by
 ``histopan segment --model``.
 """
@@ -25,7 +26,6 @@ import dataclasses
 import json
 import logging
 import math
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,31 +36,30 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from histopan import __version__
 from histopan.errors import ConfigError, DataError
 from histopan.metrics import classification_f1, point_detection
 from histopan.model.checkpoint import LoadedModel, load_model, save_model
 from histopan.model.config import ModelConfig
+from histopan.inference import forward_padded
 from histopan.model.network import grow_heads, normalize_input, split_outputs
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps, postprocess_tile
 from histopan.training.config import FinetuneConfig, TuneConfig, write_finetune_config
-from histopan.training.data import _meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
-from histopan.training.loop import (STATE_FILE, VAL_TILE_MAX, WEIGHTS, ValidationMaps, _centre_crop, _device,
-                                    _jsonable, _load_checkpoint, _save_checkpoint, amp_setup, append_record, forward_padded,
-                                    grid_search, learning_rate, log_step, optimizer_step, predict_maps, score_maps,
+from histopan.training.data import meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
+from histopan.training.engine import (WEIGHTS, Engine, autocast, hardware, jsonable, run_folders, torch_settings,
+                                      training_device)
+from histopan.training.loop import (VAL_TILE_MAX, ValidationMaps, centre_crop, grid_search, image_maps, score_maps,
                                     tuning_record)
 from histopan.training.losses import distill_loss, total_loss
 from histopan.training.sparse import SparseTargets
-from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, SparseSample, _type_name_points,
+from histopan.training.sparse_data import (FinetuneData, SparseCropSampler, SparseSample, type_name_points,
                                            load_finetune_data, read_points, stack_batch)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneResult", "build_finetune_model", "evaluate_tests", "finetune", "fit_point_thresholds", "point_scores",
-           "score_points", "search_point_thresholds", "types_at_points"]
+__all__ = ["FinetuneResult", "build_finetune_model", "evaluate_tests", "finetune", "fit_point_thresholds",
+           "point_items", "point_scores", "score_points", "search_point_thresholds", "types_at_points"]
 
 
 @dataclass(frozen=True)
@@ -148,8 +147,8 @@ def heldback_loss(network: nn.Module, samples: Sequence[SparseSample], model: Mo
     network.eval()
     with torch.no_grad():
         for s in samples:
-            image = _centre_crop(s.image, VAL_TILE_MAX)
-            targets = SparseTargets.from_layers([_centre_crop(a, VAL_TILE_MAX) for a in s.targets.layers()])
+            image = centre_crop(s.image, VAL_TILE_MAX)
+            targets = SparseTargets.from_layers([centre_crop(a, VAL_TILE_MAX) for a in s.targets.layers()])
             out = forward_padded(network, image, model, device)
             batch = {k: torch.from_numpy(v).to(device) for k, v in stack_batch([image], [targets]).items()}
             _, terms = total_loss(split_outputs(out, model), batch, model.nucleus_index, config.loss, weights)
@@ -170,7 +169,7 @@ def point_scores(network: nn.Module, items: Sequence[tuple[str, np.ndarray, np.n
     """
     network.eval()
     with torch.no_grad():
-        maps = [predict_maps(network, image, model, device) for _, image, _, _ in items]
+        maps = [image_maps(network, image, model, device) for _, image, _, _ in items]
     return score_points(items, maps, model, radius_um)
 
 
@@ -237,12 +236,13 @@ def types_at_points(types: np.ndarray, xy: np.ndarray, radius_px: float) -> np.n
     return out
 
 
-def _point_items(samples: Sequence[SparseSample]) -> list[tuple[str, np.ndarray, np.ndarray, tuple]]:
+def point_items(samples: Sequence[SparseSample]) -> list[tuple[str, np.ndarray, np.ndarray, tuple]]:
+    """``(name, image, points, point types)`` of the samples that have point annotations."""
     return [(s.name, s.image, s.points, s.point_types) for s in samples if len(s.points)]
 
 
 def _heldback_points(samples: Sequence[SparseSample], config: FinetuneConfig) -> list[tuple]:
-    items = _point_items(samples)
+    items = point_items(samples)
     if not items:
         raise ConfigError("fit_thresholds needs held-back images with point annotations", value=config.name,
                           fix="name some point-annotated images under 'val' of an annotation set, "
@@ -273,7 +273,7 @@ def _check_stopping(config: FinetuneConfig, data: FinetuneData, model: ModelConf
     """Refuse an ``early_stopping`` criterion the held-back part cannot measure, before training."""
     criterion = config.early_stopping
     typed = criterion in ("type_accuracy", "type_f1", "point_type_f1")
-    if (criterion == "point_f1" or typed) and not _point_items(data.val):
+    if (criterion == "point_f1" or typed) and not point_items(data.val):
         raise ConfigError(f"early_stopping: {criterion} needs held-back images with point annotations",
                           value=criterion, fix="name some point-annotated images under 'val' of an annotation "
                                                "set, or use early_stopping: loss")
@@ -313,7 +313,7 @@ def fit_point_thresholds(network: nn.Module, model: ModelConfig, samples: Sequen
     items = _heldback_points(samples, config)
     network.eval()
     with torch.no_grad():
-        maps = [predict_maps(network, image, model, device) for _, image, _, _ in items]
+        maps = [image_maps(network, image, model, device) for _, image, _, _ in items]
     best, trials, before, after, data = search_point_thresholds(items, maps, model, config.tune, config.test.radius_um,
                                                                 config.threads)
     record = tuning_record(config.tune, trials, "detection_f1", data, model.postprocess, before, after,
@@ -332,13 +332,13 @@ class HeldOutData:
 
 def load_test_data(config: FinetuneConfig, model: ModelConfig) -> HeldOutData:
     """The test sets of ``config`` (every image / tile of each set) at ``model``'s mpp."""
-    from histopan.export.qupath import read_geojson
+    from histopan.export.geojson import read_geojson
     from histopan.training.sparse import resolve_classes
 
     points = []
     for pset in config.test.points:
         images, geo = Path(pset.images), Path(pset.geojson)
-        mpp = _meta_mpp(images.parent, pset.mpp)
+        mpp = meta_mpp(images.parent, pset.mpp)
         for gpath in sorted(geo.glob("*.geojson")):
             stem = gpath.name[: -len(".geojson")]
             matches = [p for p in images.glob(f"{stem}.*")]
@@ -352,7 +352,7 @@ def load_test_data(config: FinetuneConfig, model: ModelConfig) -> HeldOutData:
                                       model.classes[model.nucleus_index].name, model.type_names, seen, gpath)
             image = resample_image(read_rgb(matches[0]), mpp, model.mpp)
             xy, cls = read_points(annotations, mpp / model.mpp, mapping)
-            points.append((stem, image, xy, _type_name_points(cls, mapping, model.type_names)))
+            points.append((stem, image, xy, type_name_points(cls, mapping, model.type_names)))
     nuclei, tiles = [], []
     for nset in config.test.nuclei:
         names = tuple(p.stem for p in sorted((Path(nset.path) / "images").iterdir()))
@@ -386,8 +386,8 @@ def evaluate_tests(network: nn.Module, model: ModelConfig, tests: HeldOutData, d
         network.eval()
         tiles = _remap_tiles(tests.tiles, data_model, model)
         maps = ValidationMaps(
-            nuclei=tuple((s, predict_maps(network, s.image, model, device, s.native_shape)) for s in tests.nuclei),
-            tiles=tuple((s, predict_maps(network, _centre_crop(s.image, VAL_TILE_MAX), model, device)) for s in tiles))
+            nuclei=tuple((s, image_maps(network, s.image, model, device, s.native_shape)) for s in tests.nuclei),
+            tiles=tuple((s, image_maps(network, centre_crop(s.image, VAL_TILE_MAX), model, device)) for s in tiles))
         scores = score_maps(maps, model, model.postprocess)
         if tests.nuclei:
             out["nuclei"] = {k: scores[k] for k in ("pq", "sq", "rq", "aji", "tp", "fp", "fn", "pq_by_set")}
@@ -404,14 +404,14 @@ def _tile_accuracy(network: nn.Module, samples: Sequence[SparseSample], model: M
     from histopan.training.data import Sample
 
     tiles = tuple((Sample(s.name, s.dataset, s.image, None, s.stuff_class, model.mpp),
-                   predict_maps(network, _centre_crop(s.image, VAL_TILE_MAX), model, device)) for s in samples)
+                   image_maps(network, centre_crop(s.image, VAL_TILE_MAX), model, device)) for s in samples)
     return score_maps(ValidationMaps((), tiles), model, model.postprocess)["stuff_tile_accuracy"]
 
 
 def _scores(network: nn.Module, data: FinetuneData, model: ModelConfig, config: FinetuneConfig,
             device: torch.device, weights: torch.Tensor | None, with_points: bool = True) -> dict[str, Any]:
     val = {"loss": heldback_loss(network, (*data.val, *data.val_tiles), model, config, device, weights)}
-    items = _point_items(data.val)
+    items = point_items(data.val)
     if with_points and items:
         val["points"] = point_scores(network, items, model, device, config.test.radius_um)
     acc = _tile_accuracy(network, data.val_tiles, model, device)
@@ -428,14 +428,8 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, *, resume: bool = Fals
     ``stop_after`` ends this call after that many epochs (continue with ``resume=True``) and returns None.
     """
     run = Path(run_dir)
-    last_dir, best_dir = run / "checkpoints" / "last", run / "checkpoints" / "best"
-    if not resume and (last_dir / STATE_FILE).exists():
-        raise ConfigError("run folder already holds a fine-tuning run", path=run,
-                          fix="pass --resume to continue it, or choose another --out folder")
-    if resume and not (last_dir / STATE_FILE).exists():
-        raise DataError("nothing to resume: no checkpoints/last in the run folder", path=run,
-                        fix="start the run without --resume")
-    device = _device(config)  # type: ignore[arg-type]
+    last_dir, best_dir = run_folders(run, resume, "fine-tuning")
+    device = training_device(config)
     base = load_model(config.base)
     torch.manual_seed(config.seed)  # the new head channels' initialisation
     network, model = build_finetune_model(base, config)
@@ -450,18 +444,9 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, *, resume: bool = Fals
     run.mkdir(parents=True, exist_ok=True)
     write_finetune_config(config, run / "finetune.yaml")
 
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with torch_settings(config, device):
         return _finetune(config, run, last_dir, best_dir, device, base, network, model, data, tests, resume,
                          progress, command, stop_after)
-    finally:
-        torch.use_deterministic_algorithms(deterministic_before)
-        torch.set_num_threads(threads_before)
 
 
 def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path, device: torch.device,
@@ -470,12 +455,6 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
     started = time.time()
     network = network.to(device)
     params = _freeze(network, config.trainable)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    use_amp, amp_dtype, scaler = amp_setup(device)
-    # the moving average (``ema``) is what is scored, kept as the best checkpoint and exported
-    ema = None if config.ema is None else AveragedModel(
-        network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
-    evaluated = network if ema is None else ema.module
     sampler = SparseCropSampler(data, config)
     weights = type_weights(data.train, model, config.type_balance)
     if weights is not None:
@@ -488,18 +467,47 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
             p.requires_grad_(False)
         channels = torch.tensor([model.class_names.index(n) for n in base.config.class_names], device=device)
 
+    def loss(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, float]]:
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+        x = normalize_input(tensors["image"], model)
+        with autocast(device):
+            out = network(x)
+        heads = split_outputs(out.float(), model)
+        value, terms = total_loss(heads, tensors, model.nucleus_index, config.loss, weights)
+        if teacher is not None:
+            with torch.no_grad(), autocast(device):
+                t_out = teacher(x)
+            keep = distill_loss(heads, split_outputs(t_out.float(), base.config), tensors, channels, config.loss,
+                                base.config.nucleus_index)
+            value = value + config.distill * keep
+            terms["distill"] = float(keep.detach())
+            terms["loss"] = float(value.detach())
+        return value, terms
+
+    def report(record: dict[str, Any], val: dict[str, Any]) -> None:
+        det = val.get("points", {}).get("detection", {}).get("f1")
+        log.info("epoch %d: train loss %.4f, held-back loss %.4f%s", record["epoch"],
+                 record["train"].get("loss", math.nan), float(val["loss"]["loss"]),
+                 "" if det is None else f", held-back point F1 {det:.3f}")
+
+    # the moving average (``ema``) is what is scored, kept as the best checkpoint and exported
+    engine = Engine(config, run, device, network, params=params, loss=loss,
+                    validate=lambda net: _scores(net, data, model, config, device, weights),
+                    score=lambda val: stopping_score(val, config.early_stopping), report=report,
+                    plot=lambda history: _plot(history, before, run / "curves.png"), best_key="best_score",
+                    patience=config.patience, patience_what=STOPPING_SCORES[config.early_stopping][0],
+                    train_mode=_train_mode)
     if resume:
-        state = _load_checkpoint(last_dir, network, optimizer, device, ema)
+        state = engine.resume()
         if "best_score" not in state:  # a run started before early_stopping had a choice: the loss
             state["best_score"] = -float(state.pop("best_loss"))
         before = json.loads(scores_path.read_text(encoding="utf-8"))["before"]
-        log.info("resuming %s at step %d (epoch %d)", run, state["step"], state["epoch"])
     else:
         log.info("scoring the base model %r before fine-tuning", base.name)
         base_net = base.network.to(device)
         before = {"val": _scores(network, data, model, config, device, weights, with_points=False),
                   "test": evaluate_tests(base_net, base.config, tests, model, device, config.test.radius_um)}
-        items = _point_items(data.val)
+        items = point_items(data.val)
         if items:
             before["val"]["points"] = point_scores(base_net, items, base.config, device, config.test.radius_um)
         if data.val_tiles:  # the base model's own classes (a class it lacks counts as wrong)
@@ -507,82 +515,13 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
             acc = _tile_accuracy(base_net, known, base.config, device) if known else 0.0
             before["val"]["tile_accuracy"] = acc * len(known) / len(data.val_tiles)
         base.network.cpu()
-        scores_path.write_text(json.dumps(_jsonable({"before": before}), indent=1), encoding="utf-8")
+        scores_path.write_text(json.dumps(jsonable({"before": before}), indent=1), encoding="utf-8")
         state = {"step": 0, "epoch": 0, "best_score": stopping_score(before["val"], config.early_stopping),
                  "best_epoch": 0, "stale": 0, "history": [], "train_seconds": 0.0, "done": False}
-        _save_checkpoint(best_dir, network, optimizer, {"epoch": 0})
-    deadline = None if config.max_minutes is None else started + 60 * config.max_minutes - state["train_seconds"]
-    epochs_this_call = 0
-    while not state["done"] and state["epoch"] < config.epochs:
-        epoch = state["epoch"]
-        _train_mode(network)
-        sums: dict[str, float] = {}
-        t0 = time.time()
-        bar = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
-                   leave=False)
-        n = 0
-        lr = learning_rate(state["step"], config)  # type: ignore[arg-type]
-        for _ in bar:
-            step = state["step"]
-            lr = learning_rate(step, config)  # type: ignore[arg-type]
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
-                     for k, v in sampler.batch(step, model.mpp).items()}
-            x = normalize_input(batch["image"], model)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                out = network(x)
-            heads = split_outputs(out.float(), model)
-            loss, terms = total_loss(heads, batch, model.nucleus_index, config.loss, weights)
-            if teacher is not None:
-                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    t_out = teacher(x)
-                keep = distill_loss(heads, split_outputs(t_out.float(), base.config), batch, channels, config.loss,
-                                    base.config.nucleus_index)
-                loss = loss + config.distill * keep
-                terms["distill"] = float(keep.detach())
-                terms["loss"] = float(loss.detach())
-            optimizer_step(optimizer, scaler, loss)
-            if ema is not None:
-                ema.update_parameters(network)
-            state["step"] = step + 1
-            n += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
-            log_step(state, terms, lr, t0, n, progress)
-            if deadline is not None and time.time() > deadline:
-                state["done"] = True
-                log.warning("max_minutes reached at step %d; stopping", state["step"])
-                break
-        bar.close()
-        state["train_seconds"] += time.time() - t0
-        val = _scores(evaluated, data, model, config, device, weights)
-        state["epoch"] = epoch + 1
-        vloss = float(val["loss"]["loss"])
-        record = append_record(state["history"], run / "metrics.jsonl", {
-            "epoch": epoch + 1, "step": state["step"], "lr": lr, "seconds": round(time.time() - t0, 1),
-            "train": {k: v / max(n, 1) for k, v in sums.items()}, "val": val})
-        det = val.get("points", {}).get("detection", {}).get("f1")
-        log.info("epoch %d: train loss %.4f, held-back loss %.4f%s", epoch + 1, record["train"].get("loss", math.nan),
-                 vloss, "" if det is None else f", held-back point F1 {det:.3f}")
-        score = stopping_score(val, config.early_stopping)
-        if score > state["best_score"]:
-            state["best_score"], state["best_epoch"], state["stale"] = score, epoch + 1, 0
-            _save_checkpoint(best_dir, evaluated, optimizer, {"epoch": epoch + 1})
-        else:
-            state["stale"] += 1
-            if state["stale"] >= config.patience:
-                log.info("no improvement of the %s for %d epochs: stopping early",
-                         STOPPING_SCORES[config.early_stopping][0], config.patience)
-                state["done"] = True
-        if state["epoch"] >= config.epochs:
-            state["done"] = True
-        _save_checkpoint(last_dir, network, optimizer, state, ema)
-        _plot(state["history"], before, run / "curves.png")
-        epochs_this_call += 1
-        if stop_after is not None and epochs_this_call >= stop_after and not state["done"]:
-            return None
+        engine.save_best({"epoch": 0})
+    stream = (sampler.batch(step, model.mpp) for step in range(state["step"], config.total_steps))
+    if not engine.run_epochs(state, stream, started=started, progress=progress, stop_after=stop_after):
+        return None
     return _finish(config, run, best_dir, device, base, network, model, data, tests, state, before, command,
                    weights)
 
@@ -599,9 +538,9 @@ def _finish(config: FinetuneConfig, run: Path, best_dir: Path, device: torch.dev
         model, tuning = fit_point_thresholds(network, model, data.val, config, device, command)
     after = {"val": _scores(network, data, model, config, device, weights),
              "test": evaluate_tests(network, model, tests, model, device, config.test.radius_um)}
-    (run / "scores.json").write_text(json.dumps(_jsonable({"before": before, "after": after}), indent=1),
+    (run / "scores.json").write_text(json.dumps(jsonable({"before": before, "after": after}), indent=1),
                                      encoding="utf-8")
-    record = _jsonable({
+    record = jsonable({
         "kind": "finetune",
         "histopan_version": __version__,
         "command": command,
@@ -623,8 +562,7 @@ def _finish(config: FinetuneConfig, run: Path, best_dir: Path, device: torch.dev
         "crop": config.crop, "batch_size": config.batch_size, "lr": config.lr,
         "type_weights": None if weights is None else dict(zip(model.type_names, weights.tolist())),
         "train_minutes": round(state["train_seconds"] / 60, 1),
-        "hardware": {"device": str(device), "threads": config.threads,
-                     "cpu": platform.processor() or platform.machine(), "torch": str(torch.__version__)},
+        "hardware": hardware(device, config),
         "before": before, "after": after,
         **({"postprocess_tuning": tuning} if tuning is not None else {}),
     })

@@ -38,8 +38,8 @@ from histopan.model.checkpoint import LoadedModel, load_model, save_config
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps
 from histopan.training.config import FinetuneConfig, TrainConfig
 from histopan.training.data import Sample, load_nucleus_set, load_tile_set
-from histopan.training.finetune import _point_items, search_point_thresholds
-from histopan.training.loop import VAL_TILE_MAX, ValidationMaps, _centre_crop, grid_search, score_maps, tuning_record
+from histopan.training.finetune import point_items, search_point_thresholds
+from histopan.training.loop import VAL_TILE_MAX, ValidationMaps, centre_crop, grid_search, score_maps, tuning_record
 from histopan.training.sparse_data import load_finetune_data
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def validation_maps(model: LoadedModel, config: TrainConfig, *, tta: bool = Fals
     inferencer = TileInferencer(model, device=device, tta=tta)
     return ValidationMaps(
         tuple((s, _resized(inferencer.predict_image(s.image), s.native_shape)) for s in nuclei),
-        tuple((s, inferencer.predict_image(_centre_crop(s.image, VAL_TILE_MAX))) for s in tile_samples)
+        tuple((s, inferencer.predict_image(centre_crop(s.image, VAL_TILE_MAX))) for s in tile_samples)
         if tiles else (),
     )
 
@@ -112,7 +112,7 @@ def point_maps(model: LoadedModel, config: FinetuneConfig, *, tta: bool = False,
                device: str | torch.device | None = None) -> tuple[list[tuple], list[ProbabilityMaps]]:
     """The held-back images of a fine-tuning config that carry point annotations (at the model's mpp), and
     their maps from the pipeline's tile + halo windows, optionally with TTA."""
-    items = _point_items(load_finetune_data(config, model.config).val)
+    items = point_items(load_finetune_data(config, model.config).val)
     if not items:
         raise ConfigError("the fine-tuning config holds back no image with point annotations to tune on",
                           value=config.name, fix="name some annotated images under 'val' of an annotation set")

@@ -26,7 +26,7 @@ from histopan.errors import AnnotationError, ConfigError, DataError
 from histopan.model.config import ModelConfig
 from histopan.training.augment import colour_jitter, flip_rotate, sample_scale
 from histopan.training.config import AnnotatedSetConfig, FinetuneConfig, SlideAnnotationConfig
-from histopan.training.data import (BACKGROUND_INDEX, IMAGE_SUFFIXES, _meta_mpp, glass_mask, load_tile_set,
+from histopan.training.data import (BACKGROUND_INDEX, IMAGE_SUFFIXES, meta_mpp, glass_mask, load_tile_set,
                                     read_rgb, resample_image)
 from histopan.training.sparse import (SparseTargets, annotation_counts, check_extent, rasterize_annotations,
                                       resolve_classes, tile_targets)
@@ -34,7 +34,7 @@ from histopan.training.sparse import (SparseTargets, annotation_counts, check_ex
 log = logging.getLogger(__name__)
 
 __all__ = ["FinetuneData", "SparseCropSampler", "SparseSample", "load_annotated_set", "load_finetune_data",
-           "load_slide_annotations", "read_points"]
+           "load_slide_annotations", "read_points", "type_name_points"]
 
 #: the longest side of one region read from a slide, in pixels at the model's mpp
 MAX_REGION_PX = 2048
@@ -100,7 +100,7 @@ def read_points(annotations: Sequence, scale: float, mapping) -> tuple[np.ndarra
     return np.asarray(xy, np.float64).reshape(-1, 2), tuple(names)
 
 
-def _type_name_points(points: tuple[str | None, ...], mapping, type_names: Sequence[str]) -> tuple[str | None, ...]:
+def type_name_points(points: tuple[str | None, ...], mapping, type_names: Sequence[str]) -> tuple[str | None, ...]:
     """Annotation class names -> the model's type names."""
     out = []
     for n in points:
@@ -120,14 +120,14 @@ def _sample_from_annotations(name: str, dataset: str, image: np.ndarray, annotat
     xy, cls = read_points(annotations, scale, mapping)
     xy = xy - np.asarray(offset)[None, :]
     return SparseSample(name=name, dataset=dataset, image=image, targets=targets, points=xy,
-                        point_types=_type_name_points(cls, mapping, model.type_names),
+                        point_types=type_name_points(cls, mapping, model.type_names),
                         counts=annotation_counts(annotations, mapping))
 
 
 def load_annotated_set(cfg: AnnotatedSetConfig, model: ModelConfig, config: FinetuneConfig
                        ) -> tuple[list[SparseSample], list[SparseSample]]:
     """An image folder with one GeoJSON per image: (samples to train, samples named in ``val``)."""
-    from histopan.export.qupath import read_geojson
+    from histopan.export.geojson import read_geojson
 
     images_dir, geo_dir = Path(cfg.images), Path(cfg.geojson)
     if not images_dir.is_dir():
@@ -135,7 +135,7 @@ def load_annotated_set(cfg: AnnotatedSetConfig, model: ModelConfig, config: Fine
     if not geo_dir.is_dir():
         raise DataError("GeoJSON folder not found", path=geo_dir,
                         fix="check 'annotations[].geojson' (a folder of <image name>.geojson files)")
-    mpp = _meta_mpp(images_dir.parent, cfg.mpp)
+    mpp = meta_mpp(images_dir.parent, cfg.mpp)
     files = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
     geo = {p.name.split(".geojson")[0]: p for p in sorted(geo_dir.iterdir())
            if p.name.endswith((".geojson", ".geojson.gz", ".json"))}
@@ -199,7 +199,7 @@ def load_slide_annotations(cfg: SlideAnnotationConfig, model: ModelConfig, confi
     """Regions of a slide around its annotations, read at the model's mpp, with their sparse targets."""
     import shapely
 
-    from histopan.export.qupath import read_geojson
+    from histopan.export.geojson import read_geojson
     from histopan.slide import open_slide
 
     annotations = read_geojson(cfg.geojson)
