@@ -184,6 +184,19 @@ def _markers(centre: np.ndarray, mask: np.ndarray, components: np.ndarray, n_com
     return markers, np.concatenate([at, deepest_at[missing]])
 
 
+def _edge_distance(mask: np.ndarray) -> np.ndarray:
+    """Flat float64 Euclidean distance (pixels) of every pixel to the nearest pixel outside ``mask``, the
+    tile's edge not counting as outside (scipy's ``distance_transform_edt``, computed by OpenCV's exact mode:
+    squared distances are whole numbers, so rounding them gives scipy's values).  A mask covering the whole
+    tile has no such pixel; there scipy measures from the point one row above the first pixel, and so does
+    this function, so that such a tile gives the same objects as before."""
+    if mask.all():
+        rows, cols = np.indices(mask.shape, dtype=np.float64)
+        return np.sqrt((rows + 1) ** 2 + cols**2).ravel()
+    d = cv2.distanceTransform(mask.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE).astype(np.float64)
+    return np.sqrt(np.rint(d * d)).ravel()
+
+
 def _fill_holes(instances: np.ndarray) -> np.ndarray:
     """Fill background pockets (4-connected, not touching the tile's edge) enclosed by a single instance."""
     n_bg, background = cv2.connectedComponents((instances == 0).view(np.uint8), connectivity=4,
@@ -274,10 +287,8 @@ def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
 
     instances = np.zeros(mask.shape, dtype=np.int32)
     if n_components:
-        # Euclidean distance to the mask's edge in pixels (exact: OpenCV's precise mode, squared distances
-        # are whole numbers); the surface normalises it per component, so the unit cancels
-        d = cv2.distanceTransform(mask8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE).astype(np.float64)
-        distance = np.sqrt(np.rint(d * d)).ravel()
+        # distance to the mask's edge in pixels: the surface normalises it per component, so the unit cancels
+        distance = _edge_distance(mask)
         comp_flat = components.ravel()
         depth, deepest_at = kernels.component_argmax(comp_flat, distance, n_components)
         depth = np.maximum(depth, 1e-9)

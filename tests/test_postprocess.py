@@ -323,3 +323,22 @@ def test_min_centre_peak_drops_objects_without_a_centre():
 def test_min_centre_peak_outside_0_1_is_refused(bad):
     with pytest.raises(ValueError, match="min_centre_peak"):
         PostprocessConfig(min_centre_peak=bad)
+
+
+@pytest.mark.parametrize("case", ["random", "full", "one_hole", "border_only"])
+def test_edge_distance_equals_scipy_edt(case):
+    """The distance the flooding surface uses is scipy's Euclidean distance transform, exactly, also for a
+    mask that covers the whole tile (no pixel outside it)."""
+    from histopan.postprocess import _edge_distance
+
+    rng = np.random.default_rng(1)
+    mask = ndi.gaussian_filter(rng.random((70, 53)), 2) > 0.45
+    if case == "full":
+        mask[:] = True
+    elif case == "one_hole":
+        mask[:] = True
+        mask[40, 7] = False
+    elif case == "border_only":
+        mask[:] = True
+        mask[0, :] = False
+    assert np.array_equal(_edge_distance(mask), ndi.distance_transform_edt(mask).ravel())
