@@ -13,7 +13,9 @@ allocates only arrays of the tile's size or smaller, and runs in O(N) or O(N log
 - :func:`hole_owner`: for each background region, whether it touches the tile's edge and which single
   object (if any) surrounds it;
 - :func:`label_stats`: per-object pixel count, centroid sums, probability sum and peak centre value;
-- :func:`semantic_labels`: the class map, nucleus where an object is, else the most probable stuff class.
+- :func:`semantic_labels`: the class map, nucleus where an object is, else the most probable stuff class;
+- :func:`shape_measures`: per-object moments, exposed pixel edges and the area of the convex hull of its
+  pixel squares (from each row's leftmost and rightmost pixel: O(rows log rows) per object).
 
 The functions release the GIL (``nogil``), so tiles post-processed on threads run in parallel.  They are
 compiled on first use and cached beside this file.
@@ -25,7 +27,7 @@ import numpy as np
 from numba import njit
 
 __all__ = ["component_argmax", "flood", "h_peaks", "hole_owner", "label_stats", "plateau_markers",
-           "semantic_labels"]
+           "semantic_labels", "shape_measures"]
 
 _JIT = {"cache": True, "nogil": True}
 
@@ -231,6 +233,13 @@ def plateau_markers(peaks, width, height):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
+def _put(hv, ha, hi, at, value, age, index):  # pragma: no cover - compiled
+    hv[at] = value
+    ha[at] = age
+    hi[at] = index
+
+
+@njit(**_JIT)
 def _push(hv, ha, hi, items, value, age, index):  # pragma: no cover - compiled
     """Push (value, age, index) onto the heap held in ``hv, ha, hi`` (ordered by value, then age); returns
     the new item count."""
@@ -239,15 +248,11 @@ def _push(hv, ha, hi, items, value, age, index):  # pragma: no cover - compiled
         parent = (child - 1) >> 2
         pv = hv[parent]
         if value < pv or (value == pv and age < ha[parent]):
-            hv[child] = pv
-            ha[child] = ha[parent]
-            hi[child] = hi[parent]
+            _put(hv, ha, hi, child, pv, ha[parent], hi[parent])
             child = parent
         else:
             break
-    hv[child] = value
-    ha[child] = age
-    hi[child] = index
+    _put(hv, ha, hi, child, value, age, index)
     return items + 1
 
 
@@ -270,15 +275,11 @@ def _pop(hv, ha, hi, items):  # pragma: no cover - compiled
             if cv < sv or (cv == sv and ha[child] < sa):
                 small, sv, sa = child, cv, ha[child]
         if sv < value or (sv == value and sa < age):
-            hv[j] = sv
-            ha[j] = sa
-            hi[j] = hi[small]
+            _put(hv, ha, hi, j, sv, sa, hi[small])
             j = small
         else:
             break
-    hv[j] = value
-    ha[j] = age
-    hi[j] = index
+    _put(hv, ha, hi, j, value, age, index)
     return items
 
 
@@ -433,3 +434,99 @@ def semantic_labels(semantic, stuff, instances, nucleus):  # pragma: no cover - 
                     best = stuff[j]
             out[r, c] = best
     return out
+
+
+@njit(**_JIT)
+def _cross(ox, oy, ax, ay, bx, by):  # pragma: no cover - compiled
+    return (ax - ox) * (by - oy) - (ay - oy) * (bx - ox)
+
+
+@njit(**_JIT)
+def _hull_area(xs, ys):  # pragma: no cover - compiled
+    """Area of the convex hull of integer points (Andrew's monotone chain, then the shoelace formula)."""
+    order = np.argsort(xs * (ys.max() + 2) + ys)
+    n = order.size
+    hx = np.empty(2 * n, np.int64)
+    hy = np.empty(2 * n, np.int64)
+    k = 0
+    for j in range(n):  # lower chain
+        x, y = xs[order[j]], ys[order[j]]
+        while k >= 2 and _cross(hx[k - 2], hy[k - 2], hx[k - 1], hy[k - 1], x, y) <= 0:
+            k -= 1
+        hx[k], hy[k] = x, y
+        k += 1
+    lower = k + 1
+    for j in range(n - 2, -1, -1):  # upper chain
+        x, y = xs[order[j]], ys[order[j]]
+        while k >= lower and _cross(hx[k - 2], hy[k - 2], hx[k - 1], hy[k - 1], x, y) <= 0:
+            k -= 1
+        hx[k], hy[k] = x, y
+        k += 1
+    twice = 0
+    for j in range(k - 1):
+        twice += hx[j] * hy[j + 1] - hx[j + 1] * hy[j]
+    return abs(twice) / 2.0
+
+
+@njit(**_JIT)
+def shape_measures(instances, n):  # pragma: no cover - compiled
+    """Per object 1..n of an (H, W) label image: pixel count, the sums of row, column, row^2, column^2 and
+    row x column (float64, raster order), the number of pixel edges it shares with another label or the
+    image's edge, and the area of the convex hull of its pixel squares (0 for an absent label)."""
+    h, w = instances.shape
+    area = np.zeros(n + 1, np.int64)
+    sums = np.zeros((5, n + 1))
+    edges = np.zeros(n + 1, np.int64)
+    rmin = np.full(n + 1, h, np.int64)
+    rmax = np.full(n + 1, -1, np.int64)
+    for r in range(h):
+        for c in range(w):
+            k = instances[r, c]
+            if k == 0:
+                continue
+            area[k] += 1
+            sums[0, k] += r
+            sums[1, k] += c
+            sums[2, k] += r * r
+            sums[3, k] += c * c
+            sums[4, k] += r * c
+            edges[k] += ((r == 0 or instances[r - 1, c] != k) + (r == h - 1 or instances[r + 1, c] != k)
+                         + (c == 0 or instances[r, c - 1] != k) + (c == w - 1 or instances[r, c + 1] != k))
+            if r < rmin[k]:
+                rmin[k] = r
+            rmax[k] = r
+    # the leftmost and rightmost pixel of each object in each of its rows
+    start = np.zeros(n + 2, np.int64)
+    for k in range(1, n + 1):
+        start[k + 1] = start[k] + max(rmax[k] - rmin[k] + 1, 0)
+    left = np.full(start[n + 1], w, np.int64)
+    right = np.full(start[n + 1], -1, np.int64)
+    for r in range(h):
+        for c in range(w):
+            k = instances[r, c]
+            if k == 0:
+                continue
+            j = start[k] + r - rmin[k]
+            if c < left[j]:
+                left[j] = c
+            if c > right[j]:
+                right[j] = c
+    hull = np.zeros(n + 1)
+    for k in range(1, n + 1):
+        rows = start[k + 1] - start[k]
+        if rows == 0:
+            continue
+        xs = np.empty(4 * rows, np.int64)
+        ys = np.empty(4 * rows, np.int64)
+        m = 0
+        for j in range(rows):
+            a, b = left[start[k] + j], right[start[k] + j]
+            if b < a:
+                continue
+            r = rmin[k] + j
+            for dy in range(2):
+                xs[m], ys[m] = a, r + dy
+                xs[m + 1], ys[m + 1] = b + 1, r + dy
+                m += 2
+        hull[k] = _hull_area(xs[:m], ys[:m])
+    return area, sums, edges, hull

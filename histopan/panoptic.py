@@ -9,15 +9,18 @@ that sees them whole.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
 
 def stuff_argmax(semantic_probs: np.ndarray, stuff_ids: np.ndarray) -> np.ndarray:
-    """Class id (uint8) of the most probable *stuff* class per pixel; ``semantic_probs`` is ``(C, H, W)``."""
-    stuff_ids = np.asarray(stuff_ids, dtype=np.intp)
-    best = np.argmax(semantic_probs[stuff_ids], axis=0)
-    return stuff_ids.astype(np.uint8)[best]
+    """Class id (uint8) of the most probable *stuff* class per pixel (the first of equals); ``semantic_probs``
+    is ``(C, H, W)``."""
+    from histopan.kernels import semantic_labels
+
+    no_objects = np.zeros(semantic_probs.shape[1:], np.uint8)
+    return semantic_labels(semantic_probs, np.asarray(stuff_ids, dtype=np.int64), no_objects, 0)
 
 
 def absorb_small_regions(stuff: np.ndarray, min_area_um2: float, mpp: float) -> np.ndarray:
@@ -29,9 +32,9 @@ def absorb_small_regions(stuff: np.ndarray, min_area_um2: float, mpp: float) -> 
         return stuff.copy()
     min_px = min_area_um2 / (mpp * mpp)
     small = np.zeros(stuff.shape, bool)
-    structure = np.ones((3, 3), bool)
-    for cls in np.unique(stuff):
-        comp, n = ndimage.label(stuff == cls, structure=structure)
+    for cls in np.flatnonzero(np.bincount(stuff.ravel())):
+        n_labels, comp = cv2.connectedComponents((stuff == cls).view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        n = n_labels - 1
         if n == 0:
             continue
         sizes = np.bincount(comp.ravel(), minlength=n + 1)

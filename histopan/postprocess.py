@@ -355,7 +355,8 @@ def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
 
 
 def shape_features(instances: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Vectorised shape measurements of the objects ``ids`` of a label image, in pixel units.
+    """Shape measurements of the objects ``ids`` of a label image, in pixel units
+    (:func:`histopan.kernels.shape_measures`, one pass over the pixels):
 
     - ``area``: pixel count;
     - ``perimeter``: exposed pixel edges (4-neighbour boundary length) times pi/4, the Crofton-style
@@ -364,56 +365,24 @@ def shape_features(instances: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarr
     - ``eccentricity``: from the second central moments, as :func:`skimage.measure.regionprops` defines it;
     - ``solidity``: pixel count over the area of the convex hull of the object's pixel squares (<= 1).
     """
-    from scipy.spatial import ConvexHull, QhullError
-
     ids = np.asarray(ids, dtype=np.int64)
-    n_lab = int(instances.max()) + 1 if instances.size else 1
-    flat = instances.ravel().astype(np.int64)
-    rows, cols = np.indices(instances.shape, dtype=np.float64)
-    area = np.bincount(flat, minlength=n_lab).astype(np.float64)
-    sy = np.bincount(flat, rows.ravel(), minlength=n_lab)
-    sx = np.bincount(flat, cols.ravel(), minlength=n_lab)
-    syy = np.bincount(flat, (rows * rows).ravel(), minlength=n_lab)
-    sxx = np.bincount(flat, (cols * cols).ravel(), minlength=n_lab)
-    sxy = np.bincount(flat, (rows * cols).ravel(), minlength=n_lab)
-    a = np.maximum(area[ids], 1)
-    cy, cx = sy[ids] / a, sx[ids] / a
-    mu_yy = syy[ids] / a - cy * cy
-    mu_xx = sxx[ids] / a - cx * cx
-    mu_xy = sxy[ids] / a - cx * cy
+    n = int(instances.max()) if instances.size else 0
+    area_all, sums, edges, hull = kernels.shape_measures(np.ascontiguousarray(instances), n)
+    area = area_all[ids].astype(np.float64)
+    a = np.maximum(area, 1)
+    sy, sx, syy, sxx, sxy = (sums[j, ids] for j in range(5))
+    cy, cx = sy / a, sx / a
+    mu_yy = syy / a - cy * cy
+    mu_xx = sxx / a - cx * cx
+    mu_xy = sxy / a - cx * cy
     common = np.sqrt(np.maximum(((mu_yy - mu_xx) / 2) ** 2 + mu_xy**2, 0))
     l1 = (mu_yy + mu_xx) / 2 + common
     l2 = np.maximum((mu_yy + mu_xx) / 2 - common, 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         eccentricity = np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), 0.0)
-
-    padded = np.pad(instances, 1)
-    edges = np.zeros(n_lab, np.int64)
-    for shifted in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
-        exposed = (instances != shifted) & (instances > 0)
-        edges += np.bincount(instances[exposed].astype(np.int64), minlength=n_lab)
     perimeter = edges[ids] * (np.pi / 4)
-
-    # convex hull of the corners of each object's boundary pixels
-    boundary = (instances > 0) & (
-        (instances != padded[:-2, 1:-1]) | (instances != padded[2:, 1:-1])
-        | (instances != padded[1:-1, :-2]) | (instances != padded[1:-1, 2:]))
-    by, bx = np.nonzero(boundary)
-    blab = instances[by, bx].astype(np.int64)
-    order = np.argsort(blab, kind="stable")
-    by, bx, blab = by[order], bx[order], blab[order]
-    starts = np.searchsorted(blab, ids, side="left")
-    stops = np.searchsorted(blab, ids, side="right")
-    corners = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float64)
-    hull_area = np.empty(ids.size)
-    for k, (s, e) in enumerate(zip(starts, stops)):
-        pts = (np.stack([by[s:e], bx[s:e]], axis=1)[:, None, :] + corners[None]).reshape(-1, 2)
-        try:
-            hull_area[k] = ConvexHull(pts).volume  # 2-D "volume" is the area
-        except (QhullError, ValueError):
-            hull_area[k] = area[ids[k]]
-    solidity = np.clip(area[ids] / np.maximum(hull_area, 1e-9), 0, 1)
-    return {"area": area[ids], "perimeter": perimeter, "eccentricity": eccentricity, "solidity": solidity}
+    solidity = np.clip(area / np.maximum(np.where(hull[ids] > 0, hull[ids], area), 1e-9), 0, 1)
+    return {"area": area, "perimeter": perimeter, "eccentricity": eccentricity, "solidity": solidity}
 
 
 # ------------------------------------------------------------------------------ tissue rules, tile records
@@ -500,11 +469,12 @@ def process_tile(maps: ProbabilityMaps, tile: Tile, grid: TileGrid, model_config
     local = owned.local_ids
     shape = shape_features(instances, local)
     rows = labels.nuclei.set_index("id").loc[local.astype(np.uint32)]  # ids of the window = of the read crop
-    # majority stuff class under each nucleus
+    # majority stuff class under each nucleus (ties to the lower class index)
     lab = instances.ravel().astype(np.int64)
-    votes = np.zeros((int(lab.max()) + 1, len(model_config.classes)), np.int64)
+    n_classes = len(model_config.classes)
     fg = lab > 0
-    np.add.at(votes, (lab[fg], stuff.ravel()[fg]), 1)
+    votes = np.bincount(lab[fg] * n_classes + stuff.ravel()[fg], minlength=(int(lab.max()) + 1) * n_classes)
+    votes = votes.reshape(-1, n_classes)
     return TileRecord(
         objects=owned, stuff=core_stuff,
         area_px=shape["area"].astype(np.int64),
