@@ -148,7 +148,7 @@ def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover -
         if b > 0:
             pixels[fill[b]] = i
             fill[b] += 1
-    parent = np.full(n, -1, np.int64)  # -1: not added yet
+    parent = np.full(n, -1, np.int32)  # -1: not added yet (int32: half the memory traffic)
     size = np.zeros(n, np.int32)  # union by size keeps the trees shallow
     top = np.empty(n, values.dtype)  # the highest value of each set, at its root
     height = n // width
@@ -159,7 +159,7 @@ def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover -
             parent[i] = i
             size[i] = 1
             top[i] = values[i]
-            root = i
+            root = np.int32(i)
             k = components[i]
             r = i // width
             c = i - r * width
@@ -174,7 +174,7 @@ def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover -
                     m = rr * width + cc
                     if parent[m] < 0 or components[m] != k:
                         continue
-                    other = _find(parent, m)
+                    other = np.int32(_find(parent, m))
                     if other == root:
                         continue
                     if size[other] > size[root]:
@@ -227,59 +227,59 @@ def plateau_markers(peaks, width, height):  # pragma: no cover - compiled
     return number, first
 
 
-# The flooding queue is a 4-ary min-heap over three parallel arrays (value, age, pixel): half the depth of a
-# binary heap, and the four children of a node share a cache line.  Keys (value, age) are unique, so any
-# correct heap pops them in the same order.
+# The flooding queue is a 4-ary min-heap of rows (value, age, pixel) in one float64 array (ages and pixel
+# indices are exact in float64 below 2^53): half the depth of a binary heap, and a node's value and age share
+# a cache line.  Keys (value, age) are unique, so any correct heap pops them in the same order.
 
 
 @njit(**_JIT)
-def _put(hv, ha, hi, at, value, age, index):  # pragma: no cover - compiled
-    hv[at] = value
-    ha[at] = age
-    hi[at] = index
-
-
-@njit(**_JIT)
-def _push(hv, ha, hi, items, value, age, index):  # pragma: no cover - compiled
-    """Push (value, age, index) onto the heap held in ``hv, ha, hi`` (ordered by value, then age); returns
-    the new item count."""
+def _push(heap, items, value, age, index):  # pragma: no cover - compiled
+    """Push (value, age, index) onto ``heap`` (ordered by value, then age); returns the new item count."""
     child = items
     while child > 0:
         parent = (child - 1) >> 2
-        pv = hv[parent]
-        if value < pv or (value == pv and age < ha[parent]):
-            _put(hv, ha, hi, child, pv, ha[parent], hi[parent])
+        pv = heap[parent, 0]
+        if value < pv or (value == pv and age < heap[parent, 1]):
+            heap[child, 0] = pv
+            heap[child, 1] = heap[parent, 1]
+            heap[child, 2] = heap[parent, 2]
             child = parent
         else:
             break
-    _put(hv, ha, hi, child, value, age, index)
+    heap[child, 0] = value
+    heap[child, 1] = age
+    heap[child, 2] = index
     return items + 1
 
 
 @njit(**_JIT)
-def _pop(hv, ha, hi, items):  # pragma: no cover - compiled
+def _pop(heap, items):  # pragma: no cover - compiled
     """Remove the heap's first item (the caller has read it); returns the new item count."""
     items -= 1
     if items == 0:
         return 0
-    value, age, index = hv[items], ha[items], hi[items]
+    value, age, index = heap[items, 0], heap[items, 1], heap[items, 2]
     j = 0
     while True:
         first = 4 * j + 1
         if first >= items:
             break
         small = first
-        sv, sa = hv[first], ha[first]
+        sv, sa = heap[first, 0], heap[first, 1]
         for child in range(first + 1, min(first + 4, items)):
-            cv = hv[child]
-            if cv < sv or (cv == sv and ha[child] < sa):
-                small, sv, sa = child, cv, ha[child]
+            cv = heap[child, 0]
+            if cv < sv or (cv == sv and heap[child, 1] < sa):
+                small, sv, sa = child, cv, heap[child, 1]
         if sv < value or (sv == value and sa < age):
-            _put(hv, ha, hi, j, sv, sa, hi[small])
+            heap[j, 0] = sv
+            heap[j, 1] = sa
+            heap[j, 2] = heap[small, 2]
             j = small
         else:
             break
-    _put(hv, ha, hi, j, value, age, index)
+    heap[j, 0] = value
+    heap[j, 1] = age
+    heap[j, 2] = index
     return items
 
 
@@ -303,9 +303,7 @@ def flood(labels, components, active, boundary, distance, depth, weight, width):
         k = components[i]
         if k > 0 and active[k]:
             size += 1
-    hv = np.empty(size, np.float64)
-    ha = np.empty(size, np.int64)
-    hi = np.empty(size, np.int64)
+    heap = np.empty((size, 3), np.float64)
     # Pixels queued at exactly the current level come after every queued pixel of that level (they are the
     # youngest) and before every higher one: they wait in a FIFO instead of the heap.  The heap's items at
     # the current level were queued before the level was reached, so they go first.  Same order, O(1).
@@ -319,13 +317,13 @@ def flood(labels, components, active, boundary, distance, depth, weight, width):
         k = components[i]
         if k > 0 and labels[i] > 0 and active[k]:
             v = weight * boundary[i] + (1.0 - weight) * (1.0 - distance[i] / depth[k])
-            items = _push(hv, ha, hi, items, v, age, i)
+            items = _push(heap, items, v, age, i)
             age += 1
     while items > 0 or head < tail:
-        if items > 0 and (head == tail or hv[0] <= level):
-            level = hv[0]
-            i = hi[0]
-            items = _pop(hv, ha, hi, items)
+        if items > 0 and (head == tail or heap[0, 0] <= level):
+            level = heap[0, 0]
+            i = np.int64(heap[0, 2])
+            items = _pop(heap, items)
         else:
             i = fifo[head]
             head += 1
@@ -358,7 +356,7 @@ def flood(labels, components, active, boundary, distance, depth, weight, width):
                 fifo[tail] = m
                 tail += 1
             else:
-                items = _push(hv, ha, hi, items, v, age, m)
+                items = _push(heap, items, v, age, m)
             age += 1
 
 
