@@ -284,24 +284,23 @@ def _pop(heap, items):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
-def flood(labels, components, active, boundary, distance, depth, weight, width):  # pragma: no cover
-    """Marker-controlled watershed, in place on ``labels`` (markers non-zero, else 0), over the pixels of the
-    components marked ``active``; 4-connected, as :func:`skimage.segmentation.watershed`.
+def flood(labels, surface, width):  # pragma: no cover - compiled
+    """Marker-controlled watershed on the flooding ``surface``, in place on ``labels``: markers > 0, pixels to
+    flood 0, pixels never to flood (outside the mask, or in components left out) -1; 4-connected, as
+    :func:`skimage.segmentation.watershed` with a mask.
 
-    The flooding surface ``weight * boundary + (1 - weight) * (1 - distance / depth[component])`` is
-    computed as pixels are reached.  The order is that of :func:`skimage.segmentation.watershed`: markers
-    are queued in raster order at their own level, a pixel takes the label of the pixel that reaches it
-    first and is queued at no less than that pixel's level, and equal levels go to the pixel queued first.
-    (scikit-image breaks ties between markers at exactly equal levels by its heap's layout; here the first
-    marker in raster order goes first, so flooding each component alone gives the same result as flooding
-    all together.)
+    The order is that of :func:`skimage.segmentation.watershed`: markers are queued in raster order at their
+    own level, a pixel takes the label of the pixel that reaches it first and is queued at no less than that
+    pixel's level, and equal levels go to the pixel queued first.  (scikit-image breaks ties between markers
+    at exactly equal levels by its heap's layout; here the first marker in raster order goes first, so
+    flooding each component alone gives the same result as flooding all together.)  The two arrays are all
+    the loop touches per pixel, which keeps a crowded window's scattered fronts in the cache.
     """
     n = labels.size
     height = n // width
     size = 0
     for i in range(n):
-        k = components[i]
-        if k > 0 and active[k]:
+        if labels[i] >= 0:
             size += 1
     heap = np.empty((size, 3), np.float64)
     # Pixels queued at exactly the current level come after every queued pixel of that level (they are the
@@ -314,10 +313,8 @@ def flood(labels, components, active, boundary, distance, depth, weight, width):
     age = 0
     level = -np.inf
     for i in range(n):
-        k = components[i]
-        if k > 0 and labels[i] > 0 and active[k]:
-            v = weight * boundary[i] + (1.0 - weight) * (1.0 - distance[i] / depth[k])
-            items = _push(heap, items, v, age, i)
+        if labels[i] > 0:
+            items = _push(heap, items, surface[i], age, i)
             age += 1
     while items > 0 or head < tail:
         if items > 0 and (head == tail or heap[0, 0] <= level):
@@ -347,11 +344,10 @@ def flood(labels, components, active, boundary, distance, depth, weight, width):
                 if r == height - 1:
                     continue
                 m = i + width
-            k = components[m]
-            if k == 0 or labels[m] != 0 or not active[k]:
+            if labels[m] != 0:
                 continue
             labels[m] = label
-            v = weight * boundary[m] + (1.0 - weight) * (1.0 - distance[m] / depth[k])
+            v = surface[m]
             if v <= level:
                 fifo[tail] = m
                 tail += 1

@@ -304,9 +304,13 @@ def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
         owner[comp_flat[marker_at[single]]] = flat[marker_at[single]]
         shared = per_component >= 2
         if shared.any():
-            boundary = np.ascontiguousarray(maps.boundary).ravel()
-            kernels.flood(flat, comp_flat, shared, boundary, distance, depth, float(cfg.boundary_weight),
-                          width)
+            flooded = shared[comp_flat]
+            w = cfg.boundary_weight
+            surface = (w * maps.boundary.ravel().astype(np.float64)
+                       + (1.0 - w) * (1.0 - distance / depth[comp_flat]))
+            work = np.where(flooded, flat, -1)
+            kernels.flood(work, surface, width)
+            flat[flooded] = work[flooded]
         np.maximum(instances, owner[components], out=instances)
 
         n = int(instances.max())

@@ -85,13 +85,13 @@ def test_flood_equals_skimage_watershed(seed):
     chosen = rng.choice(inside, size=min(inside.size, int(rng.integers(2, 15))), replace=False)
     markers.ravel()[chosen] = np.arange(1, chosen.size + 1)
     expected = watershed(surface, markers, mask=components > 0)
-    got = markers.ravel().copy()
-    kernels.flood(got, components.ravel().astype(np.int32), np.ones(n + 1, bool), boundary.ravel(),
-                  distance.ravel(), depth, weight, shape[1])
-    assert np.array_equal(got.reshape(shape), expected)
+    got = np.where(components > 0, markers, -1).ravel()
+    kernels.flood(got, surface.ravel(), shape[1])
+    assert np.array_equal(np.maximum(got, 0).reshape(shape), expected)
 
 
-def test_flood_touches_only_active_components():
+def test_flood_leaves_blocked_pixels_alone():
+    """Pixels marked -1 (outside the mask, or components flooded elsewhere) are neither labelled nor crossed."""
     rng = np.random.default_rng(3)
     components, n = ndi.label(_smooth(rng, (60, 60), 2) > 0.45)
     assert n >= 3
@@ -100,16 +100,13 @@ def test_flood_touches_only_active_components():
         markers.ravel()[np.flatnonzero(components == k)[0]] = k
     active = np.zeros(n + 1, bool)
     active[1::2] = True
-    got = markers.ravel().copy()
-    kernels.flood(got, components.ravel().astype(np.int32), active, np.zeros(3600), np.zeros(3600),
-                  np.ones(n + 1), 0.5, 60)
+    got = np.where(active[components], markers, -1).ravel()
+    kernels.flood(got, rng.random(3600), 60)
     got = got.reshape(60, 60)
     for k in range(1, n + 1):
         inside = components == k
-        if active[k]:
-            assert (got[inside] == k).all()
-        else:
-            assert np.array_equal(got[inside], markers[inside])
+        assert (got[inside] == k).all() if active[k] else (got[inside] == -1).all()
+    assert (got[components == 0] == -1).all()
 
 
 @pytest.mark.parametrize("seed", range(5))
