@@ -24,7 +24,7 @@ import tifffile
 from PIL import Image
 
 from histopan.checks import check_mpp
-from histopan.errors import DataError, OutputError, StoreError
+from histopan.errors import AnnotationError, DataError, OutputError, StoreError
 from histopan.export.geojson import read_points_geojson
 from histopan.metrics import (
     NUCLEUS_CLASSES,
@@ -284,9 +284,20 @@ def instance_centroids(inst: np.ndarray) -> np.ndarray:
     return np.stack([sx[ids] / area[ids] + 0.5, sy[ids] / area[ids] + 0.5], axis=1)
 
 
+#: Largest point coordinate accepted (pixels): beyond it a point lies outside any image (and squared
+#: distances of such coordinates overflow the matching).
+MAX_POINT_COORD = float(2**31)
+
+
 def _read_points(path: Path) -> tuple[np.ndarray, list[str | None] | None]:
     if path.suffix.lower() in POINT_SUFFIXES:
         xy, names = read_points_geojson(path)
+        far = np.abs(xy) > MAX_POINT_COORD
+        if far.any():
+            i = int(np.argmax(far.any(axis=1)))
+            raise AnnotationError(f"point {i} lies outside any image (a coordinate beyond 2**31 pixels)", path=path,
+                                  value=f"{xy[i, 0]:g}, {xy[i, 1]:g}",
+                                  fix="fix or remove that point (coordinates are full-resolution pixels of the image)")
         return xy, names
     return instance_centroids(read_label_image(path)), None
 

@@ -510,9 +510,11 @@ def test_evaluate_json_in_a_read_only_place(capsys, labels, tmp_path):
 
 def test_evaluate_json_to_a_device(capsys, labels, tmp_path):
     pred, truth = labels
-    fails(capsys, ["evaluate", "--pred", pred, "--truth", truth, "--json", "/dev/full"],
-          ["/dev/full", "not a regular file"])
-    assert Path("/dev/full").is_char_device()
+    fails(capsys, ["evaluate", "--pred", pred, "--truth", truth, "--json", "/dev/full"], ["/dev/full", ".json"])
+    device = tmp_path / "full.json"  # a name that passes the suffix check, for a device
+    device.symlink_to("/dev/full")
+    fails(capsys, ["evaluate", "--pred", pred, "--truth", truth, "--json", device], [device, "not a regular file"])
+    assert Path("/dev/full").is_char_device() and device.is_symlink()
     works(capsys, ["evaluate", "--pred", pred, "--truth", truth, "--json", tmp_path / "s.json"])
 
 
@@ -575,11 +577,14 @@ def test_evaluate_bad_point_files(capsys, tmp_path, case):
     assert "f1" in works(capsys, ["evaluate", "--points", "--pred", good, "--truth", truth, "--mpp", "0.5"])
 
 
-def test_evaluate_huge_point_coordinates_are_scored_as_misses(capsys, tmp_path):
-    """Finite but huge coordinates are valid GeoJSON: the point simply matches nothing."""
+def test_evaluate_huge_point_coordinates(capsys, tmp_path):
+    """Finite but huge coordinates (beyond any image) are refused; scipy's matching would overflow on them."""
     truth = _points(tmp_path / "truth.geojson", [[10, 10], [20, 20]])
     pred = _points(tmp_path / "pred.geojson", [[1e300, 10], [20, 21]])
     out = tmp_path / "points.json"
+    fails(capsys, ["evaluate", "--points", "--pred", pred, "--truth", truth, "--mpp", "0.5", "--json", out],
+          [pred, "1e+300", "point 0"], absent=[out], clean=[tmp_path])
+    pred = _points(tmp_path / "pred.geojson", [[1e6, 10], [20, 21]])  # far, but inside a (huge) image: a miss
     works(capsys, ["evaluate", "--points", "--pred", pred, "--truth", truth, "--mpp", "0.5", "--json", out])
     scores = json.loads(out.read_text())["all"]
     assert (scores["tp"], scores["fp"], scores["fn"]) == (1, 1, 1)
