@@ -243,8 +243,8 @@ def _train_run(args: argparse.Namespace) -> int:
         data = load_packed(args.data, config)
     command = " ".join(["histopan train", args.config, "--out", args.out] + (["--data", args.data] if args.data else [])
                        + (["--resume"] if args.resume else []))
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress, command=command, data=data,
-                   export=not args.train_only)
+    result = train(config, args.out, resume=args.resume, progress=not (args.no_progress or args.quiet),
+                   command=command, data=data, export=not args.train_only)
     if result is None:
         print(f"trained {args.out}; tune and export it with: histopan train {args.config} --out {args.out} --resume")
         return 0
@@ -272,7 +272,8 @@ def _finetune_run(args: argparse.Namespace) -> int:
     config = read_finetune_config(args.config)
     command = " ".join(["histopan finetune", args.config, "--out", args.out] + (["--resume"] if args.resume else []))
     try:
-        result = finetune(config, args.out, resume=args.resume, progress=not args.no_progress, command=command)
+        result = finetune(config, args.out, resume=args.resume, progress=not (args.no_progress or args.quiet),
+                          command=command)
     except ConfigError as e:
         if e.path is not None:
             raise

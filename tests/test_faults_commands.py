@@ -274,12 +274,18 @@ def test_export_read_only_folder(capsys, store, tmp_path):
     works(capsys, ["export", "qupath", store, "-o", tmp_path / "x.geojson"])
 
 
-def test_export_full_disk_leaves_no_part_file(capsys, store, tmp_path):
+@pytest.mark.parametrize("big", [False, True], ids=["small", "over-1MiB"])
+def test_export_full_disk_leaves_no_part_file(capsys, store, tmp_path_factory, tmp_path, big):
+    """A small file fails when it is closed; a file over the writer's 1 MiB buffer fails while nuclei are
+    still written, with the rest of the buffer unflushable (issue 30: abort() raised again there)."""
+    if big:  # about 2,200 nuclei written as cells: 1.9 MB of GeoJSON
+        store = tmp_path_factory.mktemp("big") / "big.zarr"
+        build_test_store(store, shape=(768, 1024), chunk=256, seed=11, spacing_um=6.0)
     out = tmp_path / "x.geojson"
     full_disk(out)
-    fails(capsys, ["export", "qupath", store, "-o", out, "--workers", "1"], [out, "No space left on device"],
-          absent=[out], clean=[tmp_path])
-    works(capsys, ["export", "qupath", store, "-o", out])
+    fails(capsys, ["export", "qupath", store, "-o", out, "--cells", "--workers", "1"],
+          [out, "No space left on device"], absent=[out], clean=[tmp_path])
+    works(capsys, ["export", "qupath", store, "-o", out, "--cells"])
     assert json.loads(out.read_text())["features"]
 
 
