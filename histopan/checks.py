@@ -43,9 +43,11 @@ def check_output(path: str | PathLike[str], *, folder: bool = False, suffixes: t
 
     The folder that will hold it must exist and be writable (``create``: ``path`` is a folder, made with its
     parents when missing, and must itself be writable).  ``folder``: ``path`` is a folder (a store, a run
-    folder), so an existing file there is refused; else it is a file, so an existing folder is refused, and
-    an existing file too unless ``overwrite``, and anything but a regular file (a device such as /dev/full) always.  ``suffixes``: the name must end with one of them (case-insensitive).  Raises
-    :class:`~histopan.errors.OutputError` naming the path and the fix.
+    folder), so an existing file there is refused; else it is a file, so an existing folder is refused, an
+    existing file too unless ``overwrite``, and anything but a regular file (a device such as /dev/full)
+    always.  A file in place of the folder (or of one of its parents) is named as such.  ``suffixes``: the
+    name must end with one of them (case-insensitive).  Raises :class:`~histopan.errors.OutputError` naming
+    the path and the fix.
     """
     out = Path(path)
     if suffixes and not out.name.lower().endswith(tuple(s.lower() for s in suffixes)):

@@ -229,6 +229,10 @@ def _train_run(args: argparse.Namespace) -> int:
     if not args.pack_data and not args.out:
         raise ConfigError("histopan train needs --out RUN_DIR", fix="add --out runs/NAME (or --pack-data DIR)")
     config = read_train_config(args.config)
+    if args.export:
+        from histopan.training.engine import check_new_folder
+
+        check_new_folder(args.export, "--export")  # before training, not after
     if args.pack_data:
         from histopan.training.data import load_training_data
         from histopan.training.packed import pack_training_data
@@ -270,6 +274,10 @@ def _finetune_run(args: argparse.Namespace) -> int:
     from histopan.training.finetune import finetune, score_table
 
     config = read_finetune_config(args.config)
+    if args.export:
+        from histopan.training.engine import check_new_folder
+
+        check_new_folder(args.export, "--export")  # before training, not after
     command = " ".join(["histopan finetune", args.config, "--out", args.out] + (["--resume"] if args.resume else []))
     try:
         result = finetune(config, args.out, resume=args.resume, progress=not (args.no_progress or args.quiet),
@@ -290,10 +298,16 @@ def _copy_model(src, dest_dir: str) -> None:
     import shutil
     from pathlib import Path
 
+    from histopan.errors import OutputError
+
     dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    for item in sorted(Path(src).iterdir()):
-        shutil.copy2(item, dest / item.name)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for item in sorted(Path(src).iterdir()):
+            shutil.copy2(item, dest / item.name)
+    except OSError as exc:
+        raise OutputError(f"copying the model failed: {exc.strerror or exc}", path=dest,
+                          fix=f"copy the folder {src} yourself, or choose an --export folder you can write to") from exc
     print(f"copied {src} -> {dest}")
 
 

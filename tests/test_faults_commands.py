@@ -676,6 +676,18 @@ def test_train_out_is_a_file_then_a_rerun_trains(capsys, nucleus_set, tmp_path):
     assert "validation nucleus PQ" in out and (tmp_path / "good" / "model" / "weights.safetensors").is_file()
 
 
+def test_train_and_finetune_export_folder_in_the_way(capsys, nucleus_set, ft, tmp_path):
+    """--export is checked before training, not after it."""
+    blocker = tmp_path / "models"
+    blocker.write_text("a file")
+    cfg = _train_yaml(tmp_path / "train.yaml", nucleus_set)
+    fails(capsys, ["train", cfg, "--out", tmp_path / "run", "--export", blocker / "tiny"], [blocker, "--export"])
+    _no_checkpoint(tmp_path / "run")
+    config, _ = ft
+    fails(capsys, ["finetune", config, "--out", tmp_path / "ftrun", "--export", blocker], [blocker, "--export"])
+    assert not (tmp_path / "ftrun").exists()
+
+
 def test_train_out_in_a_read_only_place(capsys, nucleus_set, tmp_path):
     cfg = _train_yaml(tmp_path / "train.yaml", nucleus_set)
     run = Path("/proc/histopan-fault-run")

@@ -133,7 +133,7 @@ def torch_settings(config: RunConfig, device: torch.device, *, cudnn_benchmark: 
 def run_folders(run: Path, resume: bool, kind: str) -> tuple[Path, Path]:
     """``run/checkpoints/last`` and ``run/checkpoints/best``; a new run over an existing ``kind`` run (e.g.
     "training") and a resume without one are refused, naming the folder and the fix."""
-    _check_run_folder(run)
+    check_new_folder(run)
     last_dir, best_dir = run / "checkpoints" / "last", run / "checkpoints" / "best"
     if not resume and (last_dir / STATE_FILE).exists():
         raise ConfigError(f"run folder already holds a {kind} run", path=run,
@@ -144,18 +144,20 @@ def run_folders(run: Path, resume: bool, kind: str) -> tuple[Path, Path]:
     return last_dir, best_dir
 
 
-def _check_run_folder(run: Path) -> None:
-    """Refuse, before any work, a run folder that cannot be made: a file at its place or at a parent's place,
-    or a nearest existing folder that is not writable."""
-    existing = next((p for p in (run, *run.absolute().parents) if p.exists()), None)
+def check_new_folder(folder: str | os.PathLike[str], option: str = "--out") -> None:
+    """Refuse, before any work, an output folder (made with its parents when missing) that cannot be made: a
+    file at its place or at a parent's place, or a nearest existing folder that is not writable.  ``option``
+    names the command-line option in the fix."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.absolute().parents) if p.exists()), None)
     if existing is None:
         return
     if not existing.is_dir():
-        raise OutputError("a file is in the way of the run folder", path=existing,
-                          fix=f"choose another --out folder, or move that file away (the run folder is {run})")
+        raise OutputError("a file is in the way of the output folder", path=existing,
+                          fix=f"choose another {option} folder, or move that file away (the folder is {folder})")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError("the run folder cannot be written here", path=existing,
-                          fix="choose an --out folder you can write to, or fix its permissions")
+        raise OutputError("the output folder cannot be written here", path=existing,
+                          fix=f"choose an {option} folder you can write to, or fix its permissions")
 
 
 def make_run_folder(run: Path) -> None:
