@@ -43,9 +43,11 @@ def check_output(path: str | PathLike[str], *, folder: bool = False, suffixes: t
 
     The folder that will hold it must exist and be writable (``create``: ``path`` is a folder, made with its
     parents when missing, and must itself be writable).  ``folder``: ``path`` is a folder (a store, a run
-    folder), so an existing file there is refused; else it is a file, so an existing folder is refused, and
-    an existing file too unless ``overwrite``.  ``suffixes``: the name must end with one of them (case-insensitive).  Raises
-    :class:`~histopan.errors.OutputError` naming the path and the fix.
+    folder), so an existing file there is refused; else it is a file, so an existing folder is refused, an
+    existing file too unless ``overwrite``, and anything but a regular file (a device such as /dev/full)
+    always.  A file in place of the folder (or of one of its parents) is named as such.  ``suffixes``: the
+    name must end with one of them (case-insensitive).  Raises :class:`~histopan.errors.OutputError` naming
+    the path and the fix.
     """
     out = Path(path)
     if suffixes and not out.name.lower().endswith(tuple(s.lower() for s in suffixes)):
@@ -63,6 +65,10 @@ def check_output(path: str | PathLike[str], *, folder: bool = False, suffixes: t
                               fix="choose a folder you can write to") from exc
     parent = out if create else out.resolve().parent
     if not parent.is_dir():
+        blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise OutputError("a file is in the way of the output folder", path=blocker,
+                              fix=f"write elsewhere, or move that file away (the output is {out})")
         raise OutputError("the output folder does not exist", path=parent, fix=f"create it first (mkdir -p {parent})")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError("the output folder is not writable", path=parent,
@@ -75,6 +81,9 @@ def check_output(path: str | PathLike[str], *, folder: bool = False, suffixes: t
         raise OutputError("the output path is a folder", path=out,
                           fix=f"pass a file name{f' ending in {suffixes[0]}' if suffixes else ''}")
     if out.exists():
+        if not out.is_file():
+            raise OutputError("the output path exists and is not a regular file", path=out,
+                              fix="choose another file name")
         if not overwrite:
             raise OutputError("the output file exists", path=out, fix="choose another name, or allow overwriting")
         if not os.access(out, os.W_OK):

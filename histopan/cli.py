@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
+import typing
 from collections.abc import Callable, Sequence
 
 from histopan import __version__
@@ -26,8 +28,18 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
     return value
 
 
@@ -60,20 +72,16 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from histopan import evaluation
 
+    out = None if args.json is None else check_output(args.json, suffixes=(".json",))  # before the work
     if args.points:
         summary = evaluation.evaluate_points(args.pred, args.truth, args.radius_um, args.mpp, args.aggregate)
     else:
         summary = evaluation.evaluate(args.pred, args.truth, args.aggregate, args.iou_threshold)
     print(evaluation.format_table(summary))
-    if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    if out is not None:
+        evaluation.write_summary(summary, out)
         log.info("wrote %s", out)
     return 0
 
@@ -221,6 +229,10 @@ def _train_run(args: argparse.Namespace) -> int:
     if not args.pack_data and not args.out:
         raise ConfigError("histopan train needs --out RUN_DIR", fix="add --out runs/NAME (or --pack-data DIR)")
     config = read_train_config(args.config)
+    if args.export:
+        from histopan.training.engine import check_new_folder
+
+        check_new_folder(args.export, "--export")  # before training, not after
     if args.pack_data:
         from histopan.training.data import load_training_data
         from histopan.training.packed import pack_training_data
@@ -235,8 +247,8 @@ def _train_run(args: argparse.Namespace) -> int:
         data = load_packed(args.data, config)
     command = " ".join(["histopan train", args.config, "--out", args.out] + (["--data", args.data] if args.data else [])
                        + (["--resume"] if args.resume else []))
-    result = train(config, args.out, resume=args.resume, progress=not args.no_progress, command=command, data=data,
-                   export=not args.train_only)
+    result = train(config, args.out, resume=args.resume, progress=not (args.no_progress or args.quiet),
+                   command=command, data=data, export=not args.train_only)
     if result is None:
         print(f"trained {args.out}; tune and export it with: histopan train {args.config} --out {args.out} --resume")
         return 0
@@ -262,9 +274,14 @@ def _finetune_run(args: argparse.Namespace) -> int:
     from histopan.training.finetune import finetune, score_table
 
     config = read_finetune_config(args.config)
+    if args.export:
+        from histopan.training.engine import check_new_folder
+
+        check_new_folder(args.export, "--export")  # before training, not after
     command = " ".join(["histopan finetune", args.config, "--out", args.out] + (["--resume"] if args.resume else []))
     try:
-        result = finetune(config, args.out, resume=args.resume, progress=not args.no_progress, command=command)
+        result = finetune(config, args.out, resume=args.resume, progress=not (args.no_progress or args.quiet),
+                          command=command)
     except ConfigError as e:
         if e.path is not None:
             raise
@@ -281,10 +298,16 @@ def _copy_model(src, dest_dir: str) -> None:
     import shutil
     from pathlib import Path
 
+    from histopan.errors import OutputError
+
     dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    for item in sorted(Path(src).iterdir()):
-        shutil.copy2(item, dest / item.name)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for item in sorted(Path(src).iterdir()):
+            shutil.copy2(item, dest / item.name)
+    except OSError as exc:
+        raise OutputError(f"copying the model failed: {exc.strerror or exc}", path=dest,
+                          fix=f"copy the folder {src} yourself, or choose an --export folder you can write to") from exc
     print(f"copied {src} -> {dest}")
 
 
@@ -380,7 +403,8 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
                     help="only these tissue classes / nucleus types (the nucleus class name keeps every nucleus)")
     qp.add_argument("--cells", action="store_true",
                     help="export nuclei as QuPath cells (nucleus grown by --cell-expansion um, no overlaps)")
-    qp.add_argument("--cell-expansion", type=float, default=3.0, metavar="UM", help="cell expansion in microns")
+    qp.add_argument("--cell-expansion", type=_nonnegative_float, default=3.0, metavar="UM",
+                    help="cell expansion in microns")
     qp.add_argument("--no-regions", action="store_true", help="nuclei only, no tissue region annotations")
     qp.add_argument("--partial", action="store_true", help="accept an incomplete store (export what is there)")
     qp.add_argument("--workers", type=int, default=None, metavar="N",
@@ -532,8 +556,15 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
 # ----------------------------------------------------------------------------------------------- main
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line, like every other error (exit code 2 as before)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}. Fix: see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="histopan",
         description="Panoptic segmentation of H&E whole-slide images: tissue classes and nucleus instances.",
     )

@@ -36,7 +36,8 @@ class HistopanError(Exception):
             text = f"{text} (got {value!r})"
         if fix:
             text = f"{text}. Fix: {fix}"
-        super().__init__(text)
+        # one line, whatever the parts hold (a YAML parser's or an OS error's message spans several)
+        super().__init__(" ".join(text.split()))
 
 
 class SlideError(HistopanError):

@@ -24,7 +24,7 @@ import tifffile
 from PIL import Image
 
 from histopan.checks import check_mpp
-from histopan.errors import DataError, StoreError
+from histopan.errors import AnnotationError, DataError, OutputError, StoreError
 from histopan.export.geojson import read_points_geojson
 from histopan.metrics import (
     NUCLEUS_CLASSES,
@@ -55,15 +55,20 @@ def read_label_image(path: str | Path) -> np.ndarray:
     """A 2-D integer label image from a TIFF or PNG file (a single-channel RGB-looking PNG is refused)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff"):
-        arr = tifffile.imread(path)
-    elif suffix == ".png":
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    else:
+    if suffix not in LABEL_SUFFIXES:
         raise DataError(
             "not a label image", path=path, value=suffix, fix=f"use one of {', '.join(LABEL_SUFFIXES)}"
         )
+    try:
+        if suffix == ".png":
+            with Image.open(path) as im:
+                arr = np.asarray(im)
+        else:
+            arr = tifffile.imread(path)
+    except (OSError, ValueError) as exc:  # tifffile's TiffFileError is a ValueError; PIL's errors are OSErrors
+        size = f"{path.stat().st_size} bytes" if path.is_file() else None
+        raise DataError(f"cannot read the label image: {exc}", path=path, value=size,
+                        fix="write the instance map as a single-channel integer TIFF or PNG") from exc
     arr = np.squeeze(arr)
     if arr.ndim != 2 or arr.dtype.kind not in "iu":
         raise DataError(
@@ -73,7 +78,8 @@ def read_label_image(path: str | Path) -> np.ndarray:
             fix="save the instance map as a single-channel uint16/uint32 TIFF",
         )
     if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
-        raise DataError("a label image holds negative labels", path=path, value=int(arr.min()))
+        raise DataError("a label image holds negative labels", path=path, value=int(arr.min()),
+                        fix="label background 0 and each nucleus 1, 2, 3, ...")
     return arr
 
 
@@ -278,9 +284,20 @@ def instance_centroids(inst: np.ndarray) -> np.ndarray:
     return np.stack([sx[ids] / area[ids] + 0.5, sy[ids] / area[ids] + 0.5], axis=1)
 
 
+#: Largest point coordinate accepted (pixels): beyond it a point lies outside any image (and squared
+#: distances of such coordinates overflow the matching).
+MAX_POINT_COORD = float(2**31)
+
+
 def _read_points(path: Path) -> tuple[np.ndarray, list[str | None] | None]:
     if path.suffix.lower() in POINT_SUFFIXES:
         xy, names = read_points_geojson(path)
+        far = np.abs(xy) > MAX_POINT_COORD
+        if far.any():
+            i = int(np.argmax(far.any(axis=1)))
+            raise AnnotationError(f"point {i} lies outside any image (a coordinate beyond 2**31 pixels)", path=path,
+                                  value=f"{xy[i, 0]:g}, {xy[i, 1]:g}",
+                                  fix="fix or remove that point (coordinates are full-resolution pixels of the image)")
         return xy, names
     return instance_centroids(read_label_image(path)), None
 
@@ -346,6 +363,35 @@ def evaluate_points(
 
 
 # ------------------------------------------------------------------------------------------------ report
+
+
+def _finite_or_none(x: object) -> object:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
+
+
+def write_summary(summary: Mapping[str, object], out: str | Path) -> Path:
+    """Write ``summary`` as strict JSON (an undefined score, NaN, as null) to ``out``: under a temporary name
+    beside it, renamed when complete, so a file with the final name is always whole.  A failed write (a full
+    disk) leaves nothing behind and raises :class:`~histopan.errors.OutputError`."""
+    import os
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+    text = json.dumps(_finite_or_none(summary), indent=2, allow_nan=False) + "\n"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"writing the results failed: {exc.strerror or exc}", path=out,
+                          fix="free some space in the output folder (or choose another), then run again") from exc
+    return out
 
 
 def _fmt(x: object) -> str:

@@ -90,10 +90,15 @@ class NucleusTable:
     """The store's nucleus table, read batch by batch (bounded memory, whatever the table's size)."""
 
     def __init__(self, path: Path) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.path = path
-        self._file = pq.ParquetFile(path)
+        try:
+            self._file = pq.ParquetFile(path)
+        except (OSError, pa.ArrowInvalid) as exc:  # ArrowInvalid: not Parquet, or cut short
+            raise StoreError(f"the nucleus table cannot be read: {exc}", path=path,
+                             fix="rerun 'histopan segment' with --overwrite to write the store again") from exc
 
     @property
     def num_rows(self) -> int:
@@ -428,6 +433,11 @@ def open_store(path: str | os.PathLike[str], *, partial: bool = False) -> SlideS
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StoreError("not a histopan store (no 'histopan' attributes)", path=path,
                          fix="pass a store written by 'histopan segment'")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"the store has format version {meta.get('format_version')!r}; this histopan "
+                         f"({__version__}) reads version {FORMAT_VERSION}", path=path,
+                         value=meta.get("histopan_version"),
+                         fix="open it with the histopan version that wrote it, or segment the slide again")
     store = SlideStore(path, group)
     if not store.complete and not partial:
         raise StoreError("the store is incomplete (its run was interrupted or is still running)", path=path,

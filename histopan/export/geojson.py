@@ -116,8 +116,11 @@ def _read_geometry(geom: Any, path: Path, where: str):
     if g.is_empty:
         raise AnnotationError(f"{where} ({gtype}) has empty coordinates", path=path, fix=_READ_FIX)
     coords = shapely.get_coordinates(g)
-    if not np.isfinite(coords).all():
-        raise AnnotationError(f"{where} ({gtype}) has non-finite coordinates", path=path, fix=_READ_FIX)
+    finite = np.isfinite(coords).all(axis=1)
+    if not finite.all():
+        bad = coords[int(np.argmin(finite))]
+        raise AnnotationError(f"{where} ({gtype}) has non-finite coordinates (NaN or infinite)", path=path,
+                              value=f"{bad[0]}, {bad[1]}", fix="remove or redraw this object, " + _READ_FIX)
     return g
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from histopan.checks import check_output
-from histopan.errors import HistopanError, OutputError, SlideError, StoreError
+from histopan.errors import OutputError, SlideError, StoreError
 from histopan.store import SlideStore, open_store
 
 log = logging.getLogger(__name__)
@@ -354,7 +354,7 @@ def qc_report(store_path: str | PathLike[str], out_dir: str | PathLike[str], *,
 
     Raises :class:`~histopan.errors.StoreError` for a missing or incomplete store (unless ``partial``),
     :class:`~histopan.errors.SlideError` when ``slide`` is not the slide the store was made from, and
-    :class:`~histopan.errors.HistopanError` when ``out_dir`` cannot be created or written.
+    :class:`~histopan.errors.OutputError` when ``out_dir`` cannot be created or written.
     """
     import matplotlib
 
@@ -384,11 +384,13 @@ def qc_report(store_path: str | PathLike[str], out_dir: str | PathLike[str], *,
             reader.close()
         raise
     name = Path(str(slide_attrs.get("name") or store.path.stem)).stem
+    report = out / f"{name}.html"
+    tmp = out / f".{report.name}.part"
     written: list[Path] = []
     try:
         images: dict[str, Path] = {"overview": out / "overview.png"}
+        written.append(images["overview"])  # before writing: a half-written file is removed too
         _overview(store, images["overview"])
-        written.append(images["overview"])
         density, cell_px = _density_grid(store, slide_attrs)
         crop_px0 = CROP_UM / float(slide_attrs["mpp"])
         sites = _crop_sites(density, cell_px, crop_px0, int(slide_attrs["width"]), int(slide_attrs["height"]),
@@ -396,23 +398,21 @@ def qc_report(store_path: str | PathLike[str], out_dir: str | PathLike[str], *,
         crop_paths = []
         for k, box in enumerate(sites, start=1):
             p = out / f"crop_{k}.png"
+            written.append(p)
             _crop(store, reader, box, ds, p, k)
             crop_paths.append(p)
-            written.append(p)
         plot_paths = _plots(store, density, DENSITY_CELL_UM, out)
         written.extend(plot_paths.values())
         images.update(plot_paths)
         for p in crop_paths:
             images[p.stem] = p
-        report = out / f"{name}.html"
-        tmp = out / f".{report.name}.part"
         tmp.write_text(_html(store, images, crop_paths, name), encoding="utf-8")
         os.replace(tmp, report)
     except OSError as exc:
-        for p in written:
+        for p in (*written, tmp):
             p.unlink(missing_ok=True)
-        raise HistopanError(f"writing the QC report failed: {exc.strerror or exc}", path=out,
-                            fix="check the free space and permissions of the output folder") from exc
+        raise OutputError(f"writing the QC report failed: {exc.strerror or exc}", path=out,
+                          fix="free some space in the output folder (or choose another), then run qc again") from exc
     finally:
         if reader is not None:
             reader.close()

@@ -48,7 +48,7 @@ import numpy as np
 import orjson
 
 from histopan.checks import check_output
-from histopan.errors import ConfigError, HistopanError, RegionError, StoreError
+from histopan.errors import ConfigError, OutputError, RegionError, StoreError
 from histopan.export.contours import Rings, outer_rings, trace_rings
 from histopan.export.geojson import GEOJSON_SUFFIXES, Annotation, read_geojson  # noqa: F401 (import side, re-exported)
 from histopan.store import SlideStore, open_store
@@ -342,8 +342,8 @@ class _Writer:
         try:
             self.raw = open(self.tmp, "wb", buffering=1 << 20)
         except OSError as exc:
-            raise HistopanError(f"cannot write into the output folder: {exc.strerror or exc}", path=out,
-                                fix="choose a folder you can write to, or fix its permissions") from exc
+            raise OutputError(f"cannot write into the output folder: {exc.strerror or exc}", path=out,
+                              fix="choose a folder you can write to, or fix its permissions") from exc
         self.sep = _pack(b",\n", gzip_level)
         self.raw.write(_pack(self.HEAD, gzip_level))
         self.first = True
@@ -364,8 +364,15 @@ class _Writer:
         return self.out.stat().st_size
 
     def abort(self) -> None:
-        self.raw.close()
-        self.tmp.unlink(missing_ok=True)
+        """Throw the partial file away.  Closing flushes what is still buffered, which fails again on a full
+        disk: that data is being discarded with the file, so only the file's removal matters here (the error
+        that made the export abort is the one raised)."""
+        try:
+            self.raw.close()
+        except OSError as exc:
+            log.debug("discarding the unwritten end of %s: %s", self.tmp, exc)
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def _encode_features(features: Sequence[dict[str, Any]], gzip_level: int | None) -> bytes:
@@ -387,7 +394,7 @@ def export_qupath(store_path: str | PathLike[str], out: str | PathLike[str],
     Raises :class:`~histopan.errors.StoreError` for a missing or incomplete store (unless
     ``options.partial``), :class:`~histopan.errors.ConfigError` for an unknown class name,
     :class:`~histopan.errors.RegionError` for a bbox not inside the slide and
-    :class:`~histopan.errors.HistopanError` for an output path that cannot be written.
+    :class:`~histopan.errors.OutputError` for an output path that cannot be written.
     ``progress(done, total)`` is called with nuclei done.
 
     ``workers``: processes that trace and encode blocks of nuclei (the output is byte-identical for any
@@ -472,8 +479,8 @@ def export_qupath(store_path: str | PathLike[str], out: str | PathLike[str],
         size = writer.close()
     except OSError as exc:
         writer.abort()
-        raise HistopanError(f"writing the output failed: {exc.strerror or exc}", path=out,
-                            fix="check the free space and permissions of the output folder") from exc
+        raise OutputError(f"writing the output failed: {exc.strerror or exc}", path=out,
+                          fix="free some space in the output folder (or choose another), then run the export again") from exc
     except BaseException:
         writer.abort()
         raise

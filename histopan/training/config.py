@@ -250,8 +250,9 @@ class TrainConfig:
             raise ValueError(f"tile_fraction must be within 0..1, got {self.tile_fraction}")
         if self.tile_fraction > 0 and not self.tiles:
             raise ValueError("tile_fraction > 0 needs at least one tile set under 'tiles' (or set it to 0)")
-        if not (self.lr > 0 and self.weight_decay >= 0):
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
+        if not (0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"lr must be finite and > 0, weight_decay finite and >= 0, got {self.lr} and "
+                             f"{self.weight_decay}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.val_max_images is not None and self.val_max_images < 1:
@@ -506,8 +507,9 @@ class FinetuneConfig:
             raise ValueError(f"val_fraction must be within 0..1 (exclusive), got {self.val_fraction}")
         if self.tile_fraction is not None and not 0 <= self.tile_fraction <= 1:
             raise ValueError(f"tile_fraction must be within 0..1, got {self.tile_fraction}")
-        if not (self.lr > 0 and self.weight_decay >= 0):
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
+        if not (0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf):
+            raise ValueError(f"lr must be finite and > 0, weight_decay finite and >= 0, got {self.lr} and "
+                             f"{self.weight_decay}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if not (math.isfinite(self.type_balance) and 0 <= self.type_balance <= 1):

@@ -121,6 +121,9 @@ def _read_labels(path: Path) -> np.ndarray:
     if lab.ndim != 2 or not np.issubdtype(lab.dtype, np.integer):
         raise DataError("a label image must be a 2-d integer instance map", path=path,
                         value=f"{lab.shape} {lab.dtype}", fix="write the instance map as a uint16/uint32 TIFF")
+    if lab.size and (lab.min() < 0 or lab.max() > np.iinfo(np.int32).max):
+        raise DataError("a label image holds labels outside 0 .. 2**31 - 1 (negative, or too large)", path=path,
+                        value=(int(lab.min()), int(lab.max())), fix="label background 0 and each nucleus 1, 2, 3, ...")
     return lab.astype(np.int32)
 
 

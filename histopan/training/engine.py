@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from histopan.errors import ConfigError, DataError
+from histopan.errors import ConfigError, DataError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def torch_settings(config: RunConfig, device: torch.device, *, cudnn_benchmark: 
 def run_folders(run: Path, resume: bool, kind: str) -> tuple[Path, Path]:
     """``run/checkpoints/last`` and ``run/checkpoints/best``; a new run over an existing ``kind`` run (e.g.
     "training") and a resume without one are refused, naming the folder and the fix."""
+    check_new_folder(run)
     last_dir, best_dir = run / "checkpoints" / "last", run / "checkpoints" / "best"
     if not resume and (last_dir / STATE_FILE).exists():
         raise ConfigError(f"run folder already holds a {kind} run", path=run,
@@ -140,6 +142,31 @@ def run_folders(run: Path, resume: bool, kind: str) -> tuple[Path, Path]:
         raise DataError("nothing to resume: no checkpoints/last in the run folder", path=run,
                         fix="start the run without --resume")
     return last_dir, best_dir
+
+
+def check_new_folder(folder: str | os.PathLike[str], option: str = "--out") -> None:
+    """Refuse, before any work, an output folder (made with its parents when missing) that cannot be made: a
+    file at its place or at a parent's place, or a nearest existing folder that is not writable.  ``option``
+    names the command-line option in the fix."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.absolute().parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise OutputError("a file is in the way of the output folder", path=existing,
+                          fix=f"choose another {option} folder, or move that file away (the folder is {folder})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError("the output folder cannot be written here", path=existing,
+                          fix=f"choose an {option} folder you can write to, or fix its permissions")
+
+
+def make_run_folder(run: Path) -> None:
+    """Create the run folder (and its parents); an OutputError naming it when that is impossible."""
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the run folder: {exc.strerror or exc}", path=run,
+                          fix="choose an --out folder you can write to") from exc
 
 
 def jsonable(obj: Any) -> Any:

@@ -47,8 +47,8 @@ from histopan.model.network import grow_heads, normalize_input, split_outputs
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps, postprocess_tile
 from histopan.training.config import FinetuneConfig, TuneConfig, write_finetune_config
 from histopan.training.data import meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
-from histopan.training.engine import (WEIGHTS, Engine, autocast, hardware, jsonable, run_folders, torch_settings,
-                                      training_device)
+from histopan.training.engine import (WEIGHTS, Engine, autocast, hardware, jsonable, make_run_folder, run_folders,
+                                      torch_settings, training_device)
 from histopan.training.loop import (VAL_TILE_MAX, ValidationMaps, centre_crop, grid_search, image_maps, score_maps,
                                     tuning_record)
 from histopan.training.losses import distill_loss, total_loss
@@ -441,7 +441,7 @@ def finetune(config: FinetuneConfig, run_dir: str | Path, *, resume: bool = Fals
         _heldback_points(data.val, config)  # refused before training, not after
     _check_stopping(config, data, model)
     tests = load_test_data(config, model)
-    run.mkdir(parents=True, exist_ok=True)
+    make_run_folder(run)
     write_finetune_config(config, run / "finetune.yaml")
 
     with torch_settings(config, device):

@@ -57,8 +57,8 @@ from histopan.model.network import build_network, grow_heads, normalize_input, s
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps, postprocess_tile
 from histopan.training.config import TrainConfig, TuneConfig, write_train_config
 from histopan.training.data import CropSampler, Sample, TrainingData, load_training_data
-from histopan.training.engine import (WEIGHTS, Engine, autocast, hardware, jsonable, learning_rate, read_state,
-                                      run_folders, torch_settings, training_device)
+from histopan.training.engine import (WEIGHTS, Engine, autocast, hardware, jsonable, learning_rate, make_run_folder,
+                                      read_state, run_folders, torch_settings, training_device)
 from histopan.training.losses import total_loss
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, pro
     """
     run = Path(run_dir)
     last_dir, best_dir = run_folders(run, resume, "training")
-    run.mkdir(parents=True, exist_ok=True)
+    make_run_folder(run)
     write_train_config(config, run / "train.yaml")
     device = training_device(config)
     # fixed crop size: on CUDA let cuDNN pick the fastest convolution algorithms once

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histopan.errors import ConfigError
+from histopan.checks import check_output
+from histopan.errors import ConfigError, OutputError
 from histopan.inference import TileInferencer
 from histopan.model.checkpoint import LoadedModel, load_model, save_config
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps
@@ -127,6 +128,8 @@ def retune(model: str | Path, config: TrainConfig | FinetuneConfig, *, tta: bool
     module docstring.  A :class:`TrainConfig` scores nucleus PQ on its ``val`` images; a
     :class:`FinetuneConfig` scores point detection F1 on its held-back point annotations.  With ``out``,
     write the re-tuned model folder there (it may be the model's own folder)."""
+    if out is not None:
+        check_output(out, folder=True)  # refused before the model is read and the grid searched
     loaded = load_model(model)
     started = time.perf_counter()
     mc = loaded.config
@@ -159,7 +162,11 @@ def retune(model: str | Path, config: TrainConfig | FinetuneConfig, *, tta: bool
             config_path=config_path, tta=tta)
         final = (dataclasses.replace(mc, postprocess_tta=best, training=record) if tta
                  else dataclasses.replace(mc, postprocess=best, training=record))
-        written = save_config(loaded, final, out)
+        try:
+            written = save_config(loaded, final, out)
+        except OSError as exc:  # e.g. a read-only or full file system, which the check above cannot see
+            raise OutputError(f"writing the re-tuned model failed: {exc.strerror or exc}", path=out,
+                              fix="choose an --out folder you can write to, with free space") from exc
     result = RetuneResult(model=str(model), postprocess=best, metric=metric, before=before, after=after,
                           trials=trials, tta=tta, out=written)
     log.info("%s %.4f with the model's thresholds, %.4f tuned (%d trials, %.0f s)", metric, result.value(before),
