@@ -1,33 +1,41 @@
 #!/usr/bin/env bash
-# Set up the Python environment for histopan in ./.venv and install this checkout into it (editable).
+# Set up the one Python environment for histopan in ./.venv and install this checkout into it (editable),
+# with the test/development extra, so the quick start, the test suite and the benchmarks all use it.
 #
-#   bash workflows/setup.sh          # runtime dependencies
-#   bash workflows/setup.sh dev      # plus the test/development extra
+#   bash workflows/setup.sh          # the environment (runtime + test extra)
+#   bash workflows/setup.sh dev      # the same environment (kept for older instructions)
 #
-# The environment is cached under ~/.cache/histopan (override with HISTOPAN_CACHE), keyed on
-# pyproject.toml, the extra and the Python version, so a second checkout or a CI rerun reuses it;
-# ./.venv is a link to it.  A real ./.venv directory made by hand is used as it is.
-# Only the package registries are contacted (pip); nothing is downloaded at run time.
+# The environment is cached under ~/.cache/histopan (override with HISTOPAN_CACHE), keyed on pyproject.toml
+# and the Python version only, so `workflows/quickstart.sh`, `.ci/run`, a second checkout or a CI rerun all
+# reuse one environment (one copy of torch); ./.venv is a link to it.  A real ./.venv directory made by hand
+# is used as it is.  Only the package registries are contacted (pip); nothing is downloaded at run time.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 extra=${1:-}
 python=${PYTHON:-python3}
 
+case "$extra" in
+  ""|dev) ;;
+  *) echo "usage: bash workflows/setup.sh [dev]  (unknown argument '$extra')" >&2; exit 2 ;;
+esac
+
 if ! "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
   echo "histopan needs Python >= 3.11; $python is $("$python" --version 2>&1). Set PYTHON=python3.11 (or newer)." >&2
   exit 1
 fi
 
-spec="$repo"
-[ -n "$extra" ] && spec="$repo[$extra]"
+spec="$repo[dev]"
+# pip hides the build backend's output unless it fails; setuptools' deprecation notices ("!!" blocks) are
+# about its own future, not this install, so they are not shown either when pip runs verbosely.
+export PYTHONWARNINGS="ignore::DeprecationWarning"
 
 if [ -d "$repo/.venv" ] && [ ! -L "$repo/.venv" ]; then
   venv="$repo/.venv"
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install -q -e "$spec"
 else
-  key=$( { cat "$repo/pyproject.toml"; echo "$extra"; "$python" --version; } | sha256sum | cut -c1-16)
+  key=$( { cat "$repo/pyproject.toml"; "$python" --version; } | sha256sum | cut -c1-16)
   cache=${HISTOPAN_CACHE:-$HOME/.cache/histopan}
   venv="$cache/venv-$key"
   if [ ! -f "$venv/.histopan-complete" ]; then
@@ -44,6 +52,6 @@ else
   fi
   ln -sfn "$venv" "$repo/.venv"
 fi
-"$repo/.venv/bin/python" -c 'import histopan, torch, segmentation_models_pytorch, openslide, zarr' \
+"$repo/.venv/bin/python" -c 'import histopan, torch, segmentation_models_pytorch, openslide, zarr, pytest, ome_zarr' \
   || { echo "The environment in $venv is broken; delete it and run this script again." >&2; exit 1; }
 echo "$repo/.venv"

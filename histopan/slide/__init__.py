@@ -10,6 +10,7 @@ All coordinates are level-0 pixels; see :meth:`SlideReader.read_region`.
 
 from __future__ import annotations
 
+import os
 from os import PathLike
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def open_slide(path: str | PathLike[str], mpp: float | None = None) -> SlideRead
         raise SlideError("is a directory, not a slide file", path=p,
                          fix="pass the slide file itself (for a DICOM WSI one .dcm file of the series, "
                              "for MIRAX the .mrxs file)")
+    if not os.access(p, os.R_OK):
+        raise SlideError("the slide file cannot be read: permission denied", path=p,
+                         fix=f"make it readable for this user (e.g. chmod a+r {p}) or copy it somewhere readable")
     size = p.stat().st_size
     if size == 0:
         raise SlideError("the file is empty (0 bytes)", path=p,
@@ -48,8 +52,12 @@ def open_slide(path: str | PathLike[str], mpp: float | None = None) -> SlideRead
     name = p.name.lower()
     if name.endswith(_OME_SUFFIXES) or p.suffix.lower() in PIL_SUFFIXES:
         return TifffileReader(p, mpp=mpp)
-    with open(p, "rb") as fh:
-        magic = fh.read(4)
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise SlideError(f"the slide file cannot be read: {exc.strerror or exc}", path=p,
+                         fix="check that the file is readable for this user and its disk is mounted") from exc
     plain_rgb8 = _check_tiff(p) if magic in _TIFF_MAGIC else True
     fmt = detect_format(p)
     if fmt is not None and (fmt != "generic-tiff" or plain_rgb8):
@@ -69,6 +77,10 @@ def _check_tiff(path: Path) -> bool:
 
     try:
         with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) == 0:
+                raise SlideError(f"the TIFF holds no readable image: its first image directory is missing or lies "
+                                 f"beyond the end of the file ({path.stat().st_size} bytes), so it is truncated or "
+                                 f"corrupt", path=path, fix="copy or export the file again")
             check_tiff_complete(tif, path)
             page = tif.pages[0]
             photometric = getattr(page.photometric, "name", "")
