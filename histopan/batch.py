@@ -50,7 +50,7 @@ from histopan import __version__
 from histopan.engine import ModelRef, Timer, cached_inferencer, cached_model, cached_reader, infer_batch, \
     read_batch, record_tile
 from histopan.checks import check_mpp, check_output
-from histopan.errors import ConfigError
+from histopan.errors import ConfigError, HistopanError
 from histopan.pipeline import RunPlan, SegmentOptions, finish_run, plan_run
 
 log = logging.getLogger(__name__)
@@ -291,6 +291,17 @@ class _Planned:
     resumed: int
     started: float  # wall-clock time (time.time) the slide's work began
     summary: dict[str, Any] | None = None
+    error: str | None = None  # a user error that stopped the plan (a bad slide): its one-line message
+
+
+def _plan_or_refuse(job: SlideJob, options: SegmentOptions, model: ModelRef) -> _Planned:
+    """:func:`_plan_task`, with a bad slide's :class:`HistopanError` returned as the plan's ``error`` rather than
+    raised: it is the slide's one-line report, not a failure of the cluster (which Dask would log on the
+    worker with a traceback)."""
+    try:
+        return _plan_task(job, options, model)
+    except HistopanError as exc:
+        return _Planned(None, [], 0, time.time(), error=f"{type(exc).__name__}: {exc}")
 
 
 def _plan_task(job: SlideJob, options: SegmentOptions, model: ModelRef) -> _Planned:
@@ -476,7 +487,7 @@ class _Runner:
     def _submit_plans(self) -> None:
         while self.to_plan and len(self.planning) + len(self.open) < self.open_limit:
             s = self.to_plan.popleft()
-            self._submit(_plan_task, s.job, self.options.segment, self.model, kind="plan", slide=s,
+            self._submit(_plan_or_refuse, s.job, self.options.segment, self.model, kind="plan", slide=s,
                          resources=self.cpu_resources, priority=0)
             self.planning.add(s.index)
 
@@ -544,6 +555,9 @@ class _Runner:
 
     def _planned(self, s: _Slide, planned: _Planned) -> None:
         s.planned = planned
+        if planned.error is not None:
+            self._fail(s, error=planned.error)
+            return
         if planned.plan is None:
             self._end(s, "already_complete", planned.summary or {})
             return
@@ -568,8 +582,10 @@ class _Runner:
         if s in self.open:
             self.open.remove(s)
 
-    def _fail(self, s: _Slide, fut: Any) -> None:
-        if fut.status == "error":
+    def _fail(self, s: _Slide, fut: Any = None, error: str | None = None) -> None:
+        if error is not None:
+            s.report.error = error
+        elif fut.status == "error":
             exc, tb = fut.exception(), fut.traceback()
             s.report.error = f"{type(exc).__name__}: {exc}"
             s.report.traceback = "".join(traceback.format_exception(type(exc), exc, tb))

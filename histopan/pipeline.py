@@ -169,6 +169,10 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
     if (tile_size + 2 * halo) % 32:
         raise ConfigError("tile + 2 * halo must be a multiple of 32", value=(tile_size, halo),
                           fix="use a halo that is a multiple of 16, e.g. 64")
+    if options.batch_size is None:  # fit the device; the store's options record the size used
+        from histopan.inference import auto_batch_size
+
+        options = dataclasses.replace(options, batch_size=auto_batch_size(options.device, tile_size + 2 * halo))
     work_mpp = reader.snap_mpp(cfg.mpp)
     grid = TileGrid.for_slide(reader, work_mpp, tile_size, halo, tuple(options.origin))
     classes = list(cfg.classes)  # numbered by the model config: id = pixel value
@@ -201,12 +205,7 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
             tiling={"tile": tile_size, "halo": halo, "origin": list(grid.origin), "n_tiles": len(grid),
                     "n_tissue_tiles": int(len(selected)), "id_stride": ids.stride},
         )
-    if options.batch_size is None:
-        from histopan.inference import auto_batch_size
-
-        batch_size = auto_batch_size(options.device, tile_size + 2 * halo)
-    else:
-        batch_size = options.batch_size
+    batch_size = options.batch_size
     batches = [selected[i:i + batch_size] for i in range(0, len(selected), batch_size)]
     plan = RunPlan(slide=reader.path, slide_mpp=options.mpp, out=out, model=model, grid=grid, selected=selected,
                    batches=batches, ids=ids, base_mpp=base_mpp, tissue_seconds=tissue_seconds,

@@ -155,7 +155,7 @@ def test_info_reads_a_greyscale_slide_and_says_segment_needs_colour(hostile, cap
     path = hostile["greyscale"]
     assert main(["info", str(path)]) == 0
     captured = capsys.readouterr()
-    assert "greyscale" in captured.out and "segment needs the RGB slide" in captured.err
+    assert "greyscale" in captured.out and "segment needs the colour (RGB) slide" in captured.err
     assert "Traceback" not in captured.err
 
 
@@ -269,8 +269,9 @@ def generated_png(tmp_path) -> Path:
 
 
 def test_batch_records_each_hostile_slide_in_one_line_without_a_traceback(hostile, tmp_path, capfd):
-    """A batch isolates failures (README): each bad slide fails alone, its report row holds the same one-line
-    error as `segment` gives, and no store is left that looks complete; the batch exits 1 (slides failed)."""
+    """A batch isolates failures (README): each bad slide fails alone with one line on stderr, its report row
+    holds the same one-line error as `segment` gives, and no store is left that looks complete; the batch exits
+    1 (slides failed), as it does for any failed slide."""
     cases = ["truncated-svs", "text-as-svs", "png-bomb", "greyscale", "huge-no-pyramid"]
     manifest = tmp_path / "slides.csv"
     with manifest.open("w", newline="", encoding="utf-8") as fh:
@@ -284,6 +285,11 @@ def test_batch_records_each_hostile_slide_in_one_line_without_a_traceback(hostil
     captured = capfd.readouterr()
     assert code == 1
     assert "Traceback" not in captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == len(cases), captured.err  # one line per bad slide, nothing from the workers
+    for case in cases:  # in whatever order the worker finished them
+        (line,) = [line for line in lines if f"{hostile[case]} failed:" in line]
+        assert NEEDLES[case] in line and "Fix:" in line, line
     rows = {row["name"]: row for row in csv.DictReader((out / "batch_report.csv").open(encoding="utf-8"))}
     assert set(rows) == set(cases)
     for case in cases:

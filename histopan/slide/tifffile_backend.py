@@ -7,7 +7,7 @@ pixel size, so they need an explicit mpp (``--mpp``) for anything that works in 
 Pixel formats (decided per case):
 
 - RGB uint8: read as is.  RGBA / grey+alpha: composited on white.
-- single channel (greyscale), with or without alpha: replicated to RGB for reading (logged at INFO);
+- single channel (greyscale), with or without alpha: replicated to RGB for reading (``greyscale`` is set);
   :meth:`~histopan.slide.base.SlideReader.require_segmentable` (called by ``segment`` and ``batch``) refuses it,
   because an H&E model on grey pixels finds no tissue and would write an empty result.
 - 16-bit unsigned: scaled to 8 bits over the full 16-bit range (value / 257), with a logged warning.
@@ -76,7 +76,8 @@ def _pixel_mode(dtype: np.dtype, channels: int, photometric: str | None, path: P
         raise SlideError(f"images with {channels} channels are not supported (expected grey, RGB or RGBA)",
                          path=path, value=channels, fix=_CONVERT_FIX)
     if channels in (1, 2):
-        log.info("%s: single-channel (greyscale) image; replicating it to RGB", path)
+        # debug only: `histopan info` reports a greyscale slide itself and `segment` refuses it in one line
+        log.debug("%s: single-channel (greyscale) image; replicating it to RGB", path)
     return scale
 
 

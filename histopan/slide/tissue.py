@@ -190,7 +190,9 @@ def sample_thumbnail(reader: SlideReader, level: int, long_side: int) -> tuple[n
     started = last = time.monotonic()
     for r, y in enumerate(ys):
         for c, x in enumerate(xs):
-            patch = reader.read_region(x * ds, y * ds, pw * ds, ph * ds, out_size=(pw, ph))
+            x0, y0 = x * ds, y * ds  # level-0 box of the patch, clipped (level sizes are rounded)
+            patch = reader.read_region(x0, y0, min(pw * ds, width - x0), min(ph * ds, height - y0),
+                                       out_size=(pw, ph))
             out[r, c] = np.rint(patch.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
         now = time.monotonic()
         if now - last >= PROGRESS_SECONDS:
