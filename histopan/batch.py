@@ -614,18 +614,18 @@ class _Runner:
 #: tiles per network batch of a batch whose inference may run on GPUs (a --scheduler cluster, --gpus, or a
 #: cuda --device) when --batch-size is not given
 GPU_CLUSTER_BATCH = 8
+#: tiles per network batch (and per task chain) on a local CPU-only cluster: about 2.5 GB per CPU worker
+CPU_CLUSTER_BATCH = 2
 
 
 def default_batch_size(options: BatchOptions) -> int:
     """The network batch of a batch run without ``--batch-size``: :data:`GPU_CLUSTER_BATCH` when inference may
-    run on GPUs, else the CPU default of ``histopan segment`` (:data:`histopan.inference.CPU_BATCH`), which
-    keeps each CPU worker near 2 GB."""
-    from histopan.inference import CPU_BATCH
-
+    run on GPUs, else :data:`CPU_CLUSTER_BATCH` (a task chain per 2 tiles keeps the scheduler's share small and
+    each CPU worker near 2.5 GB)."""
     device = options.segment.device or ""
     if options.gpus or options.scheduler or device.startswith("cuda"):
         return GPU_CLUSTER_BATCH
-    return CPU_BATCH
+    return CPU_CLUSTER_BATCH
 
 
 def run_batch(jobs: Sequence[SlideJob], options: BatchOptions = BatchOptions(), progress: Progress | None = None,

@@ -299,8 +299,8 @@ def _segment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device: cuda, cuda:1, cpu (default: cuda if present)")
     parser.add_argument("--tile", type=_positive_int, default=None, help="tile core size in pixels at the model's mpp")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="tiles per network batch (default: fit the device: 2 on a CPU, about 2 GB of memory; "
-                             "on a GPU as many as half its free memory holds, at most 16); 1 uses the least memory")
+                        help="tiles per network batch (default: fit the device: 1 on a CPU, about 2 GB of memory "
+                             "at the default model; on a GPU as many as half its free memory holds, at most 16)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the network over 8 flips / rotations (8x inference)")
     parser.add_argument("--workers", type=_positive_int, default=2, help="threads for reading and post-processing")
@@ -452,8 +452,8 @@ def _batch_args(parser: argparse.ArgumentParser) -> None:
                         help="torch device on the inference workers (default: cuda if present)")
     parser.add_argument("--tile", type=_positive_int, default=None, help="tile core size in pixels at the model's mpp")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="tiles per network batch, one task chain (default: 8 with GPUs or --scheduler, else 2 "
-                             "per CPU worker, about 2 GB each)")
+                        help="tiles per network batch, one task chain (default: 8 with GPUs or --scheduler, else 2: "
+                             "about 2.5 GB per CPU worker)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the network over 8 flips / rotations (8x inference)")
     parser.add_argument("--min-tissue", type=float, default=0.01,

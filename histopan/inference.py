@@ -54,12 +54,12 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
-#: CPU runs: the network's batch when nothing is said.  Measured on the quick start (CMU-1-Small-Region, default
-#: model, 768 + 2 x 160 px windows, 2-core CPU): peak RSS 2.1 GB at 2 tiles per batch, 4.2 GB at 8, at about the
-#: same speed (a CPU gains nothing from larger batches): about 1.4 GB for the process plus 0.35 GB per window.
-CPU_BATCH = 2
-#: host memory (bytes) of one window in a CPU forward pass, per pixel of the window (0.35 GB / 1088^2, rounded up)
-CPU_BYTES_PER_PX = 320
+#: CPU runs: the network's batch when nothing is said.  Peak RSS of `histopan segment` on the quick start's
+#: slide (CMU-1-Small-Region, default model, 768 + 2 x 160 px windows, 2-core CPU), measured with
+#: /usr/bin/time -v: 4.6 GB at 8 tiles per batch, 2.4-2.6 GB at 2, 1.9-2.1 GB at 1 (about 1.6 GB for the
+#: process plus 0.45 GB per window).  A CPU gains little from larger batches, so one window at a time keeps
+#: CPU runs under 2.5 GB.
+CPU_BATCH = 1
 #: GPU memory (bytes) of one window in a float16 (AMP) forward pass, per pixel of the window: about 4 GiB for a
 #: batch of 8 default-model windows on an H200 (workflows/batch-gpu/README.md), i.e. 460 B/px, with headroom
 #: for the allocator's fragmentation and cuDNN's workspaces
@@ -68,37 +68,20 @@ GPU_BYTES_PER_PX = 600
 MAX_AUTO_BATCH = 16
 
 
-def _available_host_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux MemAvailable), or None when unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def auto_batch_size(device: str | torch.device | None, window_px: int) -> int:
     """Tiles per network batch that fit the device, for square windows of ``window_px`` pixels a side.
 
-    On a GPU: as many as half its free memory holds (``GPU_BYTES_PER_PX`` per window pixel), 1 to
-    ``MAX_AUTO_BATCH``.  On the CPU: ``CPU_BATCH`` (a CPU runs no faster with larger batches, and memory grows
-    with them), or 1 when the available memory would not hold two windows' activations twice over.
+    On a GPU: as many as half its free memory holds (:data:`GPU_BYTES_PER_PX` per window pixel), 1 to
+    :data:`MAX_AUTO_BATCH`.  On the CPU: :data:`CPU_BATCH` (a CPU runs no faster with larger batches, and the
+    peak memory grows with them).
     """
     dev = resolve_device(device)
-    per_window = window_px * window_px
     if dev.type == "cuda":
         free, _total = torch.cuda.mem_get_info(dev)
-        size = int(0.5 * free // (GPU_BYTES_PER_PX * per_window))
-        size = max(1, min(MAX_AUTO_BATCH, size))
+        size = max(1, min(MAX_AUTO_BATCH, int(0.5 * free // (GPU_BYTES_PER_PX * window_px * window_px))))
     else:
-        available = _available_host_memory()
         size = CPU_BATCH
-        if available is not None and available < 2 * CPU_BATCH * CPU_BYTES_PER_PX * per_window:
-            size = 1
-    log.info("network batch: %d tiles of %d px on %s (pass --batch-size to change it)", size, window_px, dev)
+    log.info("network batch: %d tile(s) of %d px on %s (pass --batch-size to change it)", size, window_px, dev)
     return size
 
 

@@ -26,9 +26,10 @@ if ! "$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)
 fi
 
 spec="$repo[dev]"
-# pip hides the build backend's output unless it fails; setuptools' deprecation notices ("!!" blocks) are
-# about its own future, not this install, so they are not shown either when pip runs verbosely.
-export PYTHONWARNINGS="ignore::DeprecationWarning"
+# Every editable install makes setuptools print a "!!" block (BuildBackendWarning "Editable installation.
+# Please be careful with folders in your working directory with the same name as your package ..."), even
+# under pip -q; it says nothing about this install, so that one warning is filtered out.
+export PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}ignore:Editable installation"
 
 if [ -d "$repo/.venv" ] && [ ! -L "$repo/.venv" ]; then
   venv="$repo/.venv"
