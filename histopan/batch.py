@@ -292,16 +292,18 @@ class _Planned:
     started: float  # wall-clock time (time.time) the slide's work began
     summary: dict[str, Any] | None = None
     error: str | None = None  # a user error that stopped the plan (a bad slide): its one-line message
+    traceback: str = ""  # and where it was raised, for the report's traceback column
 
 
 def _plan_or_refuse(job: SlideJob, options: SegmentOptions, model: ModelRef) -> _Planned:
     """:func:`_plan_task`, with a bad slide's :class:`HistopanError` returned as the plan's ``error`` rather than
-    raised: it is the slide's one-line report, not a failure of the cluster (which Dask would log on the
-    worker with a traceback)."""
+    raised: it is the slide's one-line report (its traceback goes to the report file only), not a failure of
+    the cluster, which Dask would log on the worker's console with the traceback."""
     try:
         return _plan_task(job, options, model)
     except HistopanError as exc:
-        return _Planned(None, [], 0, time.time(), error=f"{type(exc).__name__}: {exc}")
+        return _Planned(None, [], 0, time.time(), error=f"{type(exc).__name__}: {exc}",
+                        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
 def _plan_task(job: SlideJob, options: SegmentOptions, model: ModelRef) -> _Planned:
@@ -556,7 +558,7 @@ class _Runner:
     def _planned(self, s: _Slide, planned: _Planned) -> None:
         s.planned = planned
         if planned.error is not None:
-            self._fail(s, error=planned.error)
+            self._fail(s, error=planned.error, trace=planned.traceback)
             return
         if planned.plan is None:
             self._end(s, "already_complete", planned.summary or {})
@@ -582,9 +584,10 @@ class _Runner:
         if s in self.open:
             self.open.remove(s)
 
-    def _fail(self, s: _Slide, fut: Any = None, error: str | None = None) -> None:
+    def _fail(self, s: _Slide, fut: Any = None, error: str | None = None, trace: str = "") -> None:
         if error is not None:
             s.report.error = error
+            s.report.traceback = trace
         elif fut.status == "error":
             exc, tb = fut.exception(), fut.traceback()
             s.report.error = f"{type(exc).__name__}: {exc}"
