@@ -179,7 +179,7 @@ class TifffileReader(SlideReader):
                 img = Image.open(self._path)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise SlideError(f"the image header claims more pixels than a plain PNG/JPEG may have here "
-                             f"(more than {Image.MAX_IMAGE_PIXELS} pixels; it would be decoded whole): {exc}",
+                             f"(more than {Image.MAX_IMAGE_PIXELS} pixels; it would be decoded whole): {str(exc).rstrip('.')}",
                              path=self._path,
                              fix="save a large image as a tiled pyramidal TIFF (e.g. `vips tiffsave in.png out.tif "
                                  "--tile --pyramid --compression jpeg`), or check that the file is what it claims") \
