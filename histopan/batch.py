@@ -50,13 +50,13 @@ from histopan import __version__
 from histopan.engine import ModelRef, Timer, cached_inferencer, cached_model, cached_reader, infer_batch, \
     read_batch, record_tile
 from histopan.checks import check_mpp, check_output
-from histopan.errors import ConfigError
+from histopan.errors import ConfigError, HistopanError
 from histopan.pipeline import RunPlan, SegmentOptions, finish_run, plan_run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchOptions", "BatchResult", "SlideJob", "SlideReport", "SLIDE_SUFFIXES", "batch_client", "find_slides",
-           "local_cluster", "run_batch", "write_report"]
+__all__ = ["BatchOptions", "BatchResult", "SlideJob", "SlideReport", "SLIDE_SUFFIXES", "batch_client",
+           "default_batch_size", "find_slides", "local_address", "local_cluster", "run_batch", "write_report"]
 
 #: file suffixes picked up when SLIDES is a folder (a DICOM WSI, several files per slide, needs a manifest).
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".tif", ".tiff")
@@ -189,7 +189,7 @@ class BatchOptions:
     threads_per_worker: int = 1
     in_flight: int | None = None
     open_slides: int | None = None
-    dashboard_address: str | None = ":8787"
+    dashboard_address: str | None = "127.0.0.1:8787"
 
     def __post_init__(self) -> None:
         for name in ("workers", "in_flight", "open_slides"):
@@ -291,6 +291,19 @@ class _Planned:
     resumed: int
     started: float  # wall-clock time (time.time) the slide's work began
     summary: dict[str, Any] | None = None
+    error: str | None = None  # a user error that stopped the plan (a bad slide): its one-line message
+    traceback: str = ""  # and where it was raised, for the report's traceback column
+
+
+def _plan_or_refuse(job: SlideJob, options: SegmentOptions, model: ModelRef) -> _Planned:
+    """:func:`_plan_task`, with a bad slide's :class:`HistopanError` returned as the plan's ``error`` rather than
+    raised: it is the slide's one-line report (its traceback goes to the report file only), not a failure of
+    the cluster, which Dask would log on the worker's console with the traceback."""
+    try:
+        return _plan_task(job, options, model)
+    except HistopanError as exc:
+        return _Planned(None, [], 0, time.time(), error=f"{type(exc).__name__}: {exc}",
+                        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
 def _plan_task(job: SlideJob, options: SegmentOptions, model: ModelRef) -> _Planned:
@@ -353,7 +366,7 @@ def _finish_task(plan: RunPlan, resumed: int, started: float, *batches: dict[str
 
 
 def local_cluster(workers: int | None = None, gpus: int = 0, threads_per_worker: int = 1,
-                  dashboard_address: str | None = ":8787") -> Any:
+                  dashboard_address: str | None = "127.0.0.1:8787") -> Any:
     """A local Dask cluster for a batch: ``workers`` CPU worker processes (default: one per core, less one
     per GPU) and, with ``gpus``, one single-threaded worker per GPU holding the resource ``GPU=1`` and seeing
     only its own device (``CUDA_VISIBLE_DEVICES``); the CPU workers then hold ``CPU=<threads>`` and see no
@@ -361,9 +374,10 @@ def local_cluster(workers: int | None = None, gpus: int = 0, threads_per_worker:
     from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
     n_cpu = workers if workers is not None else max(1, (os.cpu_count() or 1) - gpus)
+    dashboard_address = local_address(dashboard_address)
     if gpus == 0:
         return LocalCluster(n_workers=n_cpu, threads_per_worker=threads_per_worker, processes=True,
-                            dashboard_address=dashboard_address)
+                            host=LOCALHOST, dashboard_address=dashboard_address)
     specs: dict[str, dict[str, Any]] = {}
     for i in range(gpus):
         specs[f"gpu-{i}"] = {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
@@ -372,7 +386,25 @@ def local_cluster(workers: int | None = None, gpus: int = 0, threads_per_worker:
         specs[f"cpu-{i}"] = {"cls": Nanny, "options": {"nthreads": threads_per_worker,
                                                        "resources": {"CPU": threads_per_worker},
                                                        "env": {"CUDA_VISIBLE_DEVICES": ""}}}
-    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": dashboard_address}})
+    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"host": LOCALHOST,
+                                                                              "dashboard_address": dashboard_address}})
+
+
+#: the interface a local cluster's scheduler and dashboard listen on: this machine only
+LOCALHOST = "127.0.0.1"
+
+
+def local_address(address: str | None) -> str | None:
+    """``address`` for a local cluster's dashboard, bound to localhost when it names no host (``":8787"``,
+    ``"8787"``, ``":0"``); an explicit host (``"0.0.0.0:8787"``) is kept, and None (no dashboard) stays None."""
+    if address is None:
+        return None
+    text = str(address).strip()
+    if text.startswith(":"):
+        return f"{LOCALHOST}{text}"
+    if text.isdigit():
+        return f"{LOCALHOST}:{text}"
+    return text
 
 
 @contextmanager
@@ -457,7 +489,7 @@ class _Runner:
     def _submit_plans(self) -> None:
         while self.to_plan and len(self.planning) + len(self.open) < self.open_limit:
             s = self.to_plan.popleft()
-            self._submit(_plan_task, s.job, self.options.segment, self.model, kind="plan", slide=s,
+            self._submit(_plan_or_refuse, s.job, self.options.segment, self.model, kind="plan", slide=s,
                          resources=self.cpu_resources, priority=0)
             self.planning.add(s.index)
 
@@ -469,7 +501,7 @@ class _Runner:
             batch = s.queue.popleft()
             read = self._submit(_read_task, s.view, batch, kind="read", slide=s, resources=self.cpu_resources,
                                 priority=1, track=False)
-            maps = self._submit(_infer_task, s.view, read, seg.device, seg.batch_size, seg.tta, kind="infer", slide=s,
+            maps = self._submit(_infer_task, s.view, read, seg.device, s.view.batch_size, seg.tta, kind="infer", slide=s,
                                 resources=self.gpu_resources, priority=2, track=False)
             post = self._submit(_post_task, s.view, maps, batch, kind="post", slide=s,
                                 resources=self.cpu_resources, priority=3)
@@ -525,6 +557,9 @@ class _Runner:
 
     def _planned(self, s: _Slide, planned: _Planned) -> None:
         s.planned = planned
+        if planned.error is not None:
+            self._fail(s, error=planned.error, trace=planned.traceback)
+            return
         if planned.plan is None:
             self._end(s, "already_complete", planned.summary or {})
             return
@@ -549,8 +584,11 @@ class _Runner:
         if s in self.open:
             self.open.remove(s)
 
-    def _fail(self, s: _Slide, fut: Any) -> None:
-        if fut.status == "error":
+    def _fail(self, s: _Slide, fut: Any = None, error: str | None = None, trace: str = "") -> None:
+        if error is not None:
+            s.report.error = error
+            s.report.traceback = trace
+        elif fut.status == "error":
             exc, tb = fut.exception(), fut.traceback()
             s.report.error = f"{type(exc).__name__}: {exc}"
             s.report.traceback = "".join(traceback.format_exception(type(exc), exc, tb))
@@ -576,6 +614,23 @@ class _Runner:
         self.emit("slide_end", {"index": s.index, "name": s.job.name, "status": status, "report": r})
 
 
+#: tiles per network batch of a batch whose inference may run on GPUs (a --scheduler cluster, --gpus, or a
+#: cuda --device) when --batch-size is not given
+GPU_CLUSTER_BATCH = 8
+#: tiles per network batch (and per task chain) on a local CPU-only cluster: about 2.5 GB per CPU worker
+CPU_CLUSTER_BATCH = 2
+
+
+def default_batch_size(options: BatchOptions) -> int:
+    """The network batch of a batch run without ``--batch-size``: :data:`GPU_CLUSTER_BATCH` when inference may
+    run on GPUs, else :data:`CPU_CLUSTER_BATCH` (a task chain per 2 tiles keeps the scheduler's share small and
+    each CPU worker near 2.5 GB)."""
+    device = options.segment.device or ""
+    if options.gpus or options.scheduler or device.startswith("cuda"):
+        return GPU_CLUSTER_BATCH
+    return CPU_CLUSTER_BATCH
+
+
 def run_batch(jobs: Sequence[SlideJob], options: BatchOptions = BatchOptions(), progress: Progress | None = None,
               client: Any = None) -> BatchResult:
     """Segment every slide of ``jobs`` into its store on a Dask cluster (see the module docstring).
@@ -593,6 +648,9 @@ def run_batch(jobs: Sequence[SlideJob], options: BatchOptions = BatchOptions(), 
         raise ConfigError("no slides to process", fix="pass a folder, a glob pattern or a CSV manifest of slides")
     emit = progress or (lambda event, data: None)
     loaded = load_model(options.segment.model)
+    if options.segment.batch_size is None:  # one batch size for every slide, whichever worker plans it
+        options = dataclasses.replace(options, segment=dataclasses.replace(
+            options.segment, batch_size=default_batch_size(options)))
     ref = ModelRef(Path(loaded.path).resolve(), loaded.weights_sha256, loaded.config)
     for parent in sorted({job.out.parent for job in jobs}):
         check_output(parent, folder=True).mkdir(exist_ok=True)

@@ -104,7 +104,7 @@ def _info_run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from histopan.slide import MPP_FIX, open_slide
-    from histopan.slide.tissue import tissue_mask
+    from histopan.slide.tissue import read_thumbnail, tissue_mask
 
     thumb = None if args.thumbnail is None else check_output(args.thumbnail, suffixes=(".png",))
     with open_slide(args.slide, mpp=args.mpp) as reader:
@@ -114,11 +114,9 @@ def _info_run(args: argparse.Namespace) -> int:
     info["tissue_mask_downsample"] = mask.downsample
     if thumb is not None:
         with open_slide(args.slide, mpp=args.mpp) as reader:
-            width, height = reader.dimensions
-            scale = min(1.0, THUMBNAIL_PX / max(width, height))
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            image = reader.read_region(0, 0, width, height, out_size=size)
-        thickness = max(1, round(max(size) / 400))
+            # in blocks, or sampled for a huge slide without a pyramid (bounded work)
+            image, _ = read_thumbnail(reader, max(1.0, max(reader.dimensions) / THUMBNAIL_PX))
+        thickness = max(1, round(max(image.shape[:2]) / 400))
         Image.fromarray(mask.overlay((0, 200, 0), thickness, image=image)).save(thumb, format="PNG")
         info["thumbnail"] = str(thumb)
         log.info("wrote %s", thumb)
@@ -141,12 +139,16 @@ def _info_run(args: argparse.Namespace) -> int:
         lines.append(f"  level {i}: {w} x {h} px, downsample {ds:.4g}")
     lines.append(f"associated:       {', '.join(info['associated_images']) or 'none'}")
     lines.append(f"tissue fraction:  {100 * info['tissue_fraction']:.1f} %")
+    if info["greyscale"]:
+        lines.append("colour:           greyscale (histopan segment needs the RGB slide)")
     if thumb is not None:
         lines.append(f"thumbnail:        {thumb}")
     print("\n".join(lines))
     if info["mpp"] is None:
         log.warning("%s has no microns per pixel; tissue was found with pixel-based settings. Fix: %s",
                     args.slide, MPP_FIX)
+    if info["greyscale"]:
+        log.warning("%s is greyscale; histopan segment needs the colour (RGB) slide", args.slide)
     return 0
 
 
@@ -319,7 +321,9 @@ def _segment_args(parser: argparse.ArgumentParser) -> None:
                         help="microns per level-0 pixel; overrides the slide metadata")
     parser.add_argument("--device", default=None, help="torch device: cuda, cuda:1, cpu (default: cuda if present)")
     parser.add_argument("--tile", type=_positive_int, default=None, help="tile core size in pixels at the model's mpp")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per network batch")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="tiles per network batch (default: fit the device: 1 on a CPU, about 2 GB of memory "
+                             "at the default model; on a GPU as many as half its free memory holds, at most 16)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the network over 8 flips / rotations (8x inference)")
     parser.add_argument("--workers", type=_positive_int, default=2, help="threads for reading and post-processing")
@@ -471,13 +475,17 @@ def _batch_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="torch device on the inference workers (default: cuda if present)")
     parser.add_argument("--tile", type=_positive_int, default=None, help="tile core size in pixels at the model's mpp")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per network batch (one task chain)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="tiles per network batch, one task chain (default: 8 with GPUs or --scheduler, else 2: "
+                             "about 2.5 GB per CPU worker)")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the network over 8 flips / rotations (8x inference)")
     parser.add_argument("--min-tissue", type=float, default=0.01,
                         help="skip tiles with less tissue than this fraction (0 = process every tile)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing stores (complete ones included)")
-    parser.add_argument("--dashboard-address", default=":8787", help="local cluster's dashboard address (e.g. :0)")
+    parser.add_argument("--dashboard-address", default="127.0.0.1:8787",
+                        help="local cluster's dashboard address; without a host (e.g. :0) it listens on localhost "
+                             "only; name a host (0.0.0.0:8787) to open it to the network")
 
 
 def _batch_run(args: argparse.Namespace) -> int:
@@ -587,6 +595,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # tifffile logs what it skips in a damaged file (e.g. "invalid offset to first page") through Python's
+    # last-resort handler; histopan's own error names the file and the fix, so those show only with -vv.
+    logging.getLogger("tifffile").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,13 +22,46 @@ from histopan.errors import ConfigError
 T = TypeVar("T")
 
 
+#: the largest YAML file read (bytes); configs and model cards' records are a few kilobytes
+MAX_YAML_BYTES = 8 * 2**20
+#: the most values (mappings, lists and scalars, each counted once per place it appears) a YAML file may hold
+#: once its aliases are expanded: ``*alias`` shares one object, so a few lines of nested aliases (a "billion
+#: laughs" bomb) pass yaml.safe_load and then blow up whatever walks or copies the data
+MAX_YAML_VALUES = 1_000_000
+
+
+def check_yaml_size(data: Any, path: str | PathLike[str], limit: int = MAX_YAML_VALUES) -> None:
+    """:class:`ConfigError` when ``data`` (as yaml.safe_load made it) holds more than ``limit`` values with its
+    aliases expanded, or refers to itself; the walk stops at the limit, so it costs at most ``limit`` steps."""
+    count = 0
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > limit:
+            raise ConfigError(f"the YAML holds more than {limit:,} values once its aliases (*name) are expanded "
+                              "(an alias bomb, or an alias that refers to itself)", path=path,
+                              fix="write the values out instead of nesting aliases; a config is a few hundred lines")
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+
+
 def load_yaml(path: str | PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping from ``path`` with clear errors for a missing or malformed file."""
+    """Read a YAML mapping from ``path`` with clear errors for a missing, malformed, oversized file or one whose
+    aliases expand beyond :data:`MAX_YAML_VALUES` values."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("config file not found", path=p, fix="check the path")
+    size = p.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"the YAML file is too large ({size:,} bytes; at most {MAX_YAML_BYTES:,} are read)",
+                          path=p, fix="pass the config file itself; a config is a few kilobytes")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        check_yaml_size(data, p)
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", path=p, fix="correct the YAML syntax") from exc
     except UnicodeDecodeError as exc:

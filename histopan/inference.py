@@ -30,7 +30,7 @@ from histopan.postprocess import ProbabilityMaps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIN_TILE_PX", "TileInferencer", "forward_padded", "predict_maps", "resolve_device"]
+__all__ = ["MIN_TILE_PX", "TileInferencer", "auto_batch_size", "forward_padded", "predict_maps", "resolve_device"]
 
 #: smallest tile side accepted (reflection padding to a multiple of 32 needs more pixels than the pad).
 MIN_TILE_PX = 32
@@ -52,6 +52,37 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise ConfigError(f"only {torch.cuda.device_count()} CUDA device(s) present", value=str(device),
                           fix="pick an existing device index or use 'auto'")
     return dev
+
+
+#: CPU runs: the network's batch when nothing is said.  Peak RSS of `histopan segment` on the quick start's
+#: slide (CMU-1-Small-Region, default model, 768 + 2 x 160 px windows, 2-core CPU), measured with
+#: /usr/bin/time -v: 4.6 GB at 8 tiles per batch, 2.4-2.6 GB at 2, 1.9-2.1 GB at 1 (about 1.6 GB for the
+#: process plus 0.45 GB per window).  A CPU gains little from larger batches, so one window at a time keeps
+#: CPU runs under 2.5 GB.
+CPU_BATCH = 1
+#: GPU memory (bytes) of one window in a float16 (AMP) forward pass, per pixel of the window: about 4 GiB for a
+#: batch of 8 default-model windows on an H200 (workflows/batch-gpu/README.md), i.e. 460 B/px, with headroom
+#: for the allocator's fragmentation and cuDNN's workspaces
+GPU_BYTES_PER_PX = 600
+#: the largest batch chosen automatically on a GPU (larger batches gain little and cost host memory for maps)
+MAX_AUTO_BATCH = 16
+
+
+def auto_batch_size(device: str | torch.device | None, window_px: int) -> int:
+    """Tiles per network batch that fit the device, for square windows of ``window_px`` pixels a side.
+
+    On a GPU: as many as half its free memory holds (:data:`GPU_BYTES_PER_PX` per window pixel), 1 to
+    :data:`MAX_AUTO_BATCH`.  On the CPU: :data:`CPU_BATCH` (a CPU runs no faster with larger batches, and the
+    peak memory grows with them).
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        size = max(1, min(MAX_AUTO_BATCH, int(0.5 * free // (GPU_BYTES_PER_PX * window_px * window_px))))
+    else:
+        size = CPU_BATCH
+    log.info("network batch: %d tile(s) of %d px on %s (pass --batch-size to change it)", size, window_px, dev)
+    return size
 
 
 def _check_tiles(tiles: np.ndarray) -> np.ndarray:

@@ -56,7 +56,7 @@ class SegmentOptions:
     device: str | None = None  # "cuda", "cpu", "cuda:1"; None = cuda when available
     tile: int | None = None  # core size at the model's mpp; None = the model's
     halo: int | None = None  # None = the model's
-    batch_size: int = 8
+    batch_size: int | None = None  # tiles per network batch; None = fit the device (see auto_batch_size)
     workers: int = 2  # threads for reading and post-processing
     overwrite: bool = False
     min_tissue: float = 0.01  # minimum tissue fraction of a tile's core (0 = every tile)
@@ -69,6 +69,8 @@ class SegmentOptions:
                       error=ConfigError)
         for name in ("batch_size", "workers"):
             value = getattr(self, name)
+            if value is None and name == "batch_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive whole number", value=value,
                                   fix=f"pass e.g. --{name.replace('_', '-')} 4")
@@ -131,6 +133,7 @@ class RunPlan:
     ids: IdScheme
     base_mpp: float
     tissue_seconds: float
+    batch_size: int = 8  # tiles per network batch (options.batch_size, or fitted to the device)
 
     @property
     def config(self) -> Any:
@@ -157,6 +160,7 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
 
     out = check_output(out, folder=True, suffixes=(".zarr",))
     base_mpp = reader.require_mpp()
+    reader.require_segmentable()  # colour, and a pyramid if it is huge
     model = model if model is not None else cached_model(options.model)
     model = model.for_tta(options.tta)  # TTA runs use the thresholds tuned on TTA maps, where the model has them
     cfg = model.config
@@ -165,6 +169,10 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
     if (tile_size + 2 * halo) % 32:
         raise ConfigError("tile + 2 * halo must be a multiple of 32", value=(tile_size, halo),
                           fix="use a halo that is a multiple of 16, e.g. 64")
+    if options.batch_size is None:  # fit the device; the store's options record the size used
+        from histopan.inference import auto_batch_size
+
+        options = dataclasses.replace(options, batch_size=auto_batch_size(options.device, tile_size + 2 * halo))
     work_mpp = reader.snap_mpp(cfg.mpp)
     grid = TileGrid.for_slide(reader, work_mpp, tile_size, halo, tuple(options.origin))
     classes = list(cfg.classes)  # numbered by the model config: id = pixel value
@@ -175,6 +183,9 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
     selected = (np.arange(len(grid)) if options.min_tissue <= 0
                 else select_tiles(tissue_mask(reader), boxes, min_fraction=options.min_tissue))
     tissue_seconds = time.perf_counter() - t0
+    if len(selected) == 0:
+        log.warning("%s: no tile has at least %.0f %% tissue, so the store will hold no nuclei; if the slide does "
+                    "show tissue, pass --min-tissue 0 to process every tile", reader.path, 100 * options.min_tissue)
 
     run_key = {"slide": reader.identity, "model": model.weights_sha256, "mpp": work_mpp, "tile": tile_size,
                "halo": halo, "origin": list(grid.origin), "min_tissue": options.min_tissue,
@@ -194,9 +205,11 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
             tiling={"tile": tile_size, "halo": halo, "origin": list(grid.origin), "n_tiles": len(grid),
                     "n_tissue_tiles": int(len(selected)), "id_stride": ids.stride},
         )
-    batches = [selected[i:i + options.batch_size] for i in range(0, len(selected), options.batch_size)]
+    batch_size = options.batch_size
+    batches = [selected[i:i + batch_size] for i in range(0, len(selected), batch_size)]
     plan = RunPlan(slide=reader.path, slide_mpp=options.mpp, out=out, model=model, grid=grid, selected=selected,
-                   batches=batches, ids=ids, base_mpp=base_mpp, tissue_seconds=tissue_seconds)
+                   batches=batches, ids=ids, base_mpp=base_mpp, tissue_seconds=tissue_seconds,
+                   batch_size=batch_size)
     return plan, store
 
 
@@ -282,7 +295,7 @@ def _pass1(plan: RunPlan, store: SlideStore, reader: Any, options: SegmentOption
     if resumed:
         log.info("resuming: %d of %d tissue tiles already done", resumed, len(plan.selected))
     emit("tiles_done", {"done": resumed, "nuclei": 0})
-    inferencer = cached_inferencer(plan.model, options.device, options.batch_size, options.tta)
+    inferencer = cached_inferencer(plan.model, options.device, plan.batch_size, options.tta)
     done, nuclei = resumed, 0
     in_flight: list[tuple[np.ndarray, list[Future]]] = []
 

@@ -332,8 +332,9 @@ def test_grayscale_is_replicated_to_rgb(tmp_path, caplog):
     for tiled in (True, False):
         path = tmp_path / f"gray_{tiled}.tif"
         tifffile.imwrite(path, gray, tile=(32, 32) if tiled else None)
-        with caplog.at_level(logging.INFO, logger="histopan"), open_slide(path) as reader:
+        with caplog.at_level(logging.DEBUG, logger="histopan"), open_slide(path) as reader:
             px = reader.read_region(0, 0, 120, 100)
+            assert reader.greyscale and reader.describe()["greyscale"]
         for c in range(3):
             np.testing.assert_array_equal(px[..., c], gray)
         assert "greyscale" in caplog.text

@@ -24,3 +24,8 @@ echo "Done. In $out/:"
 echo "  CMU-1-Small-Region.zarr          the OME-Zarr store (labels, nucleus table, provenance)"
 echo "  qc/                              the QC report (open the .html in a browser)"
 echo "  CMU-1-Small-Region.geojson.gz    nuclei and tissue regions for QuPath"
+echo
+echo "View the store: $repo/.venv/bin/ome_zarr info $out/CMU-1-Small-Region.zarr   (its images and labels)"
+echo "  or in napari (not installed here, it needs a desktop): pip install 'napari[all]' napari-ome-zarr, then"
+echo "  napari --plugin napari-ome-zarr $out/CMU-1-Small-Region.zarr"
+echo "Run the tests in the same environment: $repo/.venv/bin/python -m pytest -q"

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import sparse
 
 from histopan.checks import MPP_FIX, check_mpp
-from histopan.errors import MppError, RegionError
+from histopan.errors import MppError, RegionError, SlideError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ PLAUSIBLE_MPP = (0.01, 100.0)
 LEVEL_TOLERANCE = 0.01
 _HEADER_BYTES = 1 << 16
 _INTEGRAL_EPS = 1e-6
+#: ``segment`` refuses a slide of more pixels than this (about 65,000 x 65,000) without a downsampled pyramid
+#: level (see :meth:`SlideReader.require_segmentable`)
+MAX_UNPYRAMIDED_PX = 2**32
 #: Gaussian prefilter sigmas below this (in source pixels) are skipped: the filter would change nothing.
 _MIN_SIGMA = 0.05
 _TRUNCATE = 4.0
@@ -170,6 +173,7 @@ class SlideReader(abc.ABC):
         self._properties: dict[str, str] = {}
         self._associated: LazyImages = LazyImages([], lambda name: np.zeros((0, 0, 3), np.uint8))
         self._identity: str | None = None
+        self._greyscale = False
 
     # ------------------------------------------------------------------------------------ backend hooks
 
@@ -271,6 +275,7 @@ class SlideReader(abc.ABC):
             else "metadata" if self._mpp_xy is not None else None,
             "objective_power": self._objective_power,
             "associated_images": list(self._associated),
+            "greyscale": self._greyscale,
         }
 
     def require_mpp(self) -> float:
@@ -284,6 +289,33 @@ class SlideReader(abc.ABC):
             raise MppError(f"the slide has no microns per pixel in its metadata{hint}", path=self._path,
                            fix=MPP_FIX)
         return mpp
+
+    @property
+    def greyscale(self) -> bool:
+        """Whether the image has a single (grey) channel, replicated to RGB when read."""
+        return self._greyscale
+
+    def require_segmentable(self) -> None:
+        """:class:`SlideError` for a slide that ``segment`` cannot turn into a trustworthy result in bounded time:
+
+        - a greyscale image: H&E models need the stain colours (a grey slide shows no tissue, so the result
+          would be an empty store that looks complete);
+        - a slide of more than :data:`MAX_UNPYRAMIDED_PX` pixels without a downsampled pyramid level: its
+          low-resolution views (the tissue scan, the store's overview) would each read every pixel.
+        """
+        if self._greyscale:
+            raise SlideError("the image is greyscale (one channel); H&E segmentation needs the colour (RGB) image",
+                             path=self._path,
+                             fix="pass the RGB original of the slide (a grey export loses the stain colours the "
+                                 "model reads)")
+        width, height = self.dimensions
+        coarsest = max(self._level_downsamples) if self._level_downsamples else 1.0
+        if width * height > MAX_UNPYRAMIDED_PX and coarsest < 4.0:
+            raise SlideError(f"the slide is {width} x {height} pixels ({width * height / 1e9:.1f} gigapixels) with no "
+                             f"downsampled pyramid level, so every low-resolution view would read all of it",
+                             path=self._path,
+                             fix="convert it to a pyramidal TIFF first, e.g. `vips tiffsave in.tif out.tif --tile "
+                                 "--pyramid --compression jpeg --Q 90`")
 
     def snap_mpp(self, mpp: float, tolerance: float = 0.01) -> float:
         """The pixel size of a pyramid level within ``tolerance`` (relative) of ``mpp``, else ``mpp``.

@@ -7,7 +7,9 @@ pixel size, so they need an explicit mpp (``--mpp``) for anything that works in 
 Pixel formats (decided per case):
 
 - RGB uint8: read as is.  RGBA / grey+alpha: composited on white.
-- single channel (greyscale) uint8: replicated to RGB (logged at INFO).
+- single channel (greyscale), with or without alpha: replicated to RGB for reading (``greyscale`` is set);
+  :meth:`~histopan.slide.base.SlideReader.require_segmentable` (called by ``segment`` and ``batch``) refuses it,
+  because an H&E model on grey pixels finds no tissue and would write an empty result.
 - 16-bit unsigned: scaled to 8 bits over the full 16-bit range (value / 257), with a logged warning.
 - CMYK, palette, MinIsWhite, floating point, signed or 32-bit integer images, more than 4 channels or extra
   Z/T/channel axes: refused with a :class:`~histopan.errors.SlideError` that says how to convert the file,
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -73,7 +76,8 @@ def _pixel_mode(dtype: np.dtype, channels: int, photometric: str | None, path: P
         raise SlideError(f"images with {channels} channels are not supported (expected grey, RGB or RGBA)",
                          path=path, value=channels, fix=_CONVERT_FIX)
     if channels in (1, 2):
-        log.info("%s: single-channel (greyscale) image; replicating it to RGB", path)
+        # debug only: `histopan info` reports a greyscale slide itself and `segment` refuses it in one line
+        log.debug("%s: single-channel (greyscale) image; replicating it to RGB", path)
     return scale
 
 
@@ -166,9 +170,20 @@ class TifffileReader(SlideReader):
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(self._path) as img:
-                img.verify()
-            img = Image.open(self._path)
+            # PIL warns about (and beyond twice the limit refuses) images whose header claims more pixels than
+            # MAX_IMAGE_PIXELS; a plain image is decoded whole, so both are refused here, before any decoding.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(self._path) as img:
+                    img.verify()
+                img = Image.open(self._path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise SlideError(f"the image header claims more pixels than a plain PNG/JPEG may have here "
+                             f"(more than {Image.MAX_IMAGE_PIXELS} pixels; it would be decoded whole): {str(exc).rstrip('.')}",
+                             path=self._path,
+                             fix="save a large image as a tiled pyramidal TIFF (e.g. `vips tiffsave in.png out.tif "
+                                 "--tile --pyramid --compression jpeg`), or check that the file is what it claims") \
+                from exc
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise SlideError(f"not a readable PNG/JPEG image: {exc}", path=self._path,
                              fix=_CORRUPT_FIX) from exc
@@ -178,12 +193,14 @@ class TifffileReader(SlideReader):
                                  "conversion)", path=self._path, fix=_CONVERT_FIX)
             self._level_dimensions = ((int(img.width), int(img.height)),)
             self._pil_mode = img.mode
+            grey = img.mode in ("1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I")
+            self._greyscale = grey
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 self._scale = _pixel_mode(np.dtype(np.uint16), 1, None, self._path)
             elif img.mode in ("F", "I;32"):
                 _pixel_mode(np.dtype(np.float32), 1, None, self._path)
             else:
-                self._scale = _pixel_mode(np.dtype(np.uint8), 1 if img.mode == "L" else 3, None, self._path)
+                self._scale = _pixel_mode(np.dtype(np.uint8), 1 if grey else 3, None, self._path)
             self._properties = {f"pillow.{k}": str(v) for k, v in img.info.items()
                                 if isinstance(v, (str, int, float, tuple))}
             self._properties["pillow.mode"] = img.mode
@@ -249,6 +266,7 @@ class TifffileReader(SlideReader):
             if a in "SC" and n > 1:
                 channels = n
         self._scale = _pixel_mode(np.dtype(series.dtype), channels, photometric, path)
+        self._greyscale = channels in (1, 2)
         self._axes = axes
         dims = []
         for level in series.levels:

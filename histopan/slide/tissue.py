@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,15 @@ FALLBACK_LONG_SIDE = 1024
 MIN_SHORT_SIDE = 32
 #: reads are split so the source block of one read is at most this many level pixels per side
 _MAX_SOURCE_SIDE = 2048
+#: a whole-slide view is read from a pyramid level of at most this many pixels (about 10 s of reading);
+#: a larger level (a huge slide without a pyramid) is sampled instead (:func:`sample_thumbnail`)
+MAX_SCAN_SOURCE_PX = 2**28
+#: the long side of a sampled view, in pixels (one small read per pixel)
+SAMPLED_LONG_SIDE = 256
+#: level pixels per side of the square averaged into one sampled view pixel
+SAMPLE_PATCH = 4
+#: a sampled scan logs its progress this often (seconds)
+PROGRESS_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -132,11 +142,18 @@ def read_thumbnail(reader: SlideReader, downsample: float) -> tuple[np.ndarray, 
     """RGB view of the whole slide at about ``downsample`` level-0 pixels per pixel, read in blocks.
 
     Returns the image and the exact (x, y) level-0 pixels per view pixel (the view covers the slide exactly).
+    The work is bounded: when the pyramid level the view would be read from has more than
+    :data:`MAX_SCAN_SOURCE_PX` pixels (a huge slide without a pyramid), the view is sampled instead
+    (:func:`sample_thumbnail`), coarser than asked.
     """
     width, height = reader.dimensions
     mw, mh = max(1, round(width / downsample)), max(1, round(height / downsample))
     dx, dy = width / mw, height / mh
-    level_ds = reader.level_downsamples[reader.best_level(min(dx, dy))]
+    level = reader.best_level(min(dx, dy))
+    lw, lh = reader.level_dimensions[level]
+    if lw * lh > MAX_SCAN_SOURCE_PX:
+        return sample_thumbnail(reader, level, max(mw, mh))
+    level_ds = reader.level_downsamples[level]
     block = max(16, int(_MAX_SOURCE_SIDE * level_ds / max(dx, dy)))
     out = np.empty((mh, mw, 3), np.uint8)
     for r0 in range(0, mh, block):
@@ -147,6 +164,41 @@ def read_thumbnail(reader: SlideReader, downsample: float) -> tuple[np.ndarray, 
             w = width - x0 if c1 == mw else (c1 - c0) * dx
             h = height - y0 if r1 == mh else (r1 - r0) * dy
             out[r0:r1, c0:c1] = reader.read_region(x0, y0, w, h, out_size=(c1 - c0, r1 - r0))
+    return out, (dx, dy)
+
+
+def sample_thumbnail(reader: SlideReader, level: int, long_side: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """A sampled RGB view of the whole slide, for when reading pyramid level ``level`` whole is too much work.
+
+    The view's long side is ``long_side`` pixels, at most :data:`SAMPLED_LONG_SIDE`; each view pixel is the
+    mean of a :data:`SAMPLE_PATCH`-pixel square of ``level`` at the centre of its cell, so the work is at most
+    ``SAMPLED_LONG_SIDE ** 2`` small reads whatever the slide's size.  Progress is logged every few seconds.
+    Returns the view and the exact (x, y) level-0 pixels per view pixel, as :func:`read_thumbnail` does.
+    """
+    width, height = reader.dimensions
+    lw, lh = reader.level_dimensions[level]
+    ds = reader.level_downsamples[level]
+    scale = min(long_side, SAMPLED_LONG_SIDE) / max(width, height)
+    sw, sh = max(1, round(width * scale)), max(1, round(height * scale))
+    dx, dy = width / sw, height / sh
+    pw, ph = min(SAMPLE_PATCH, lw), min(SAMPLE_PATCH, lh)
+    xs = [min(max(int((c + 0.5) * dx / ds) - pw // 2, 0), lw - pw) for c in range(sw)]
+    ys = [min(max(int((r + 0.5) * dy / ds) - ph // 2, 0), lh - ph) for r in range(sh)]
+    log.info("%s: level %d has %d x %d pixels (%.1f gigapixels) and no coarser pyramid level; scanning for tissue "
+             "on a %d x %d sample of it instead of reading it all", reader.path, level, lw, lh, lw * lh / 1e9, sw, sh)
+    out = np.empty((sh, sw, 3), np.uint8)
+    started = last = time.monotonic()
+    for r, y in enumerate(ys):
+        for c, x in enumerate(xs):
+            x0, y0 = x * ds, y * ds  # level-0 box of the patch, clipped (level sizes are rounded)
+            patch = reader.read_region(x0, y0, min(pw * ds, width - x0), min(ph * ds, height - y0),
+                                       out_size=(pw, ph))
+            out[r, c] = np.rint(patch.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
+        now = time.monotonic()
+        if now - last >= PROGRESS_SECONDS:
+            last = now
+            log.info("%s: tissue scan %d %% (%d of %d rows, %.0f s)", reader.path, 100 * (r + 1) // sh, r + 1, sh,
+                     now - started)
     return out, (dx, dy)
 
 
