@@ -179,8 +179,19 @@ def check_weights_metadata(metadata: Mapping[str, str], *, weights: Path, config
         raise ModelError(f"the weights were saved with model format_version {saved_version}, but model.yaml says "
                          f"{format_version}", path=config, value=format_version,
                          fix=f"set format_version: {saved_version} in {config}")
-    for key, what, names in (("classes", "classes", class_names), ("nucleus_types", "nucleus types", type_names)):
-        saved = _names(metadata, key, weights)
+    saved_classes, saved_types = _names(metadata, "classes", weights), _names(metadata, "nucleus_types", weights)
+    if None not in (class_names, type_names, saved_classes, saved_types):
+        n, n_saved = len(class_names) + 2 + len(type_names), len(saved_classes) + 2 + len(saved_types)
+        if n != n_saved:
+            raise ModelError(
+                f"the weights have {n_saved} output channels (saved with classes {saved_classes} and nucleus types "
+                f"{saved_types}), but model.yaml describes {n} output channels ({len(class_names)} classes "
+                f"{list(class_names)} + centre + boundary + {len(type_names)} nucleus types)",
+                path=weights, value=n_saved,
+                fix=f"make 'classes' and 'nucleus_types' in {config} match the weights, or grow the heads with "
+                    "histopan.model.network.grow_heads and fine-tune")
+    for key, what, names, saved in (("classes", "classes", class_names, saved_classes),
+                                    ("nucleus_types", "nucleus types", type_names, saved_types)):
         if names is None or saved is None or list(names) == saved:
             continue
         names = list(names)
@@ -250,6 +261,8 @@ def _text(value: Any) -> str | None:
 def _yaml_names(raw: Mapping[str, Any], key: str) -> list[str] | None:
     """The names listed under ``key`` in a raw model.yaml, or None where it is absent or malformed (the full
     validation of :func:`~histopan.model.config.read_model_config` reports that)."""
+    if key == "nucleus_types" and key not in raw:
+        return []  # the config's default: no nucleus types
     entries = raw.get(key)
     if not isinstance(entries, list):
         return None
