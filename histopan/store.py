@@ -445,7 +445,7 @@ def open_store(path: str | os.PathLike[str], *, partial: bool = False) -> SlideS
         if staging.is_dir():
             if partial:
                 return open_store(staging, partial=True)
-            raise StoreError(f"the store is not complete yet (its run was interrupted or is still running; the "
+            raise StoreError(f"the store is incomplete (its run was interrupted or is still running; the "
                              f"partial result is {staging.name})", path=path,
                              fix="rerun the same 'histopan segment' command to finish it, or pass --partial")
         raise StoreError("no such store", path=path, fix="check the path, or create it with 'histopan segment'")

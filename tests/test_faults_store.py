@@ -221,7 +221,7 @@ def test_kill_at_every_phase_then_rerun_is_byte_identical(phase, n, slides, tiny
     _assert_nothing_incomplete_visible(out)
     assert not out.exists()  # killed before the swap: nothing under the final name
     if phase not in ("create", "publish"):  # the partial store is readable on request (export/qc --partial)
-        with pytest.raises(StoreError, match="not complete yet.*a.zarr.partial.*--partial"):
+        with pytest.raises(StoreError, match="incomplete.*a.zarr.partial.*--partial"):
             open_store(out)
         store = open_store(out, partial=True)
         assert store.path == staging_path(out) and not store.complete
