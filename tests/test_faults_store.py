@@ -355,6 +355,10 @@ def test_user_errors_are_reported_before_torch_loads(slides, tiny_model, tmp_pat
                                               "--model", str(tmp_path / "no-model")])
     assert code == 2 and not imported
     _one_line_error(err, "no-model")
+    code, err, imported = _cli_without_torch(["-q", "batch", str(tmp_path / "no-slides"), "-o", str(tmp_path / "y"),
+                                              "--model", str(tiny_model)])
+    assert code == 2 and not imported
+    _one_line_error(err, "no-slides", "Fix:")
 
 
 def _swap_two_classes(model: Path, folder: Path) -> Path:
