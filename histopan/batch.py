@@ -38,7 +38,7 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -51,6 +51,7 @@ from histopan.engine import ModelRef, Timer, cached_inferencer, cached_model, ca
     read_batch, record_tile
 from histopan.checks import check_mpp, check_output
 from histopan.errors import ConfigError, HistopanError
+from histopan.outputs import output_lock
 from histopan.pipeline import RunPlan, SegmentOptions, finish_run, plan_run
 
 log = logging.getLogger(__name__)
@@ -307,9 +308,11 @@ def _plan_or_refuse(job: SlideJob, options: SegmentOptions, model: ModelRef) -> 
 
 
 def _plan_task(job: SlideJob, options: SegmentOptions, model: ModelRef) -> _Planned:
+    from histopan.outputs import publish, recover
     from histopan.store import open_store
 
     started = time.time()
+    recover(job.out)  # the client holds the output's lock
     if not options.overwrite and (job.out / "zarr.json").is_file():
         store = open_store(job.out, partial=True)
         if store.complete:
@@ -317,6 +320,9 @@ def _plan_task(job: SlideJob, options: SegmentOptions, model: ModelRef) -> _Plan
     if job.mpp is not None:
         options = dataclasses.replace(options, mpp=job.mpp)
     plan, store = plan_run(cached_reader(job.slide, options.mpp), job.out, options, model=cached_model(model))
+    if store.complete:  # finished before, but stopped before its store was swapped in
+        publish(job.out)
+        return _Planned(None, [], 0, started, summary=dict(store.attrs.get("summary", {})))
     pending, resumed = plan.pending_batches(store)
     return _Planned(plan, pending, resumed, started)
 
@@ -336,7 +342,7 @@ def _post_task(plan: RunPlan, inferred: tuple[list[Any], float, float], batch: n
     from histopan.store import open_store
 
     maps, t_read, t_model = inferred
-    store = open_store(plan.out, partial=True)
+    store = open_store(plan.staging, partial=True)
     nuclei, t_post = 0, 0.0
     for m, index in zip(maps, batch):
         record, seconds = record_tile(m, plan.grid, int(index), plan.config, plan.ids)
@@ -347,10 +353,16 @@ def _post_task(plan: RunPlan, inferred: tuple[list[Any], float, float], batch: n
 
 
 def _finish_task(plan: RunPlan, resumed: int, started: float, *batches: dict[str, float]) -> dict[str, Any]:
+    from histopan.outputs import publish
     from histopan.store import open_store
 
-    store = open_store(plan.out, partial=True)
-    if store.complete:  # a retry of a finish that completed on a worker that died before reporting
+    # a retry of a finish that completed (and swapped the store in, or not yet) on a worker that died before
+    # reporting
+    if not plan.staging.exists():
+        return dict(open_store(plan.out).attrs["summary"])
+    store = open_store(plan.staging, partial=True)
+    if store.complete:
+        publish(plan.out)
         return dict(store.attrs["summary"])
     timer = Timer()
     timer.add("tissue", plan.tissue_seconds)
@@ -652,12 +664,19 @@ def run_batch(jobs: Sequence[SlideJob], options: BatchOptions = BatchOptions(), 
         options = dataclasses.replace(options, segment=dataclasses.replace(
             options.segment, batch_size=default_batch_size(options)))
     ref = ModelRef(Path(loaded.path).resolve(), loaded.weights_sha256, loaded.config)
+    if options.scheduler is None and options.segment.device is not None:
+        from histopan.inference import resolve_device
+
+        resolve_device(options.segment.device)  # a local cluster has this machine's devices: fail before any store
     for parent in sorted({job.out.parent for job in jobs}):
         check_output(parent, folder=True).mkdir(exist_ok=True)
-    if client is None:
-        with batch_client(options) as own:
-            return _run(own, jobs, options, ref, emit)
-    return _run(client, jobs, options, ref, emit)
+    with ExitStack() as locks:  # every output of the batch, held by this process while the workers write
+        for job in jobs:
+            locks.enter_context(output_lock(job.out))
+        if client is None:
+            with batch_client(options) as own:
+                return _run(own, jobs, options, ref, emit)
+        return _run(client, jobs, options, ref, emit)
 
 
 def _run(client: Any, jobs: Sequence[SlideJob], options: BatchOptions, ref: ModelRef, emit: Progress) -> BatchResult:

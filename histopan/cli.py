@@ -334,6 +334,17 @@ def _segment_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _segment_run(args: argparse.Namespace) -> int:
+    from histopan.outputs import output_lock
+    from histopan.preflight import check_segment
+
+    out = check_output(args.out, folder=True, suffixes=(".zarr",))
+    with output_lock(out):  # held from the first check to the swap of the finished store
+        # paths, output state, mpp and the model folder, before torch is imported (well under 2 s)
+        check_segment(args.slide, out, model=args.model, mpp=args.mpp, overwrite=args.overwrite)
+        return _segment(args)
+
+
+def _segment(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
@@ -489,6 +500,10 @@ def _batch_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _batch_run(args: argparse.Namespace) -> int:
+    from histopan.preflight import check_batch
+
+    check_batch(args.out, model=args.model)  # before torch is imported (well under 2 s)
+
     from tqdm import tqdm
 
     from histopan.batch import BatchOptions, find_slides, run_batch, write_report

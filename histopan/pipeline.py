@@ -18,14 +18,21 @@ Two passes keep memory bounded and make the run resumable:
 
 Then the nucleus table, a low-resolution RGB pyramid and the label pyramids are written and the store is
 marked complete.  The slide is opened once per run.
+
+The store is built beside the output, in ``OUT.zarr.partial``, and swapped in as ``OUT.zarr`` only once
+complete, under an exclusive lock on the output (:mod:`histopan.outputs`): a killed, failed or ``--overwrite``
+run never damages a complete store, and the same command resumes an interrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from os import PathLike
@@ -38,7 +45,8 @@ from histopan import __version__
 from histopan.config import to_dict
 from histopan.engine import ModelRef, Timer, cached_inferencer, cached_model, infer_batch, read_batch, record_tile
 from histopan.checks import check_mpp, check_output
-from histopan.errors import ConfigError
+from histopan.errors import ConfigError, OutputError
+from histopan.outputs import output_lock, publish, staging_path
 from histopan.stitching import ChunkPainter, IdScheme, TileRecord, deduplicate_tiles
 from histopan.store import SlideStore, create_store, open_for_run, overview_geometry, \
     slide_attributes
@@ -107,6 +115,12 @@ class SegmentResult:
         return {**dataclasses.asdict(self), "store": str(self.store),
                 "megapixels_per_second": self.megapixels_per_second}
 
+    @classmethod
+    def from_json(cls, summary: dict[str, Any]) -> SegmentResult:
+        """The result that :meth:`to_json` wrote (a store's ``summary``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in summary.items() if k in names}, "store": Path(summary["store"])})
+
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -139,6 +153,11 @@ class RunPlan:
     def config(self) -> Any:
         return self.model.config
 
+    @property
+    def staging(self) -> Path:
+        """Where the run's store is built until it is complete and swapped in as ``out``."""
+        return staging_path(self.out)
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "model": ModelRef.of(self.model)}
 
@@ -151,7 +170,8 @@ class RunPlan:
 
 def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
              model: Any = None) -> tuple[RunPlan, SlideStore]:
-    """Lay the grid over the open slide ``reader``, find the tissue tiles, and create or resume the store.
+    """Lay the grid over the open slide ``reader``, find the tissue tiles, and create or resume the store
+    (in ``staging_path(out)``; :func:`finish_run` swaps it in as ``out``).  The caller holds the output's lock.
 
     ``model`` (a LoadedModel) may be passed to reuse one already loaded; else ``options.model`` is loaded
     (once per process, :func:`~histopan.engine.cached_model`).
@@ -194,8 +214,8 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
     if store is None:
         image_shape, image_mpp = overview_geometry(reader, work_mpp)
         store = create_store(
-            out, shape=grid.shape, mpp=work_mpp, chunk=tile_size, classes=classes, image_shape=image_shape,
-            image_mpp=image_mpp, name=reader.path.name,
+            staging_path(out), shape=grid.shape, mpp=work_mpp, chunk=tile_size, classes=classes,
+            image_shape=image_shape, image_mpp=image_mpp, name=reader.path.name,
             run={"key": run_key, "model": {"name": cfg.name, "path": str(model.path),
                                            "weights_sha256": model.weights_sha256, "config": to_dict(cfg)},
                  "options": to_dict(options), "tiles": [int(t) for t in selected]},
@@ -216,7 +236,8 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
 def finish_run(plan: RunPlan, store: SlideStore, reader: Any, emit: Progress, timer: Timer, t_start: float,
                resumed: int) -> SegmentResult:
     """Pass 2 (de-duplicate, then paint, fuse and write every chunk), the nucleus table, the overview image
-    (read from the open slide ``reader``) and the pyramids; then mark the store complete."""
+    (read from the open slide ``reader``) and the pyramids; then mark the store complete and swap it in as
+    ``plan.out`` (an old store there, kept so far, is deleted only then)."""
     cfg, grid, classes = plan.config, plan.grid, store.classes
     t = time.perf_counter()
     recorded = np.zeros(len(grid), bool)
@@ -264,6 +285,7 @@ def finish_run(plan: RunPlan, store: SlideStore, reader: Any, emit: Progress, ti
                            megapixels=float(len(plan.selected)) * grid.tile * grid.tile / 1e6,
                            seconds=time.perf_counter() - t_start, timings=dict(timer.totals), resumed_tiles=resumed)
     store.finalize(**result.to_json())
+    publish(plan.out)
     emit("done", result.to_json())
     return result
 
@@ -271,19 +293,48 @@ def finish_run(plan: RunPlan, store: SlideStore, reader: Any, emit: Progress, ti
 def segment_slide(slide: str | PathLike[str], out: str | PathLike[str], options: SegmentOptions = SegmentOptions(),
                   progress: Progress | None = None) -> SegmentResult:
     """Segment one slide into the store ``out`` (see the module docstring).  Resumes an unfinished store of
-    the same run; refuses to replace a complete one unless ``options.overwrite``."""
+    the same run; refuses to replace a complete one unless ``options.overwrite``, and even then keeps it
+    until the new one is complete.  Another run holding ``out`` is refused (:func:`histopan.outputs.output_lock`)."""
+    from histopan.inference import resolve_device
     from histopan.slide import open_slide
 
     t_start = time.perf_counter()
     timer = Timer()
     emit = progress or (lambda event, data: None)
-    with open_slide(slide, mpp=options.mpp) as reader:
-        plan, store = plan_run(reader, out, options)
-        timer.add("tissue", plan.tissue_seconds)
-        grid, selected = plan.grid, plan.selected
-        emit("start", {"n_tiles": int(len(selected)), "grid": len(grid), "mpp": grid.mpp, "shape": grid.shape})
-        resumed = _pass1(plan, store, reader, options, emit, timer)
-        return finish_run(plan, store, reader, emit, timer, t_start, resumed)
+    out = check_output(out, folder=True, suffixes=(".zarr",))
+    with output_lock(out), _store_write_errors(out):
+        resolve_device(options.device)  # a device that is not there fails before any store is made
+        with open_slide(slide, mpp=options.mpp) as reader:
+            plan, store = plan_run(reader, out, options)
+            if store.complete:  # this run finished before, but was stopped before its store was swapped in
+                publish(out)
+                return SegmentResult.from_json(store.attrs["summary"])
+            timer.add("tissue", plan.tissue_seconds)
+            grid, selected = plan.grid, plan.selected
+            emit("start", {"n_tiles": int(len(selected)), "grid": len(grid), "mpp": grid.mpp, "shape": grid.shape})
+            resumed = _pass1(plan, store, reader, options, emit, timer)
+            return finish_run(plan, store, reader, emit, timer, t_start, resumed)
+
+
+#: errors of the filesystem holding a store that a user fixes, reported in one line: space, quota and file size
+#: limits (whatever file they concern), permissions (when they concern the store's own files)
+_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_PERMISSION_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+@contextmanager
+def _store_write_errors(out: Path) -> Iterator[None]:
+    """Turn a full disk, a quota or a read-only / forbidden folder met while writing the store ``out`` into an
+    :class:`~histopan.errors.OutputError` (what is written is resumable: rerunning the command goes on)."""
+    try:
+        yield
+    except OSError as exc:
+        ours = exc.filename is not None and os.path.abspath(exc.filename).startswith(os.path.abspath(out))
+        if not (exc.errno in _SPACE_ERRNOS or (exc.errno in _PERMISSION_ERRNOS and ours)):
+            raise
+        raise OutputError(f"cannot write the store: {exc.strerror}", path=exc.filename or staging_path(out),
+                          fix="free disk space or fix the folder's permissions, then rerun the same command "
+                              "(it resumes; a complete store already there is kept)") from exc
 
 
 def _pass1(plan: RunPlan, store: SlideStore, reader: Any, options: SegmentOptions, emit: Progress,

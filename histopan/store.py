@@ -18,7 +18,9 @@ Layout of ``OUT.zarr``::
 Axes are ``y, x`` (and ``c`` for the image) in micrometres, so OME-Zarr readers and napari place the labels
 over the image.  Label chunks are square and all-background chunks are not stored (zarr's fill value).
 The store is marked ``complete`` only at the very end; :func:`open_store` refuses an incomplete store unless
-asked for a partial one.
+asked for a partial one.  ``histopan segment`` and ``batch`` build a store in the sibling ``OUT.zarr.partial``
+and rename it to ``OUT.zarr`` once complete (:mod:`histopan.outputs`), so ``OUT.zarr`` only ever holds a
+complete store; ``open_store(OUT.zarr, partial=True)`` opens the partial one while it is being built.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,10 +41,12 @@ import zarr
 from histopan import __version__
 from histopan.classes import ClassSpec
 from histopan.errors import StoreError
+from histopan.outputs import STORE_FORMAT, check_output_state, creating_prefix, read_histopan_attrs, replaced_path, \
+    staging_path
 
 log = logging.getLogger(__name__)
 
-FORMAT = "histopan-store"
+FORMAT = STORE_FORMAT
 FORMAT_VERSION = 1
 NGFF_VERSION = "0.5"
 
@@ -380,8 +385,27 @@ def create_store(
     name: str,
     run: dict[str, Any],
 ) -> SlideStore:
-    """Create a new, incomplete store (the caller has checked that ``path`` may be written)."""
+    """Create a new, incomplete store at ``path`` (the caller has checked that it may be written).
+
+    Creation is atomic: the store is built in a temporary sibling folder (:func:`histopan.outputs.creating_prefix`)
+    and renamed to ``path`` once it carries its ``histopan`` attributes, so a kill or a full disk during
+    creation never leaves a half-made store under ``path`` (a later run removes the temporary folder).
+    """
     path = Path(path)
+    tmp = path.with_name(f"{creating_prefix(path)}{uuid.uuid4().hex[:12]}")
+    tmp.mkdir()
+    try:
+        _build_store(tmp, shape=shape, mpp=mpp, chunk=chunk, classes=classes, image_shape=image_shape,
+                     image_mpp=image_mpp, name=name, run=run)
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():  # the build or the rename failed: leave nothing behind (the error propagates)
+            shutil.rmtree(tmp)
+    return SlideStore(path, zarr.open_group(path, mode="r+", zarr_format=3))
+
+
+def _build_store(path: Path, *, shape: tuple[int, int], mpp: float, chunk: int, classes: Sequence[ClassSpec],
+                 image_shape: tuple[int, int], image_mpp: float, name: str, run: dict[str, Any]) -> None:
     root = zarr.open_group(path, mode="w", zarr_format=3)
     # OME-NGFF readers expect the image and its labels to have the same number of pyramid levels; the image
     # pyramid starts coarser (image_mpp), so it simply reaches smaller sizes.
@@ -413,13 +437,22 @@ def create_store(
         "complete": False, "mpp": mpp, "chunk": chunk, "image_mpp": image_mpp,
         "classes": [c.to_json() for c in classes], "run": run,
     }
-    return SlideStore(path, root)
 
 
 def open_store(path: str | os.PathLike[str], *, partial: bool = False) -> SlideStore:
     """Open an existing store for reading; an incomplete one is refused unless ``partial``."""
     path = Path(path)
     if not path.exists():
+        staging = staging_path(path)
+        if replaced_path(path).is_dir():
+            raise StoreError("a run that was replacing this store was interrupted", path=path,
+                             fix="rerun the same 'histopan segment' command to finish the swap")
+        if staging.is_dir():
+            if partial:
+                return open_store(staging, partial=True)
+            raise StoreError(f"the store is incomplete (its run was interrupted or is still running; the "
+                             f"partial result is {staging.name})", path=path,
+                             fix="rerun the same 'histopan segment' command to finish it, or pass --partial")
         raise StoreError("no such store", path=path, fix="check the path, or create it with 'histopan segment'")
     if not (path / "zarr.json").is_file():
         raise StoreError("not a zarr v3 store (no zarr.json)", path=path,
@@ -446,35 +479,43 @@ def open_store(path: str | os.PathLike[str], *, partial: bool = False) -> SlideS
 
 
 def open_for_run(path: str | os.PathLike[str], run_key: dict[str, Any], overwrite: bool) -> SlideStore | None:
-    """Decide what a run may do with ``path``: resume it (returns the store), or start fresh (None).
+    """Decide what a run on the output ``path`` may do (call it under :func:`histopan.outputs.output_lock`).
 
-    - no store: None (create it);
-    - an incomplete store of the same run (same ``run_key``): resume;
-    - a complete store, or an incomplete one of another run: refused unless ``overwrite`` (then removed).
+    The run builds its store in ``staging_path(path)`` and swaps it in when complete
+    (:func:`histopan.outputs.publish`); first, what a killed run left is finished or undone
+    (:func:`histopan.outputs.recover`).  Returns the store of the same run (same ``run_key``) in
+    ``staging_path(path)`` to resume (complete, when the run was stopped just before its swap), or None:
+    create the store at ``staging_path(path)``.
+
+    - a complete store at ``path``: refused unless ``overwrite`` (then kept until the new one is complete);
+    - an unfinished store of another run: refused unless ``overwrite`` (then removed: it holds no result);
+    - something at ``path`` that is not a histopan store: always refused (an empty folder is removed).
     """
     path = Path(path)
-    if not path.exists():
+    staging = staging_path(path)
+    attrs = check_output_state(path, overwrite)
+    if attrs is None and path.exists():
+        path.rmdir()  # an empty folder
+    elif attrs is not None and not attrs.get("complete"):  # left by an older histopan, which built in place
+        if staging.exists():
+            raise StoreError(f"two unfinished stores are in the way ({path.name} and {staging.name})",
+                             path=path, fix="delete the one you do not need, then rerun")
+        log.info("moving the unfinished store %s to %s to finish it there", path, staging)
+        os.rename(path, staging)
+    elif attrs is not None:
+        log.info("building a new store beside %s; it replaces the old one once complete (--overwrite)", path)
+    if not staging.exists():
         return None
-    if not (path / "zarr.json").is_file() and path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
-        return None
-    if not (path / "zarr.json").is_file():
-        if overwrite:
-            raise StoreError("refusing to overwrite something that is not a histopan store", path=path,
-                             fix="choose another output path or delete it yourself")
-        raise StoreError("the output path exists and is not a histopan store", path=path,
-                         fix="choose another output path")
-    store = open_store(path, partial=True)
+    if read_histopan_attrs(staging) is None:
+        raise StoreError("this folder is in the way of the run's unfinished store, and it is not a histopan store",
+                         path=staging, fix="move it away or delete it, then rerun")
+    store = open_store(staging, partial=True)
+    if store.attrs.get("run", {}).get("key") == run_key:
+        log.info("resuming the unfinished store %s", staging)
+        return store
     if overwrite:
-        log.info("removing the existing store %s (--overwrite)", path)
-        shutil.rmtree(path)
+        log.info("removing the unfinished store of another run %s (--overwrite)", staging)
+        shutil.rmtree(staging)
         return None
-    if store.complete:
-        raise StoreError("the store already exists and is complete", path=path,
-                         fix="pass --overwrite to replace it, or choose another output path")
-    previous = store.attrs.get("run", {}).get("key")
-    if previous != run_key:
-        raise StoreError("an unfinished store from a different run (other slide, model or settings) is in the way",
-                         path=path, fix="pass --overwrite to replace it, or choose another output path")
-    log.info("resuming the unfinished store %s", path)
-    return store
+    raise StoreError("an unfinished store from a different run (other slide, model or settings) is in the way",
+                     path=staging, fix="pass --overwrite to replace it, or choose another output path")

@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from histopan.cli import main
 from histopan.metrics import binary_pq
+from histopan.outputs import staging_path
 from histopan.pipeline import SegmentOptions, segment_slide
 from histopan.store import open_store
 from histopan.testing import write_test_slide
@@ -139,7 +140,7 @@ def test_resume_after_kill_is_byte_identical(generated_slide, default_model, ref
 
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    tiles = out / "work" / "tiles"
+    tiles = staging_path(out) / "work" / "tiles"  # the store is built beside OUT.zarr until complete
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if tiles.is_dir() and len(list(tiles.glob("*.npz"))) >= 2:

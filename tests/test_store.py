@@ -9,6 +9,7 @@ import zarr
 
 from histopan.errors import StoreError
 from histopan.classes import ClassSpec
+from histopan.outputs import publish, staging_path
 from histopan.store import _majority_2x2, create_store, n_pyramid_levels, open_for_run, open_store
 
 CLASSES = [ClassSpec("background", (255, 255, 255), "stuff", id=0), ClassSpec("stroma", (255, 160, 200), "stuff", id=1),
@@ -107,19 +108,39 @@ def test_incomplete_store_refused_unless_partial(tmp_path):
 
 def test_open_for_run_decisions(tmp_path):
     path = tmp_path / "s.zarr"
-    assert open_for_run(path, {"slide": "abc"}, overwrite=False) is None  # nothing there: create
-    store = _make(path, run={"key": {"slide": "abc"}})
+    partial = staging_path(path)
+    assert open_for_run(path, {"slide": "abc"}, overwrite=False) is None  # nothing there: create (beside it)
+    store = _make(partial, run={"key": {"slide": "abc"}})
     store.save_tile(3, {"a": np.arange(4)})
     resumed = open_for_run(path, {"slide": "abc"}, overwrite=False)
-    assert resumed is not None and resumed.has_tile(3) and not resumed.has_tile(4)
+    assert resumed is not None and resumed.path == partial and resumed.has_tile(3) and not resumed.has_tile(4)
     assert np.array_equal(resumed.load_tile(3)["a"], np.arange(4))
     with pytest.raises(StoreError, match="different run"):
         open_for_run(path, {"slide": "other"}, overwrite=False)
     store.finalize()
+    publish(path)  # complete: swapped in
+    assert open_store(path).complete and not partial.exists()
     with pytest.raises(StoreError, match="--overwrite"):
         open_for_run(path, {"slide": "abc"}, overwrite=False)
     assert open_for_run(path, {"slide": "abc"}, overwrite=True) is None
+    assert open_store(path).complete  # the old store stays until the new one is complete
+
+
+def test_an_unfinished_store_of_an_older_histopan_is_moved_beside_and_resumed(tmp_path):
+    path = tmp_path / "s.zarr"
+    _make(path, run={"key": {"slide": "abc"}}).save_tile(3, {"a": np.arange(4)})  # built in place, as before
+    resumed = open_for_run(path, {"slide": "abc"}, overwrite=False)
+    assert resumed is not None and resumed.path == staging_path(path) and resumed.has_tile(3)
     assert not path.exists()
+
+
+def test_store_creation_is_atomic(tmp_path):
+    path = tmp_path / "s.zarr"
+    with pytest.raises(TypeError):  # fails half way through (an unserialisable attribute): nothing is left
+        _make(path, run={"key": {"slide": object()}})
+    assert list(tmp_path.iterdir()) == []
+    store = _make(path)
+    assert store.attrs["format"] == "histopan-store" and [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
 
 
 def test_refuses_to_touch_a_foreign_folder(tmp_path):

@@ -1,8 +1,10 @@
 """The histopan network and model folders.
 
-``histopan.model.config`` (no torch import) describes a model; ``network`` builds the smp network and
-knows its head layout; ``checkpoint`` saves and loads model folders (safetensors + model.yaml).  The torch
-parts are imported lazily, so ``from histopan.model import ModelConfig`` stays light.
+``histopan.model.config`` (no torch import) describes a model; ``folder`` finds a model folder and checks it
+against its weights' recorded facts (no torch, no post-processing imports); ``network`` builds the smp network
+and knows its head layout; ``checkpoint`` saves and loads model folders (safetensors + model.yaml).  Every
+part is imported lazily, so ``from histopan.model import ModelConfig`` stays light and
+``histopan.model.folder`` lighter still.
 """
 
 from __future__ import annotations
@@ -10,18 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from histopan.model.config import (
-    ArchitectureConfig,
-    ClassSpec,
-    ModelConfig,
-    NormalizationConfig,
-    NucleusTypeSpec,
-    PostprocessConfig,
-    read_model_config,
-    write_model_config,
-)
-
 _LAZY = {
+    **{name: "histopan.model.config" for name in (
+        "ArchitectureConfig", "ClassSpec", "ModelConfig", "NormalizationConfig", "NucleusTypeSpec",
+        "PostprocessConfig", "read_model_config", "write_model_config")},
     "LoadedModel": "histopan.model.checkpoint",
     "load_model": "histopan.model.checkpoint",
     "save_model": "histopan.model.checkpoint",
@@ -32,17 +26,7 @@ _LAZY = {
     "grow_heads": "histopan.model.network",
 }
 
-__all__ = [
-    "ArchitectureConfig",
-    "ClassSpec",
-    "ModelConfig",
-    "NormalizationConfig",
-    "NucleusTypeSpec",
-    "PostprocessConfig",
-    "read_model_config",
-    "write_model_config",
-    *_LAZY,
-]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -3,11 +3,13 @@
 Only safetensors are read: a ``.pt/.pth/.ckpt/.pkl`` file, or a weights file whose bytes are a pickle or a
 zip (torch.save format), is refused with a :class:`~histopan.errors.ModelError`; nothing is ever unpickled.
 On load the weights are checked against ``model.yaml``: the output-channel count of the final convolution
-against the class / type lists, the architecture recorded in the file's metadata, missing and unexpected
-keys and tensor shapes.  Each failure names the file, the value and the fix.
+against the class / type lists, the facts recorded in the file's metadata (architecture, format version,
+class and nucleus type names in their order: :func:`histopan.model.folder.check_weights_metadata`), missing
+and unexpected keys and tensor shapes.  Each failure names the file, the value and the fix.
 
 A bare model name is looked up in ``$HISTOPAN_MODELS`` (one or more folders separated by ``os.pathsep``)
-and then in the ``models/`` folder of the repository this package lives in.
+and then in the ``models/`` folder of the repository this package lives in (:mod:`histopan.model.folder`,
+which finds and checks a model folder without torch).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from os import PathLike
@@ -34,6 +35,9 @@ from torch import nn
 from histopan.config import from_dict, to_dict
 from histopan.errors import ConfigError, ModelError
 from histopan.model.config import ModelConfig, read_model_config
+from histopan.model.folder import (CARD_FILE, CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, _check_weights_bytes,
+                                   available_models, check_model_folder, check_weights_metadata, model_search_paths,
+                                   resolve_model_path)
 from histopan.model.network import HEAD_KEY, build_network
 
 log = logging.getLogger(__name__)
@@ -52,14 +56,8 @@ __all__ = [
     "save_model",
 ]
 
-WEIGHTS_FILE = "weights.safetensors"
-CONFIG_FILE = "model.yaml"
-CARD_FILE = "README.md"
-#: file suffixes of pickle-based checkpoints, which are never loaded.
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _METADATA_FORMAT = "histopan-model"
-_REFUSE_FIX = ("histopan only loads safetensors; convert it once, in an environment you trust, by loading the "
-               "state dict and calling histopan.model.checkpoint.save_model(folder, network, config)")
+
 
 
 @dataclass(frozen=True)
@@ -81,91 +79,7 @@ class LoadedModel:
         return self.config.name
 
 
-# -- locating models -----------------------------------------------------------------------------------
-def _repo_models_dir() -> Path:
-    import histopan
-
-    return Path(histopan.__file__).resolve().parents[1] / "models"
-
-
-def model_search_paths() -> list[Path]:
-    """Folders searched for a bare model name: ``$HISTOPAN_MODELS`` entries, then ``<repo>/models``."""
-    paths = [Path(p) for p in os.environ.get("HISTOPAN_MODELS", "").split(os.pathsep) if p]
-    paths.append(_repo_models_dir())
-    return paths
-
-
-def available_models() -> list[str]:
-    """Names of the model folders (those holding a ``model.yaml``) found in :func:`model_search_paths`."""
-    names: list[str] = []
-    for root in model_search_paths():
-        if root.is_dir():
-            for sub in sorted(root.iterdir()):
-                if (sub / CONFIG_FILE).is_file() and sub.name not in names:
-                    names.append(sub.name)
-    return names
-
-
-def _looks_like_path(text: str) -> bool:
-    return "/" in text or os.sep in text or text.startswith(".") or text.startswith("~") or Path(text).exists()
-
-
-def resolve_model_path(name_or_path: str | PathLike[str]) -> Path:
-    """The model folder for a model name or a path (a folder, its ``model.yaml`` or ``weights.safetensors``).
-
-    A pickle checkpoint (``.pt/.pth/.ckpt/.pkl``) is refused here, before anything reads it.
-    """
-    if isinstance(name_or_path, PathLike) or _looks_like_path(str(name_or_path)):
-        path = Path(name_or_path).expanduser()
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise ModelError("refusing to load a pickle checkpoint (it can run arbitrary code)", path=path,
-                             fix=_REFUSE_FIX)
-        if path.is_file():
-            if path.name in (CONFIG_FILE, WEIGHTS_FILE):
-                return path.parent
-            raise ModelError("expected a model folder (weights.safetensors + model.yaml), got a file",
-                             path=path, fix="pass the folder that holds model.yaml and weights.safetensors")
-        if not path.is_dir():
-            raise ModelError("model folder not found", path=path,
-                             fix=f"check the path; known model names: {available_models() or 'none'}")
-        return path
-    name = str(name_or_path)
-    searched = model_search_paths()
-    for root in searched:
-        candidate = root / name
-        if (candidate / CONFIG_FILE).is_file() or (candidate / WEIGHTS_FILE).is_file():
-            return candidate
-    known = available_models()
-    raise ModelError(
-        f"unknown model name (searched {', '.join(str(p) for p in searched)})",
-        value=name,
-        fix=(f"use one of {known}" if known else "no models are installed yet")
-        + ", pass a model folder path, or set HISTOPAN_MODELS to a folder of models",
-    )
-
-
-# -- file checks ---------------------------------------------------------------------------------------
-def _check_weights_bytes(path: Path) -> None:
-    """Refuse pickles / zips and anything that does not start like a safetensors file."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if header_len > size - 8:
-            raise ModelError("the safetensors file is truncated (header longer than the file)", path=path,
-                             value=size, fix="copy the model folder again or re-save it")
-        return
-    if head[:4] == b"PK\x03\x04":
-        raise ModelError("this is a zip file (torch.save format), not safetensors; refusing to unpickle it",
-                         path=path, fix=_REFUSE_FIX)
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        raise ModelError("this is a pickle file, not safetensors; refusing to unpickle it", path=path,
-                         fix=_REFUSE_FIX)
-    raise ModelError("not a safetensors file (bad header)", path=path, value=head[:9],
-                     fix="re-save the model with histopan.model.checkpoint.save_model")
-
-
+# -- reading ---------------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
@@ -192,15 +106,6 @@ def _check_state(state: dict[str, torch.Tensor], metadata: dict[str, str], confi
                  path: Path, network: nn.Module) -> None:
     """Raise ModelError unless ``state`` fits ``network`` built from ``config``."""
     arch = config.architecture
-    saved_arch = metadata.get("arch"), metadata.get("encoder")
-    if all(saved_arch) and saved_arch != (arch.arch, arch.encoder):
-        raise ModelError(
-            f"the weights were saved for {saved_arch[0]} with encoder {saved_arch[1]!r}, but model.yaml says "
-            f"{arch.arch} with encoder {arch.encoder!r}",
-            path=path, value=arch.encoder,
-            fix=f"set architecture.arch: {saved_arch[0]} and architecture.encoder: {saved_arch[1]} in "
-                f"{path.parent / CONFIG_FILE}, or use the weights trained for that config",
-        )
     head_w = state.get(f"{HEAD_KEY}.weight")
     if head_w is not None and head_w.ndim == 4 and head_w.shape[0] != config.n_outputs:
         saved = ""
@@ -214,6 +119,9 @@ def _check_state(state: dict[str, torch.Tensor], metadata: dict[str, str], confi
             fix=f"make 'classes' and 'nucleus_types' in {path.parent / CONFIG_FILE} match the weights, or grow "
                 "the heads with histopan.model.network.grow_heads and fine-tune",
         )
+    check_weights_metadata(metadata, weights=path, config=path.parent / CONFIG_FILE, class_names=config.class_names,
+                           type_names=config.type_names, arch=arch.arch, encoder=arch.encoder,
+                           format_version=config.format_version)
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -325,19 +233,8 @@ def load_model(name_or_path: str | PathLike[str]) -> LoadedModel:
 
     Returns a :class:`LoadedModel` whose network is in eval mode on the CPU, with float32 weights.
     """
-    folder = resolve_model_path(name_or_path)
-    config_path = folder / CONFIG_FILE
-    weights_path = folder / WEIGHTS_FILE
-    if not weights_path.is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        if pickles:
-            raise ModelError(f"no {WEIGHTS_FILE}, only pickle checkpoint(s) {pickles}, which are never loaded",
-                             path=folder, fix=_REFUSE_FIX)
-        raise ModelError(f"{WEIGHTS_FILE} is missing", path=folder,
-                         fix="copy the complete model folder (weights.safetensors + model.yaml)")
-    if not config_path.is_file():
-        raise ModelError(f"{CONFIG_FILE} is missing", path=folder,
-                         fix="copy the complete model folder (weights.safetensors + model.yaml)")
+    found = check_model_folder(name_or_path)  # files, bytes and the recorded facts, before any tensor is read
+    folder, config_path, weights_path = found.path, found.config, found.weights
     try:
         config = read_model_config(config_path)
     except ConfigError as exc:
