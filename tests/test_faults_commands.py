@@ -735,8 +735,6 @@ def test_tune_bad_model(capsys, model, bad_model, tune_cfg, tmp_path, case):
                                                      "--out", out])
 
 
-@pytest.mark.xfail(reason="class names against the weights' metadata: checked by the model checks of the "
-                          "faults-store branch (issue 30, item 2)", strict=False)
 def test_tune_renamed_classes(capsys, bad_model, tune_cfg, tmp_path):
     config = bad_model / "model.yaml"
     data = yaml.safe_load(config.read_text())
