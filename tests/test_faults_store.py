@@ -322,8 +322,9 @@ def test_complete_store_without_overwrite_is_refused_before_torch(slides, tiny_m
 
 def _cli_without_torch(args: list[str]) -> tuple[int, str, bool]:
     """Run the CLI in a fresh interpreter: exit code, stderr, and whether torch got imported."""
-    code = ("import sys; from histopan.cli import main; code = main(sys.argv[1:]); "
-            "print(sorted({'torch'} & set(sys.modules)), file=sys.stdout); sys.exit(code)")
+    code = ("import sys\nfrom histopan.cli import main\ntry:\n    code = main(sys.argv[1:])\n"
+            "except SystemExit as stop:  # argparse's own errors exit here\n    code = stop.code\n"
+            "print(sorted({'torch'} & set(sys.modules)), file=sys.stdout)\nsys.exit(code)")
     proc = subprocess.run([sys.executable, "-c", code, *args], env=_env(), capture_output=True, text=True,
                           timeout=120)
     return proc.returncode, proc.stderr, proc.stdout.strip() != "[]"
