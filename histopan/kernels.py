@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["component_argmax", "flood", "h_peaks", "hole_owner", "label_stats", "plateau_markers",
+__all__ = ["component_argmax", "flood", "flood_inputs", "h_peaks", "hole_owner", "label_stats", "plateau_markers",
            "semantic_labels", "shape_measures"]
 
 _JIT = {"cache": True, "nogil": True}
@@ -524,3 +524,19 @@ def shape_measures(instances, n):  # pragma: no cover - compiled
                 m += 2
         hull[k] = _hull_area(xs[:m], ys[:m])
     return area, sums, edges, hull
+
+
+@njit(**_JIT)
+def flood_inputs(markers, components, flooded, boundary, distance, depth, weight):  # pragma: no cover
+    """The inputs of :func:`flood` in one pass: the label array (the markers in the components marked
+    ``flooded``, -1 everywhere else) and the flooding surface ``weight * boundary + (1 - weight) *
+    (1 - distance / depth[component])`` there (0 elsewhere)."""
+    n = markers.size
+    labels = np.full(n, -1, np.int32)
+    surface = np.zeros(n)
+    for i in range(n):
+        k = components[i]
+        if k > 0 and flooded[k]:
+            labels[i] = markers[i]
+            surface[i] = weight * boundary[i] + (1.0 - weight) * (1.0 - distance[i] / depth[k])
+    return labels, surface

@@ -304,13 +304,10 @@ def postprocess_tile(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig,
         owner[comp_flat[marker_at[single]]] = flat[marker_at[single]]
         shared = per_component >= 2
         if shared.any():
-            flooded = shared[comp_flat]
-            w = cfg.boundary_weight
-            surface = (w * maps.boundary.ravel().astype(np.float64)
-                       + (1.0 - w) * (1.0 - distance / depth[comp_flat]))
-            work = np.where(flooded, flat, -1)
+            work, surface = kernels.flood_inputs(flat, comp_flat, shared, np.ascontiguousarray(maps.boundary).ravel(),
+                                                 distance, depth, float(cfg.boundary_weight))
             kernels.flood(work, surface, width)
-            flat[flooded] = work[flooded]
+            np.maximum(flat, work, out=flat)  # work is -1 outside the flooded components
         np.maximum(instances, owner[components], out=instances)
 
         n = int(instances.max())
