@@ -58,6 +58,11 @@ def _find(parent, i):  # pragma: no cover - compiled
     return root
 
 
+#: the 8 neighbours of a pixel in ring order (north, north-east, east, ... north-west)
+_RING_DR = np.array([-1, -1, 0, 1, 1, 1, 0, -1])
+_RING_DC = np.array([0, 1, 1, 1, 0, -1, -1, -1])
+
+
 @njit(**_JIT)
 def _count_below(sorted_values, v, guess):  # pragma: no cover - compiled
     """How many of ``sorted_values`` are strictly below ``v``, searched outwards from ``guess`` (galloping,
@@ -163,26 +168,33 @@ def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover -
             k = components[i]
             r = i // width
             c = i - r * width
-            for dr in range(-1, 2):
+            # the 8 neighbours in ring order: two consecutive ones are neighbours of each other, so when both
+            # are already in (and in this component) they are already one set and the second needs no find
+            joined_previous = False
+            for e in range(8):
+                dr = _RING_DR[e]
+                dc = _RING_DC[e]
                 rr = r + dr
-                if rr < 0 or rr >= height:
+                cc = c + dc
+                if rr < 0 or rr >= height or cc < 0 or cc >= width:
+                    joined_previous = False
                     continue
-                for dc in range(-1, 2):
-                    cc = c + dc
-                    if (dr == 0 and dc == 0) or cc < 0 or cc >= width:
-                        continue
-                    m = rr * width + cc
-                    if parent[m] < 0 or components[m] != k:
-                        continue
-                    other = np.int32(_find(parent, m))
-                    if other == root:
-                        continue
-                    if size[other] > size[root]:
-                        root, other = other, root
-                    parent[other] = root
-                    size[root] += size[other]
-                    if top[other] > top[root]:
-                        top[root] = top[other]
+                m = rr * width + cc
+                if parent[m] < 0 or components[m] != k:
+                    joined_previous = False
+                    continue
+                if joined_previous:
+                    continue
+                joined_previous = True
+                other = np.int32(_find(parent, m))
+                if other == root:
+                    continue
+                if size[other] > size[root]:
+                    root, other = other, root
+                parent[other] = root
+                size[root] += size[other]
+                if top[other] > top[root]:
+                    top[root] = top[other]
         p = peaks[q_peak[order[j]]]
         if top[_find(parent, p)] > values[p]:
             keep[q_peak[order[j]]] = False
