@@ -156,7 +156,8 @@ def throughput(current, reference, model, sigma_um: float, repeats: int) -> dict
 def mosaic(size: int, step: int) -> np.ndarray:
     import tifffile
 
-    tiles = [tifffile.imread(f)[::step, ::step] for f in sorted(glob.glob(str(SHARED / "data/monuseg_train/labels/*.tif")))]
+    files = sorted(glob.glob(str(SHARED / "data/monuseg_train/labels/*.tif")))
+    tiles = [tifffile.imread(f)[::step, ::step] for f in files]
     th, tw = tiles[0].shape
     out = np.zeros((size, size), np.int64)
     k, offset = 0, 0

@@ -245,6 +245,13 @@ def plateau_markers(peaks, width, height):  # pragma: no cover - compiled
 
 
 @njit(**_JIT)
+def _put(heap, at, value, age, index):  # pragma: no cover - compiled
+    heap[at, 0] = value
+    heap[at, 1] = age
+    heap[at, 2] = index
+
+
+@njit(**_JIT)
 def _push(heap, items, value, age, index):  # pragma: no cover - compiled
     """Push (value, age, index) onto ``heap`` (ordered by value, then age); returns the new item count."""
     child = items
@@ -252,15 +259,11 @@ def _push(heap, items, value, age, index):  # pragma: no cover - compiled
         parent = (child - 1) >> 2
         pv = heap[parent, 0]
         if value < pv or (value == pv and age < heap[parent, 1]):
-            heap[child, 0] = pv
-            heap[child, 1] = heap[parent, 1]
-            heap[child, 2] = heap[parent, 2]
+            _put(heap, child, pv, heap[parent, 1], heap[parent, 2])
             child = parent
         else:
             break
-    heap[child, 0] = value
-    heap[child, 1] = age
-    heap[child, 2] = index
+    _put(heap, child, value, age, index)
     return items + 1
 
 
@@ -283,15 +286,11 @@ def _pop(heap, items):  # pragma: no cover - compiled
             if cv < sv or (cv == sv and heap[child, 1] < sa):
                 small, sv, sa = child, cv, heap[child, 1]
         if sv < value or (sv == value and sa < age):
-            heap[j, 0] = sv
-            heap[j, 1] = sa
-            heap[j, 2] = heap[small, 2]
+            _put(heap, j, sv, sa, heap[small, 2])
             j = small
         else:
             break
-    heap[j, 0] = value
-    heap[j, 1] = age
-    heap[j, 2] = index
+    _put(heap, j, value, age, index)
     return items
 
 

@@ -13,12 +13,12 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from histopan.kernels import semantic_labels
+
 
 def stuff_argmax(semantic_probs: np.ndarray, stuff_ids: np.ndarray) -> np.ndarray:
     """Class id (uint8) of the most probable *stuff* class per pixel (the first of equals); ``semantic_probs``
     is ``(C, H, W)``."""
-    from histopan.kernels import semantic_labels
-
     no_objects = np.zeros(semantic_probs.shape[1:], np.uint8)
     return semantic_labels(semantic_probs, np.asarray(stuff_ids, dtype=np.int64), no_objects, 0)
 

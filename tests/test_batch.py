@@ -16,33 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from histopan.batch import BatchOptions, SlideJob, find_slides, run_batch
 from histopan.cli import main
 from histopan.errors import ConfigError
-from histopan.model.checkpoint import save_model
-from histopan.model.config import ArchitectureConfig, ModelConfig
-from histopan.model.network import build_network
 from histopan.pipeline import SegmentOptions
-from histopan.postprocess import PostprocessConfig
 from histopan.store import open_store
 from histopan.testing import write_test_slide
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    config = ModelConfig(name="tiny-random", architecture=ArchitectureConfig(decoder_channels=(32, 16, 16, 8, 8)),
-                         mpp=2.0, tile=64, halo=16,
-                         postprocess=PostprocessConfig(nucleus_threshold=0.25, centre_threshold=0.5,
-                                                       min_area_um2=16.0, min_distance_um=4.0))
-    torch.manual_seed(0)
-    network = build_network(config).eval()
-    with torch.no_grad():
-        network.segmentation_head[0].weight.mul_(25.0)  # sharper random maps: blobs the watershed keeps
-    return save_model(tmp_path_factory.mktemp("model") / "tiny", network, config)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +55,9 @@ def _options(model: Path) -> BatchOptions:
 
 
 @pytest.fixture(scope="module")
-def first_run(slides_folder, tiny_model, client, tmp_path_factory) -> tuple[int, Path]:
+def first_run(slides_folder, tiny_random_model, client, tmp_path_factory) -> tuple[int, Path]:
     out = tmp_path_factory.mktemp("out")
-    return _cli(slides_folder, out, tiny_model, client), out
+    return _cli(slides_folder, out, tiny_random_model, client), out
 
 
 def _report(out: Path) -> dict[str, dict]:
@@ -110,10 +92,10 @@ def test_a_corrupt_slide_is_recorded_and_the_others_complete(first_run):
     assert "area_mm2_stroma" in table_rows[0] and table_rows[2]["status"] == "failed"
 
 
-def test_rerun_skips_complete_stores(first_run, slides_folder, tiny_model, client):
+def test_rerun_skips_complete_stores(first_run, slides_folder, tiny_random_model, client):
     _, out = first_run
     stamps = {p: p.stat().st_mtime_ns for name in ("a", "b") for p in (out / f"{name}.zarr").rglob("*")}
-    assert _cli(slides_folder, out, tiny_model, client) == 1  # the corrupt slide still fails
+    assert _cli(slides_folder, out, tiny_random_model, client) == 1  # the corrupt slide still fails
     rows = _report(out)
     assert rows["a"]["status"] == rows["b"]["status"] == "already_complete"
     assert rows["a"]["n_nuclei"] > 0 and rows["corrupt"]["status"] == "failed"
@@ -121,7 +103,7 @@ def test_rerun_skips_complete_stores(first_run, slides_folder, tiny_model, clien
     assert after == stamps  # nothing rewritten
 
 
-def test_a_slide_failing_mid_run_does_not_stop_the_others(slides_folder, tiny_model, client, tmp_path):
+def test_a_slide_failing_mid_run_does_not_stop_the_others(slides_folder, tiny_random_model, client, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(slides_folder / "a.svs", src / "ok.svs")
@@ -131,7 +113,8 @@ def test_a_slide_failing_mid_run_does_not_stop_the_others(slides_folder, tiny_mo
         if event == "slide_start" and data["name"] == "breaks":  # planned fine; its tiles cannot be read
             (src / "breaks.svs").write_bytes(b"overwritten while the batch runs")
 
-    result = run_batch(find_slides(src, tmp_path / "out"), _options(tiny_model), progress=break_it, client=client)
+    result = run_batch(find_slides(src, tmp_path / "out"), _options(tiny_random_model), progress=break_it,
+                       client=client)
     reports = {r.name: r for r in result.reports}
     assert reports["ok"].status == "done" and reports["breaks"].status == "failed"
     assert result.n_failed == 1
@@ -140,7 +123,7 @@ def test_a_slide_failing_mid_run_does_not_stop_the_others(slides_folder, tiny_mo
     assert open_store(tmp_path / "out" / "ok.zarr").complete
 
 
-def test_a_killed_worker_does_not_change_the_result(first_run, slides_folder, tiny_model, client, tmp_path):
+def test_a_killed_worker_does_not_change_the_result(first_run, slides_folder, tiny_random_model, client, tmp_path):
     _, reference = first_run
     jobs = find_slides(str(slides_folder / "[ab].svs"), tmp_path)
     killed: list[str] = []
@@ -152,7 +135,7 @@ def test_a_killed_worker_does_not_change_the_result(first_run, slides_folder, ti
             pid = client.run(os.getpid, workers=[victim])[victim]
             os.kill(pid, signal.SIGKILL)  # the nanny starts a fresh worker; the scheduler reassigns its work
 
-    result = run_batch(jobs, _options(tiny_model), progress=kill_once, client=client)
+    result = run_batch(jobs, _options(tiny_random_model), progress=kill_once, client=client)
     assert killed and killed[0] not in client.scheduler_info()["workers"]
     assert [r.status for r in result.reports] == ["done", "done"]
     for name in ("a", "b"):
@@ -160,7 +143,7 @@ def test_a_killed_worker_does_not_change_the_result(first_run, slides_folder, ti
             assert np.array_equal(got, want)
 
 
-def test_an_interrupted_batch_resumes_per_tile(first_run, slides_folder, tiny_model, client, tmp_path):
+def test_an_interrupted_batch_resumes_per_tile(first_run, slides_folder, tiny_random_model, client, tmp_path):
     _, reference = first_run
     jobs = [SlideJob(slides_folder / "a.svs", tmp_path / "a.zarr")]
 
@@ -169,13 +152,13 @@ def test_an_interrupted_batch_resumes_per_tile(first_run, slides_folder, tiny_mo
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_batch(jobs, _options(tiny_model), progress=interrupt, client=client)
+        run_batch(jobs, _options(tiny_random_model), progress=interrupt, client=client)
     store = open_store(tmp_path / "a.zarr", partial=True)
     assert not store.complete
     recorded = len(list((store.work_dir / "tiles").glob("*.npz")))
     assert 0 < recorded < store.attrs["tiling"]["n_tissue_tiles"]
 
-    result = run_batch(jobs, _options(tiny_model), client=client)
+    result = run_batch(jobs, _options(tiny_random_model), client=client)
     report = result.reports[0]
     assert report.status == "done" and report.resumed_tiles >= 2
     for got, want in zip(_labels(tmp_path / "a.zarr"), _labels(reference / "a.zarr")):

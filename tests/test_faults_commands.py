@@ -155,29 +155,9 @@ def bad_model(model, tmp_path) -> Path:
     return dst
 
 
-def _nucleus_set(root: Path) -> Path:
-    """Pale 96 x 96 images with dark discs and their instance maps, at 0.5 um/px (s2 held back)."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    yy, xx = np.mgrid[:96, :96]
-    for i in range(3):
-        img = np.full((96, 96, 3), (230, 200, 220), np.uint8)
-        lab = np.zeros((96, 96), np.uint16)
-        for k in range(1, 7):
-            cy, cx = rng.integers(10, 86, 2)
-            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 25
-            lab[disc] = k
-            img[disc] = (80, 40, 140)
-        Image.fromarray(img).save(root / "images" / f"s{i}.png")
-        tifffile.imwrite(root / "labels" / f"s{i}.tif", lab)
-    (root / "meta.json").write_text(json.dumps({"mpp": 0.5}))
-    return root
-
-
 @pytest.fixture(scope="module")
-def nucleus_set(tmp_path_factory) -> Path:
-    return _nucleus_set(tmp_path_factory.mktemp("nuclei") / "set")
+def nucleus_set(tmp_path_factory, disc_nucleus_set) -> Path:
+    return disc_nucleus_set(tmp_path_factory.mktemp("nuclei") / "set")
 
 
 def _train_yaml(path: Path, data: Path, **kw) -> Path:

@@ -28,30 +28,13 @@ import yaml
 
 from histopan.cli import main
 from histopan.errors import StoreError
-from histopan.model.checkpoint import save_model
-from histopan.model.config import ArchitectureConfig, ModelConfig
-from histopan.model.network import build_network
 from histopan.outputs import lock_path, output_lock, read_histopan_attrs, replaced_path, staging_path
-from histopan.postprocess import PostprocessConfig
 from histopan.store import open_store
 from histopan.testing import write_test_slide
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    config = ModelConfig(name="tiny-random", architecture=ArchitectureConfig(decoder_channels=(32, 16, 16, 8, 8)),
-                         mpp=2.0, tile=64, halo=16,
-                         postprocess=PostprocessConfig(nucleus_threshold=0.25, centre_threshold=0.5,
-                                                       min_area_um2=16.0, min_distance_um=4.0))
-    torch.manual_seed(0)
-    network = build_network(config).eval()
-    with torch.no_grad():
-        network.segmentation_head[0].weight.mul_(25.0)  # sharper random maps: blobs the watershed keeps
-    return save_model(tmp_path_factory.mktemp("model") / "tiny", network, config)
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +71,13 @@ def _snapshot(store: Path) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def reference(slides, tiny_model, tmp_path_factory) -> dict[str, dict[str, object]]:
+def reference(slides, tiny_random_model, tmp_path_factory) -> dict[str, dict[str, object]]:
     """Uninterrupted runs of both slides: their store snapshots."""
     folder = tmp_path_factory.mktemp("reference")
     torch.set_num_threads(1)  # module fixtures run before the function fixture one_torch_thread
     snaps = {}
     for name, slide in slides.items():
-        assert main(_args(slide, folder / f"{name}.zarr", tiny_model)) == 0
+        assert main(_args(slide, folder / f"{name}.zarr", tiny_random_model)) == 0
         snaps[name] = _snapshot(folder / f"{name}.zarr")
     assert any(k.startswith("labels/nuclei/0/c/") for k in snaps["a"])  # nuclei were found: a real comparison
     return snaps
@@ -213,10 +196,10 @@ KILL_POINTS = [("create", 2), ("tiles", 3), ("chunks", 3), ("table", 1), ("overv
 
 
 @pytest.mark.parametrize("phase, n", KILL_POINTS, ids=[p for p, _ in KILL_POINTS])
-def test_kill_at_every_phase_then_rerun_is_byte_identical(phase, n, slides, tiny_model, reference, tmp_path):
+def test_kill_at_every_phase_then_rerun_is_byte_identical(phase, n, slides, tiny_random_model, reference, tmp_path):
     out = tmp_path / "out" / "a.zarr"
     out.parent.mkdir()
-    args = _args(slides["a"], out, tiny_model)
+    args = _args(slides["a"], out, tiny_random_model)
     _kill_at(tmp_path, phase, n, args)
     _assert_nothing_incomplete_visible(out)
     assert not out.exists()  # killed before the swap: nothing under the final name
@@ -234,14 +217,14 @@ OVERWRITE_KILL_POINTS = [("create", 2), ("publish", 1), ("swap", 1)]
 
 
 @pytest.mark.parametrize("phase, n", OVERWRITE_KILL_POINTS, ids=[p for p, _ in OVERWRITE_KILL_POINTS])
-def test_killed_overwrite_keeps_the_old_store(phase, n, slides, tiny_model, reference, tmp_path):
+def test_killed_overwrite_keeps_the_old_store(phase, n, slides, tiny_random_model, reference, tmp_path):
     """--overwrite of b's complete store with a run of slide a, killed at each phase: until the swap the old
     store stays complete and byte for byte as it was; rerunning the command finishes the replacement."""
     out = tmp_path / "out" / "x.zarr"
     out.parent.mkdir()
-    assert main(_args(slides["b"], out, tiny_model)) == 0
+    assert main(_args(slides["b"], out, tiny_random_model)) == 0
     old = _snapshot(out)
-    args = _args(slides["a"], out, tiny_model, "--overwrite")
+    args = _args(slides["a"], out, tiny_random_model, "--overwrite")
     _kill_at(tmp_path, phase, n, args)
     if phase == "swap":  # killed between the two renames: the old store waits beside, the new one is complete
         assert not out.exists() and _snapshot(replaced_path(out)) == old
@@ -256,39 +239,39 @@ def test_killed_overwrite_keeps_the_old_store(phase, n, slides, tiny_model, refe
 # ------------------------------------------------------------------------------------------ user errors
 
 
-def test_failed_device_check_keeps_the_old_store_and_creates_nothing(slides, tiny_model, reference, tmp_path,
+def test_failed_device_check_keeps_the_old_store_and_creates_nothing(slides, tiny_random_model, reference, tmp_path,
                                                                       capsys):
     out = tmp_path / "good.zarr"
-    assert main(_args(slides["a"], out, tiny_model)) == 0
+    assert main(_args(slides["a"], out, tiny_random_model)) == 0
     before = _snapshot(out)
     device = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
-    assert main(_args(slides["a"], out, tiny_model, "--device", device, "--overwrite")) == 2
+    assert main(_args(slides["a"], out, tiny_random_model, "--device", device, "--overwrite")) == 2
     _one_line_error(capsys.readouterr().err, device, "Fix:")
     assert _snapshot(out) == before == reference["a"]
     assert _siblings(out) == {"good.zarr"}  # no partial store was started, the lock is gone
     fresh = tmp_path / "fresh.zarr"
-    assert main(_args(slides["a"], fresh, tiny_model, "--device", device)) == 2
+    assert main(_args(slides["a"], fresh, tiny_random_model, "--device", device)) == 2
     _one_line_error(capsys.readouterr().err, device)
     assert _siblings(fresh) == set()
 
 
-def test_batch_device_check_fails_before_any_store(slides, tiny_model, tmp_path, capsys):
+def test_batch_device_check_fails_before_any_store(slides, tiny_random_model, tmp_path, capsys):
     out = tmp_path / "out"
     device = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
-    code = main(["-q", "batch", str(slides["a"]), "-o", str(out), "--model", str(tiny_model), "--device", device,
+    code = main(["-q", "batch", str(slides["a"]), "-o", str(out), "--model", str(tiny_random_model), "--device", device,
                  "--dashboard-address", ":0"])
     assert code == 2
     _one_line_error(capsys.readouterr().err, device)
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_a_second_run_on_the_same_output_is_refused(slides, tiny_model, reference, tmp_path, capsys, paused_run):
+def test_a_second_run_on_the_same_output_is_refused(slides, tiny_random_model, reference, tmp_path, capsys, paused_run):
     out = tmp_path / "a.zarr"
-    args = _args(slides["a"], out, tiny_model)
+    args = _args(slides["a"], out, tiny_random_model)
     first = paused_run("tiles", 2, args)  # holds the lock, its store half done
     assert main(args) == 2
     _one_line_error(capsys.readouterr().err, str(out), "another histopan run", "a.zarr.lock")
-    code = main(["-q", "batch", str(slides["a"]), "-o", str(tmp_path), "--model", str(tiny_model),
+    code = main(["-q", "batch", str(slides["a"]), "-o", str(tmp_path), "--model", str(tiny_random_model),
                  "--dashboard-address", ":0"])
     assert code == 2  # batch takes every output's lock before it starts a cluster
     _one_line_error(capsys.readouterr().err, str(out), "another histopan run")
@@ -311,10 +294,10 @@ def test_lock_is_exclusive_and_reentrant_within_a_process(tmp_path):
         pass
 
 
-def test_complete_store_without_overwrite_is_refused_before_torch(slides, tiny_model, reference, tmp_path):
+def test_complete_store_without_overwrite_is_refused_before_torch(slides, tiny_random_model, reference, tmp_path):
     out = tmp_path / "a.zarr"
-    assert main(_args(slides["a"], out, tiny_model)) == 0
-    code, err, imported = _cli_without_torch(_args(slides["a"], out, tiny_model))
+    assert main(_args(slides["a"], out, tiny_random_model)) == 0
+    code, err, imported = _cli_without_torch(_args(slides["a"], out, tiny_random_model))
     assert code == 2 and not imported
     _one_line_error(err, str(out), "already exists and is complete", "--overwrite")
     assert _snapshot(out) == reference["a"] and _siblings(out) == {"a.zarr"}
@@ -330,20 +313,20 @@ def _cli_without_torch(args: list[str]) -> tuple[int, str, bool]:
     return proc.returncode, proc.stderr, proc.stdout.strip() != "[]"
 
 
-def test_user_errors_are_reported_before_torch_loads(slides, tiny_model, tmp_path):
+def test_user_errors_are_reported_before_torch_loads(slides, tiny_random_model, tmp_path):
     """Missing slide, bad --mpp, missing model folder, a folder that is not a store in the way, a missing output
     parent: one line, exit 2, and torch not imported."""
     out = tmp_path / "o.zarr"
     cases = [
-        (_args(tmp_path / "missing.svs", out, tiny_model), ["missing.svs", "not found"]),
-        (_args(slides["a"], out, tiny_model, "--mpp", "inf"), ["--mpp", "inf", "Fix:"]),
+        (_args(tmp_path / "missing.svs", out, tiny_random_model), ["missing.svs", "not found"]),
+        (_args(slides["a"], out, tiny_random_model, "--mpp", "inf"), ["--mpp", "inf", "Fix:"]),
         (_args(slides["a"], out, tmp_path / "no-model"), ["no-model", "model folder not found"]),
-        (_args(slides["a"], tmp_path / "nowhere" / "o.zarr", tiny_model), ["nowhere", "mkdir -p"]),
+        (_args(slides["a"], tmp_path / "nowhere" / "o.zarr", tiny_random_model), ["nowhere", "mkdir -p"]),
     ]
     other = tmp_path / "other.zarr"
     other.mkdir()
     (other / "notes.txt").write_text("someone else's data")
-    cases.append((_args(slides["a"], other, tiny_model, "--overwrite"), [str(other), "not a histopan store"]))
+    cases.append((_args(slides["a"], other, tiny_random_model, "--overwrite"), [str(other), "not a histopan store"]))
     for args, needles in cases:
         t = time.perf_counter()
         code, err, imported = _cli_without_torch(args)
@@ -357,7 +340,7 @@ def test_user_errors_are_reported_before_torch_loads(slides, tiny_model, tmp_pat
     assert code == 2 and not imported
     _one_line_error(err, "no-model")
     code, err, imported = _cli_without_torch(["-q", "batch", str(tmp_path / "no-slides"), "-o", str(tmp_path / "y"),
-                                              "--model", str(tiny_model)])
+                                              "--model", str(tiny_random_model)])
     assert code == 2 and not imported
     _one_line_error(err, "no-slides", "Fix:")
 
@@ -374,8 +357,8 @@ def _swap_two_classes(model: Path, folder: Path) -> Path:
     return folder
 
 
-def test_swapped_class_names_are_refused(slides, tiny_model, tmp_path, capsys):
-    swapped = _swap_two_classes(tiny_model, tmp_path / "swapped")
+def test_swapped_class_names_are_refused(slides, tiny_random_model, tmp_path, capsys):
+    swapped = _swap_two_classes(tiny_random_model, tmp_path / "swapped")
     out = tmp_path / "a.zarr"
     code, err, imported = _cli_without_torch(_args(slides["a"], out, swapped))
     assert code == 2 and not imported  # refused from the safetensors header, before torch
@@ -392,19 +375,19 @@ def test_swapped_class_names_are_refused(slides, tiny_model, tmp_path, capsys):
     _one_line_error(capsys.readouterr().err, "model.yaml", "another order")
 
 
-def test_renamed_class_and_format_version_are_refused(tiny_model, tmp_path):
+def test_renamed_class_and_format_version_are_refused(tiny_random_model, tmp_path):
     from histopan.errors import ModelError
     from histopan.model.folder import check_model_folder
 
-    renamed = _swap_two_classes(tiny_model, tmp_path / "renamed")
+    renamed = _swap_two_classes(tiny_random_model, tmp_path / "renamed")
     config = yaml.safe_load((renamed / "model.yaml").read_text())
     config["classes"][1]["name"] = "fat"
     (renamed / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     with pytest.raises(ModelError, match="names the classes differently") as info:
         check_model_folder(renamed)
     assert "'fat'" in str(info.value) and str(renamed / "model.yaml") in str(info.value)
-    meta_version = json.loads(_header(tiny_model / "weights.safetensors"))["__metadata__"]["format_version"]
-    config = yaml.safe_load((tiny_model / "model.yaml").read_text())
+    meta_version = json.loads(_header(tiny_random_model / "weights.safetensors"))["__metadata__"]["format_version"]
+    config = yaml.safe_load((tiny_random_model / "model.yaml").read_text())
     config["format_version"] = int(meta_version) + 1
     (renamed / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     with pytest.raises(ModelError, match=f"format_version {meta_version}"):
@@ -416,10 +399,10 @@ def _header(path: Path) -> bytes:
     return data[8:8 + int.from_bytes(data[:8], "little")]
 
 
-def test_pickled_weights_are_refused_without_unpickling(slides, tiny_model, tmp_path):
+def test_pickled_weights_are_refused_without_unpickling(slides, tiny_random_model, tmp_path):
     folder = tmp_path / "pickled"
     folder.mkdir()
-    (folder / "model.yaml").write_text((tiny_model / "model.yaml").read_text())
+    (folder / "model.yaml").write_text((tiny_random_model / "model.yaml").read_text())
     marker = tmp_path / "unpickled"
     # a pickle that would create the marker file if anything ever unpickled it
     payload = (b"\x80\x04cos\nsystem\n(V touch " + str(marker).encode() + b"\ntR.")
@@ -430,18 +413,18 @@ def test_pickled_weights_are_refused_without_unpickling(slides, tiny_model, tmp_
     assert not marker.exists() and _siblings(tmp_path / "a.zarr") == set()
 
 
-def test_full_disk_during_an_overwrite_keeps_the_old_store(slides, tiny_model, reference, tmp_path):
+def test_full_disk_during_an_overwrite_keeps_the_old_store(slides, tiny_random_model, reference, tmp_path):
     """A file-size limit (RLIMIT_FSIZE: writes fail as on a full disk) stops an --overwrite run while it creates
     its store: one line, exit 2, the old store untouched, and no leftovers; without the limit the rerun works."""
     out = tmp_path / "good.zarr"
-    assert main(_args(slides["b"], out, tiny_model)) == 0
+    assert main(_args(slides["b"], out, tiny_random_model)) == 0
     old = _snapshot(out)
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
 
-    args = _args(slides["a"], out, tiny_model, "--overwrite")
+    args = _args(slides["a"], out, tiny_random_model, "--overwrite")
     proc = subprocess.run([sys.executable, "-m", "histopan.cli", *args], env=_env(), capture_output=True,
                           text=True, timeout=300, preexec_fn=limit)
     assert proc.returncode == 2, proc.stderr
@@ -452,10 +435,10 @@ def test_full_disk_during_an_overwrite_keeps_the_old_store(slides, tiny_model, r
     assert _snapshot(out) == reference["a"] and _siblings(out) == {"good.zarr"}
 
 
-def test_a_folder_in_the_way_of_the_partial_store_is_refused(slides, tiny_model, tmp_path, capsys):
+def test_a_folder_in_the_way_of_the_partial_store_is_refused(slides, tiny_random_model, tmp_path, capsys):
     out = tmp_path / "a.zarr"
     staging_path(out).mkdir()
     (staging_path(out) / "mine.txt").write_text("keep me")
-    assert main(_args(slides["a"], out, tiny_model)) == 2
+    assert main(_args(slides["a"], out, tiny_random_model)) == 2
     _one_line_error(capsys.readouterr().err, str(staging_path(out)), "not a histopan store", "Fix:")
     assert (staging_path(out) / "mine.txt").read_text() == "keep me" and not out.exists()

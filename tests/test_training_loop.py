@@ -9,10 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 from histopan.cli import main
@@ -29,26 +27,6 @@ TINY_ARCH = {"arch": "unet", "encoder": "mobilenet_v2", "encoder_depth": 5,
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _synthetic_set(root: Path) -> Path:
-    """Pale images with dark discs (nuclei) and their instance maps, at 0.5 mpp."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    yy, xx = np.mgrid[:96, :96]
-    for i in range(3):
-        img = np.full((96, 96, 3), (230, 200, 220), dtype=np.uint8)
-        lab = np.zeros((96, 96), dtype=np.uint16)
-        for k in range(1, 7):
-            cy, cx = rng.integers(10, 86, 2)
-            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= 25
-            lab[disc] = k
-            img[disc] = (80, 40, 140)
-        Image.fromarray(img).save(root / "images" / f"s{i}.png")
-        tifffile.imwrite(root / "labels" / f"s{i}.tif", lab)
-    (root / "meta.json").write_text(json.dumps({"mpp": 0.5}))
-    return root
 
 
 def _config(folder: Path, **kw) -> TrainConfig:
@@ -74,8 +52,8 @@ def test_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_same_seed_same_loss_curve_and_weights(tmp_path):
-    cfg = _config(_synthetic_set(tmp_path / "data"))
+def test_same_seed_same_loss_curve_and_weights(tmp_path, disc_nucleus_set):
+    cfg = _config(disc_nucleus_set(tmp_path / "data"))
     data = load_training_data(cfg)
     a = train(cfg, tmp_path / "a", progress=False, data=data)
     b = train(cfg, tmp_path / "b", progress=False, data=data)
@@ -88,8 +66,8 @@ def test_same_seed_same_loss_curve_and_weights(tmp_path):
     assert _losses(c.run_dir) != _losses(a.run_dir)
 
 
-def test_resume_gives_the_same_state_as_uninterrupted(tmp_path):
-    cfg = _config(_synthetic_set(tmp_path / "data"))
+def test_resume_gives_the_same_state_as_uninterrupted(tmp_path, disc_nucleus_set):
+    cfg = _config(disc_nucleus_set(tmp_path / "data"))
     data = load_training_data(cfg)
     full = train(cfg, tmp_path / "full", progress=False, data=data)
     assert train(cfg, tmp_path / "staged", progress=False, data=data, stop_after=1) is None
@@ -104,8 +82,8 @@ def test_resume_gives_the_same_state_as_uninterrupted(tmp_path):
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_ema_weights_are_validated_exported_and_resumed(tmp_path):
-    cfg = _config(_synthetic_set(tmp_path / "data"), ema=0.75)
+def test_ema_weights_are_validated_exported_and_resumed(tmp_path, disc_nucleus_set):
+    cfg = _config(disc_nucleus_set(tmp_path / "data"), ema=0.75)
     data = load_training_data(cfg)
     full = train(cfg, tmp_path / "full", progress=False, data=data)
     assert train(cfg, tmp_path / "staged", progress=False, data=data, stop_after=1) is None
@@ -137,8 +115,8 @@ def test_ema_weights_are_validated_exported_and_resumed(tmp_path):
         _config(tmp_path / "data", ema=1.0)
 
 
-def test_init_starts_from_a_model_and_a_mismatch_is_refused(tmp_path):
-    data_dir = _synthetic_set(tmp_path / "data")
+def test_init_starts_from_a_model_and_a_mismatch_is_refused(tmp_path, disc_nucleus_set):
+    data_dir = disc_nucleus_set(tmp_path / "data")
     first = train(_config(data_dir), tmp_path / "first", progress=False)
     start = load_file(str(first.model_dir / "weights.safetensors"))
     # one step at lr ~0 from the first model: the second run's weights stay the first model's
@@ -202,11 +180,11 @@ def test_histopan_train_on_real_monuseg_tiles_writes_a_loadable_model(tmp_path, 
     assert main(["train", str(cfg_path), "--out", str(out), "--no-progress"]) == 2
 
 
-def test_extends_starts_from_another_config_with_paths_relative_to_each_file(tmp_path):
+def test_extends_starts_from_another_config_with_paths_relative_to_each_file(tmp_path, disc_nucleus_set):
     base_dir, child_dir = tmp_path / "base", tmp_path / "child"
     base_dir.mkdir()
     child_dir.mkdir()
-    _synthetic_set(tmp_path / "set")
+    disc_nucleus_set(tmp_path / "set")
     base = {"model": {"name": "tiny", "architecture": TINY_ARCH, "mpp": 0.5},
             "nuclei": [{"path": "../set", "val": ["s2"]}], "epochs": 3, "lr": 0.01, "tile_fraction": 0.0}
     (base_dir / "train.yaml").write_text(yaml.safe_dump(base))
@@ -297,11 +275,11 @@ def test_stuff_tile_scores_count_the_argmax_and_the_true_class_share():
     assert scores["stuff_tile_true_share"] == pytest.approx((0.8 + 0.49) / 2, abs=1e-6)
 
 
-def test_worker_processes_make_the_same_batches_and_the_same_run(tmp_path):
+def test_worker_processes_make_the_same_batches_and_the_same_run(tmp_path, disc_nucleus_set):
     from histopan.training.data import CropSampler
     from histopan.training.loop import batches
 
-    cfg = _config(_synthetic_set(tmp_path / "data"), epochs=2, steps_per_epoch=2)
+    cfg = _config(disc_nucleus_set(tmp_path / "data"), epochs=2, steps_per_epoch=2)
     data = load_training_data(cfg)
     sampler = CropSampler(data, cfg)
     here = list(batches(sampler, 1, 4))
@@ -320,9 +298,9 @@ def test_worker_processes_make_the_same_batches_and_the_same_run(tmp_path):
         _config(tmp_path / "data", workers=-1)
 
 
-def test_a_finished_run_is_tuned_and_exported_from_its_best_weights_and_state_alone(tmp_path):
+def test_a_finished_run_is_tuned_and_exported_from_its_best_weights_and_state_alone(tmp_path, disc_nucleus_set):
     """A run trained elsewhere (e.g. on a GPU node) comes back as best weights + state; --resume exports it."""
-    cfg = _config(_synthetic_set(tmp_path / "data"))
+    cfg = _config(disc_nucleus_set(tmp_path / "data"))
     data = load_training_data(cfg)
     first = train(cfg, tmp_path / "run", progress=False, data=data)
     best = load_file(str(tmp_path / "run" / "checkpoints" / "best" / "weights.safetensors"))
@@ -381,8 +359,9 @@ def test_grid_search_on_threads_gives_the_serial_searchs_trials_and_result():
     assert (serial[0].nucleus_threshold, serial[0].centre_threshold, serial[0].min_distance_um) == (0.4, 0.2, 1.0)
 
 
-def test_histopan_tune_searches_the_grid_and_writes_the_same_weights_with_new_thresholds(tmp_path, capsys):
-    folder = _synthetic_set(tmp_path / "data")
+def test_histopan_tune_searches_the_grid_and_writes_the_same_weights_with_new_thresholds(tmp_path, capsys,
+                                                                                         disc_nucleus_set):
+    folder = disc_nucleus_set(tmp_path / "data")
     trained = train(_config(folder), tmp_path / "run", progress=False)
     grid = {"nucleus_threshold": [0.3, 0.5], "centre_threshold": [0.2], "boundary_weight": [0.5],
             "min_distance_um": [1.0], "centre_h": [0.0, 0.15]}
