@@ -992,3 +992,47 @@ def classification_f1(truth: Sequence[str], pred: Sequence[str | None]) -> dict[
         support.append(int((t == n).sum()))
     return {"points": len(t), "accuracy": float((t == p).mean()), "f1": per_class,
             "weighted_f1": float(np.average(list(per_class.values()), weights=support))}
+
+
+# ------------------------------------------------------------------------------------------------ semantic maps
+def semantic_confusion(truth: np.ndarray, pred: np.ndarray, n_classes: int,
+                       ignore: np.ndarray | None = None) -> np.ndarray:
+    """(n_classes, n_classes) int64 pixel counts, rows = truth class, columns = predicted class.
+
+    Pixels whose truth is outside ``0 .. n_classes - 1`` (e.g. 255 for "unknown"), or where ``ignore`` is
+    True, are not counted.  Confusion matrices of disjoint regions or images simply add.
+    """
+    _check_pair(truth, pred, "semantic maps")
+    t = np.asarray(truth).astype(np.int64, copy=False).ravel()
+    p = np.asarray(pred).astype(np.int64, copy=False).ravel()
+    keep = (t >= 0) & (t < n_classes)
+    if ignore is not None:
+        keep &= ~np.asarray(ignore, dtype=bool).ravel()
+    t, p = t[keep], p[keep]
+    if p.size and (p.min() < 0 or p.max() >= n_classes):
+        raise ValueError(f"predicted class ids must be within 0..{n_classes - 1}, got {int(p.min())}..{int(p.max())}")
+    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def semantic_scores(confusion: np.ndarray, names: Sequence[str]) -> dict[str, object]:
+    """Per-class IoU, precision and recall, mean IoU (over classes present in truth or prediction) and pixel
+    accuracy from a confusion matrix (:func:`semantic_confusion`); undefined values are ``None``."""
+    c = np.asarray(confusion, dtype=np.float64)
+    if c.shape != (len(names), len(names)):
+        raise ValueError(f"confusion matrix {c.shape} does not match {len(names)} class names")
+    tp = np.diag(c)
+    truth, pred = c.sum(1), c.sum(0)
+    union = truth + pred - tp
+    per_class: dict[str, dict[str, object]] = {}
+    ious = []
+    for i, name in enumerate(names):
+        iou = _ratio(tp[i], union[i])
+        if union[i] > 0:
+            ious.append(iou)
+        per_class[name] = {"iou": _none_if_nan(iou), "precision": _none_if_nan(_ratio(tp[i], pred[i])),
+                           "recall": _none_if_nan(_ratio(tp[i], truth[i])), "truth_pixels": int(truth[i]),
+                           "pred_pixels": int(pred[i])}
+    total = c.sum()
+    return {"classes": list(names), "iou": {n: per_class[n]["iou"] for n in names}, "per_class": per_class,
+            "mean_iou": _none_if_nan(_mean(ious)), "pixel_accuracy": _none_if_nan(_ratio(tp.sum(), total)),
+            "pixels": int(total), "confusion": c.astype(np.int64).tolist()}

@@ -402,3 +402,25 @@ def test_classification_f1_counts_per_class_and_weights_by_support():
     assert out["f1"] == pytest.approx({"a": 4 / 6, "b": 0.5, "c": 0.0})
     assert out["weighted_f1"] == pytest.approx((3 * 4 / 6 + 2 * 0.5) / 6)
     assert out["accuracy"] == pytest.approx(3 / 6) and out["points"] == 6
+
+
+def test_semantic_confusion_and_scores_by_hand():
+    from histopan.metrics import semantic_confusion, semantic_scores
+    truth = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 1]])
+    conf = semantic_confusion(truth, pred, 3)
+    assert conf.tolist() == [[1, 1, 0], [0, 3, 0], [1, 0, 1]]  # the 255 pixel (unknown truth) is not counted
+    s = semantic_scores(conf, ["background", "stroma", "tumour"])
+    assert s["iou"]["background"] == pytest.approx(1 / 3)
+    assert s["iou"]["stroma"] == pytest.approx(3 / 4)
+    assert s["iou"]["tumour"] == pytest.approx(1 / 2)
+    assert s["pixel_accuracy"] == pytest.approx(5 / 7)
+    assert s["mean_iou"] == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    # an ignore mask drops pixels; disjoint parts add up to the whole
+    ign = np.zeros_like(truth, bool)
+    ign[:, 2:] = True
+    left = semantic_confusion(truth, pred, 3, ignore=ign)
+    right = semantic_confusion(truth, pred, 3, ignore=~ign)
+    assert (left + right).tolist() == conf.tolist()
+    with pytest.raises(ValueError):
+        semantic_confusion(truth, pred + 5, 3)
