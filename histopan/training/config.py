@@ -25,6 +25,7 @@ __all__ = [
     "AnnotationGeometry",
     "AugmentConfig",
     "FinetuneConfig",
+    "MaskSetConfig",
     "HeldOutSetsConfig",
     "SlideAnnotationConfig",
     "LossConfig",
@@ -94,6 +95,48 @@ class TileSetConfig:
         _check_weight(self.weight, self.path)
         if not self.classes:
             raise ValueError(f"classes of {self.path} must map at least one folder to a class")
+
+
+@dataclass(frozen=True)
+class MaskSetConfig:
+    """Images with pixel masks of one tissue region against the rest (e.g. gland epithelium vs stroma).
+
+    Layout: ``images/[<group>/]<name>.(jpg|png|tif)`` and ``masks/[<group>/]<name>.png`` (same size;
+    0 = the rest, > 0 = the region).  ``foreground`` maps each group to the class of the masked region, a list
+    of classes when the data does not say which of them ("tumour or benign epithelium"), or ``null`` to skip
+    the group; a group not listed is an error.  Groups are the sub-folders of ``images/`` (``group_by:
+    folder``, e.g. EBHI-Seg's diagnoses) or the per-image grade in ``meta.json`` (``group_by: grade``:
+    ``grades.<name>.grade``, as in GlaS).  ``rest`` is the class of the unmasked tissue.  Bare glass in any
+    part, and white areas inside the masked region (gland lumina) of at least ``glass_um2`` square microns,
+    are background and hold no nuclei; every other pixel allows its class or a nucleus in it.
+    ``val`` lists held-out image names or case prefixes (``GT2012915`` holds out ``GT2012915-1-400-001``
+    etc.), so that a split is by case, never by crop.
+    """
+
+    path: Path
+    foreground: dict[str, str | list[str] | None]
+    rest: str = "stroma"
+    mpp: float | None = None
+    group_by: Literal["folder", "grade"] = "folder"
+    glass_um2: float = 40.0
+    val: tuple[str, ...] = ()
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "val", tuple(self.val))
+        _check_mpp(self.mpp, self.path, optional=True)
+        _check_weight(self.weight, self.path)
+        if not self.foreground:
+            raise ValueError(f"foreground of {self.path} must map at least one group to a class")
+        if not (math.isfinite(self.glass_um2) and self.glass_um2 >= 0):
+            raise ValueError(f"glass_um2 of {self.path} must be >= 0 square microns, got {self.glass_um2}")
+
+    def foreground_classes(self, group: str) -> tuple[str, ...] | None:
+        """The class names the masked region of ``group`` may be (None: skip the group)."""
+        value = self.foreground[group]
+        if value is None:
+            return None
+        return (value,) if isinstance(value, str) else tuple(value)
 
 
 @dataclass(frozen=True)
@@ -212,11 +255,15 @@ class TrainConfig:
     model: ModelConfig
     nuclei: tuple[NucleusSetConfig, ...]
     tiles: tuple[TileSetConfig, ...] = ()
+    masks: tuple[MaskSetConfig, ...] = ()
     crop: int = 256
     batch_size: int = 8
     epochs: int = 10
     steps_per_epoch: int = 100
     tile_fraction: float = 0.2
+    mask_fraction: float = 0.0
+    distill: float = 0.0
+    tissue_score_weight: float = 0.0
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 50
@@ -235,6 +282,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "nuclei", tuple(self.nuclei))
         object.__setattr__(self, "tiles", tuple(self.tiles))
+        object.__setattr__(self, "masks", tuple(self.masks))
         if not self.nuclei:
             raise ValueError("nuclei needs at least one nucleus data set")
         if self.crop < 32 or self.crop % 32:
@@ -250,6 +298,16 @@ class TrainConfig:
             raise ValueError(f"tile_fraction must be within 0..1, got {self.tile_fraction}")
         if self.tile_fraction > 0 and not self.tiles:
             raise ValueError("tile_fraction > 0 needs at least one tile set under 'tiles' (or set it to 0)")
+        if not 0 <= self.mask_fraction <= 1 or self.tile_fraction + self.mask_fraction > 1:
+            raise ValueError(f"mask_fraction must be within 0..1 and tile_fraction + mask_fraction at most 1, got "
+                             f"{self.mask_fraction} and {self.tile_fraction}")
+        if self.mask_fraction > 0 and not self.masks:
+            raise ValueError("mask_fraction > 0 needs at least one mask set under 'masks' (or set it to 0)")
+        for name in ("distill", "tissue_score_weight"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.distill > 0 and self.init is None:
+            raise ValueError("distill keeps the outputs of the 'init' model: set 'init' or remove 'distill'")
         if not (0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf):
             raise ValueError(f"lr must be finite and > 0, weight_decay finite and >= 0, got {self.lr} and "
                              f"{self.weight_decay}")
@@ -269,6 +327,12 @@ class TrainConfig:
                         f"tile folder {folder!r} of {tiles.path} maps to unknown stuff class {name!r}; "
                         f"the model's stuff classes are {sorted(stuff)}"
                     )
+        for masks in self.masks:
+            names = [masks.rest] + [n for g in masks.foreground for n in (masks.foreground_classes(g) or ())]
+            unknown = sorted({n for n in names if n not in stuff})
+            if unknown:
+                raise ValueError(f"mask set {masks.path} names unknown stuff classes {unknown}; the model's stuff "
+                                 f"classes are {sorted(stuff)}")
 
     @property
     def total_steps(self) -> int:
@@ -279,7 +343,7 @@ def _train_config_data(path: Path, chain: tuple[Path, ...]) -> dict:
     """The mapping of one training YAML with its paths made absolute, merged over the config it ``extends``."""
     data = load_yaml(path)
     base = path.parent
-    for key in ("nuclei", "tiles"):
+    for key in ("nuclei", "tiles", "masks"):
         items = data.get(key)
         if isinstance(items, list):
             for item in items:

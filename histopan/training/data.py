@@ -29,8 +29,8 @@ from histopan.checks import check_mpp
 from histopan.errors import ConfigError, DataError
 from histopan.model.config import ModelConfig
 from histopan.training.augment import colour_jitter, flip_rotate, sample_scale, zoom_to
-from histopan.training.config import NucleusSetConfig, TileSetConfig, TrainConfig
-from histopan.training.targets import Targets, nucleus_targets, tile_class_targets
+from histopan.training.config import MaskSetConfig, NucleusSetConfig, TileSetConfig, TrainConfig
+from histopan.training.targets import Targets, class_bits, nucleus_targets, region_targets, tile_class_targets
 
 #: the model's class 0 is always background (slide glass); its tiles hold no nuclei
 BACKGROUND_INDEX = 0
@@ -45,12 +45,32 @@ def glass_mask(image: np.ndarray, min_value: float = 0.8, max_saturation: float 
     hi = image.max(axis=-1)
     return (lo >= min_value) & (hi - lo <= max_saturation)
 
+
+#: codes of a mask set's region map (:attr:`Sample.regions`)
+REGION_NONE, REGION_GLASS, REGION_FOREGROUND, REGION_REST = 0, 1, 2, 3
+
+
+def glass_regions(image: np.ndarray, mpp: float, min_um2: float) -> np.ndarray:
+    """Bare glass and white lumina / air spaces of an RGB uint8 image: :func:`glass_mask` pixels, opened with a
+    1 um disc (so white specks between cells do not count), in connected areas of at least ``min_um2``."""
+    import cv2
+
+    glass = glass_mask(np.asarray(image, np.float32) / 255.0).astype(np.uint8)
+    r = max(1, int(round(1.0 / mpp)))
+    glass = cv2.morphologyEx(glass, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))
+    n, comp, stats, _ = cv2.connectedComponentsWithStats(glass, connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] * mpp * mpp >= min_um2
+    keep[0] = False
+    return keep[comp]
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CropSampler",
     "Sample",
     "TrainingData",
+    "glass_regions",
+    "load_mask_set",
     "load_nucleus_set",
     "load_tile_set",
     "load_training_data",
@@ -69,7 +89,10 @@ class Sample:
 
     ``labels`` is the instance map (nucleus sets) or ``None`` (tile sets, whose ``stuff_class`` is the class
     index); ``source_mpp`` and ``native_labels`` (instance map at the data's own resolution, validation
-    only) allow scoring at the original resolution.
+    only) allow scoring at the original resolution.  Mask-set samples have ``regions`` instead, a uint8 map
+    of region codes (``REGION_GLASS``, ``REGION_FOREGROUND``, ``REGION_REST``; 0 = unknown) at the model's mpp,
+    and ``region_bits``, the stuff classes each of those codes allows (bit masks, see
+    :func:`~histopan.training.targets.class_bits`).
     """
 
     name: str
@@ -80,6 +103,8 @@ class Sample:
     source_mpp: float
     native_labels: np.ndarray | None = None
     native_shape: tuple[int, int] | None = None
+    regions: np.ndarray | None = None
+    region_bits: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -90,6 +115,8 @@ class TrainingData:
     train_tiles: tuple[Sample, ...]
     val_nuclei: tuple[Sample, ...]
     val_tiles: tuple[Sample, ...]
+    train_masks: tuple[Sample, ...] = ()
+    val_masks: tuple[Sample, ...] = ()
 
 
 # -- reading -------------------------------------------------------------------------------------------
@@ -276,6 +303,91 @@ def load_tile_set(cfg: TileSetConfig, model: ModelConfig, min_size: int) -> tupl
     return train, val
 
 
+def _mask_groups(cfg: MaskSetConfig, images_dir: Path) -> list[tuple[str, Path]]:
+    """(group, image path) of every image of a mask set."""
+    if cfg.group_by == "folder":
+        subdirs = sorted(p for p in images_dir.iterdir() if p.is_dir())
+        if not subdirs:
+            raise DataError("group_by: folder, but images/ has no sub-folders", path=images_dir,
+                            fix="set 'group_by: grade' (grades in meta.json) or put the images in group folders")
+        return [(d.name, p) for d in subdirs for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    meta = cfg.path / "meta.json"
+    try:
+        grades = json.loads(meta.read_text(encoding="utf-8"))["grades"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"cannot read the per-image grades: {exc}", path=meta,
+                        fix="give meta.json a 'grades' object {name: {grade: ...}}, or use 'group_by: folder'") from exc
+    out = []
+    for p in sorted(images_dir.iterdir()):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        entry = grades.get(p.stem)
+        if not isinstance(entry, dict) or not isinstance(entry.get("grade"), str):
+            raise DataError("image has no grade in meta.json", path=meta, value=p.stem,
+                            fix="add grades.<name>.grade for every image, or remove the image")
+        out.append((entry["grade"], p))
+    return out
+
+
+def _is_val(name: str, val: tuple[str, ...]) -> bool:
+    return any(name == v or name.startswith(v + "-") or name.startswith(v + "_") for v in val)
+
+
+def load_mask_set(cfg: MaskSetConfig, model: ModelConfig, min_size: int) -> tuple[list[Sample], list[Sample]]:
+    """Read a mask set (:class:`~histopan.training.config.MaskSetConfig`) at the model's mpp:
+    (training samples, validation samples), each with its region map (glass, masked region, rest)."""
+    folder = Path(cfg.path)
+    images_dir, masks_dir = folder / "images", folder / "masks"
+    if not images_dir.is_dir() or not masks_dir.is_dir():
+        raise DataError("a mask set needs images/ and masks/ folders", path=folder,
+                        fix="use the layout images/[<group>/]<name>.jpg + masks/[<group>/]<name>.png")
+    mpp = meta_mpp(folder, cfg.mpp)
+    items = _mask_groups(cfg, images_dir)
+    groups = {g for g, _ in items}
+    unlisted = sorted(groups - set(cfg.foreground))
+    if unlisted:
+        raise ConfigError("mask-set groups are not mapped to a class", path=folder, value=unlisted,
+                          fix="add them under 'foreground' (a stuff class, a list of classes, or null to skip)")
+    unmatched = [v for v in cfg.val if not any(_is_val(p.stem, (v,)) for _, p in items)]
+    if unmatched:
+        raise ConfigError("'val' names images or cases that are not in the mask set", path=folder,
+                          value=unmatched[:5], fix="use image names or case prefixes of the set")
+    rest_bits = class_bits([model.class_index(cfg.rest)])
+    glass_bits = class_bits([BACKGROUND_INDEX])
+    train, val = [], []
+    for group, path in items:
+        names = cfg.foreground_classes(group)
+        if names is None:
+            continue
+        rel = path.relative_to(images_dir).with_suffix(".png")
+        mask_path = masks_dir / rel
+        if not mask_path.is_file():
+            raise DataError("image has no mask", path=mask_path, fix="add the mask (PNG, 0 = rest, > 0 = region)")
+        image = read_rgb(path)
+        with Image.open(mask_path) as im:
+            mask = np.asarray(im.convert("L")) > 0
+        if mask.shape != image.shape[:2]:
+            raise DataError("mask and image differ in size", path=mask_path,
+                            value=f"mask {mask.shape} vs image {image.shape[:2]}", fix="write the mask at the image's size")
+        image_m = resample_image(image, mpp, model.mpp)
+        mask_m = resample_labels(mask.astype(np.uint8), mpp, model.mpp).astype(bool)
+        regions = np.where(mask_m, REGION_FOREGROUND, REGION_REST).astype(np.uint8)
+        regions[glass_regions(image_m, model.mpp, cfg.glass_um2)] = REGION_GLASS
+        is_val = _is_val(path.stem, cfg.val)
+        if not is_val and min(image_m.shape[:2]) < min_size:
+            raise DataError(f"image is smaller than the training crop at {model.mpp} um/px", path=path,
+                            value=f"{image_m.shape[1]}x{image_m.shape[0]} px < crop {min_size}",
+                            fix="lower 'crop', or check the set's 'mpp'")
+        fg_bits = class_bits([model.class_index(n) for n in names])
+        sample = Sample(name=path.stem, dataset=folder.name, image=image_m, labels=None, stuff_class=None,
+                        source_mpp=mpp, native_shape=image.shape[:2], regions=regions,
+                        region_bits=(glass_bits, fg_bits, rest_bits))
+        (val if is_val else train).append(sample)
+    log.info("%s: %d training + %d validation images with masks at %.3g um/px (from %.3g)", folder.name,
+             len(train), len(val), model.mpp, mpp)
+    return train, val
+
+
 def load_training_data(config: TrainConfig) -> TrainingData:
     """Read every data set of ``config`` once, resampled to the model's mpp."""
     tn, vn, tt, vt = [], [], [], []
@@ -290,9 +402,15 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     if not any(tn):
         raise ConfigError("no training images left after the validation split",
                           fix="keep some images of the nucleus sets out of 'val'")
+    tm, vm = [], []
+    for mset in config.masks:
+        a, b = load_mask_set(mset, config.model, config.crop)
+        tm.append(a)
+        vm += b
     train_nuclei = tuple(s for group in tn for s in group)
     train_tiles = tuple(s for group in tt for s in group)
-    return TrainingData(train_nuclei, train_tiles, tuple(vn), tuple(vt))
+    train_masks = tuple(s for group in tm for s in group)
+    return TrainingData(train_nuclei, train_tiles, tuple(vn), tuple(vt), train_masks, tuple(vm))
 
 
 # -- crops ---------------------------------------------------------------------------------------------
@@ -312,6 +430,8 @@ class CropSampler:
                                    [Path(s.path).name for s in config.nuclei])
         self._tiles = self._group(data.train_tiles, [s.weight for s in config.tiles],
                                   [Path(s.path).name for s in config.tiles])
+        self._masks = self._group(data.train_masks, [s.weight for s in config.masks],
+                                  [Path(s.path).name for s in config.masks])
         self._sigma_um = config.loss.centre_sigma_um
 
     @staticmethod
@@ -332,8 +452,14 @@ class CropSampler:
     def crop(self, index: int) -> tuple[np.ndarray, Targets]:
         """Crop ``index``: a float32 (H, W, 3) image in 0..1 and its :class:`Targets`."""
         rng = np.random.default_rng([self.config.seed, index])
-        use_tile = bool(self._tiles) and rng.random() < self.config.tile_fraction
-        sample = self._pick(rng, self._tiles if use_tile else self._nuclei)
+        kind = rng.random()
+        if self._tiles and kind < self.config.tile_fraction:
+            groups = self._tiles
+        elif self._masks and kind < self.config.tile_fraction + self.config.mask_fraction:
+            groups = self._masks
+        else:
+            groups = self._nuclei
+        sample = self._pick(rng, groups)
         aug = self.config.augment
         zoom = sample_scale(rng, aug)
         region = int(round(self.size / zoom))
@@ -344,20 +470,28 @@ class CropSampler:
         y = int(rng.integers(0, max(0, h - region) + 1))
         x = int(rng.integers(0, max(0, w - region) + 1))
         img = image[y:y + region, x:x + region]
+        if sample.regions is not None:
+            labels = sample.regions
         lab = None if labels is None else labels[y:y + region, x:x + region]
         valid = np.ones(img.shape[:2], dtype=bool)
         if img.shape[0] < region or img.shape[1] < region:  # a small tile: pad, padding trains nothing
             ph, pw = region - img.shape[0], region - img.shape[1]
             img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect")
             valid = np.pad(valid, ((0, ph), (0, pw)))
+            if lab is not None:
+                lab = np.pad(lab, ((0, ph), (0, pw)))
         img, lab, valid = zoom_to(img, lab, valid, self.size)
         img, lab, valid = flip_rotate([img, lab, valid], rng, aug)
         mpp = self.model.mpp
-        if lab is not None:
+        if sample.regions is not None:
+            targets = region_targets(lab, valid, sample.region_bits, self.model.nucleus_index, REGION_GLASS)
+        elif lab is not None:
             targets = nucleus_targets(lab, valid, mpp, self._sigma_um, self.model.nucleus_index,
                                       self.model.stuff_indices, self.config.loss.contact_um)
         else:
-            no_nucleus = glass_mask(img) if sample.stuff_class != BACKGROUND_INDEX else np.ones_like(valid)
+            # the crop is 0..255 here (uint8, or float after a zoom); glass_mask wants 0..1
+            no_nucleus = (glass_mask(np.asarray(img, np.float32) / 255.0) if sample.stuff_class != BACKGROUND_INDEX
+                          else np.ones_like(valid))
             targets = tile_class_targets(valid, sample.stuff_class, self.model.nucleus_index, no_nucleus)
         return colour_jitter(img, rng, aug, mpp), targets
 

@@ -59,7 +59,7 @@ from histopan.training.config import TrainConfig, TuneConfig, write_train_config
 from histopan.training.data import CropSampler, Sample, TrainingData, load_training_data
 from histopan.training.engine import (WEIGHTS, Engine, autocast, hardware, jsonable, learning_rate, make_run_folder,
                                       read_state, run_folders, torch_settings, training_device)
-from histopan.training.losses import total_loss
+from histopan.training.losses import distill_loss, total_loss
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class ValidationMaps:
 
     nuclei: tuple[tuple[Sample, ProbabilityMaps], ...]
     tiles: tuple[tuple[Sample, ProbabilityMaps], ...]
+    masks: tuple[tuple[Sample, np.ndarray], ...] = ()
 
 
 def _validation_maps(network: nn.Module, data: TrainingData, config: TrainConfig,
@@ -150,8 +151,83 @@ def _validation_maps(network: nn.Module, data: TrainingData, config: TrainConfig
                    for s in data.val_nuclei[:k])
     tiles = tuple((s, image_maps(network, centre_crop(s.image, VAL_TILE_MAX), config.model, device))
                   for s in data.val_tiles[:k])
+    # mask sets: only the tissue map is scored, so keep the stuff argmax, not the probabilities
+    masks = tuple((s, tissue_labels(image_maps(network, s.image, config.model, device), config.model))
+                  for s in data.val_masks)
     network.train()
-    return ValidationMaps(nuclei, tiles)
+    return ValidationMaps(nuclei, tiles, masks)
+
+
+def tissue_labels(maps: ProbabilityMaps, model: ModelConfig) -> np.ndarray:
+    """The tissue class of every pixel: the most probable stuff class, nuclei included (model class indices)."""
+    stuff = np.asarray(model.stuff_indices)
+    return stuff[np.argmax(maps.semantic[stuff], axis=0)].astype(np.uint8)
+
+
+def _bits_classes(bits: int, n: int) -> list[int]:
+    return [c for c in range(n) if bits >> c & 1]
+
+
+def tissue_scores(masks: tuple[tuple[Sample, np.ndarray], ...], model: ModelConfig) -> dict[str, Any]:
+    """Tissue-map scores on held-out mask-set images (at the model's mpp).
+
+    ``tissue``: per-class IoU, accuracy and confusion matrix over the stuff classes (truth: glass ->
+    background, the masked region -> its class where the set names one class, the rest -> the set's rest
+    class; regions that may be one of several classes are left out); per set, ``region_iou`` (the masked
+    region, e.g. gland epithelium, against everything else, any of the set's region classes counting as the
+    region), ``glass_iou`` (background on glass, images with glass) and, where the region has several
+    possible classes over the set's groups, ``region_class_accuracy`` (region pixels predicted as a region
+    class that get the right one, e.g. tumour vs benign epithelium).
+    """
+    from histopan.metrics import semantic_confusion, semantic_scores
+    from histopan.training.data import REGION_FOREGROUND, REGION_GLASS, REGION_REST
+
+    n = len(model.classes)
+    conf = np.zeros((n, n), np.int64)
+    region_classes: dict[str, set[int]] = {}
+    for sample, pred in masks:
+        fg = _bits_classes(sample.region_bits[1], n)
+        rest = _bits_classes(sample.region_bits[2], n)
+        truth = np.full(pred.shape, 255, np.uint8)
+        truth[sample.regions == REGION_GLASS] = 0
+        if len(rest) == 1:
+            truth[sample.regions == REGION_REST] = rest[0]
+        if len(fg) == 1:
+            truth[sample.regions == REGION_FOREGROUND] = fg[0]
+        conf += semantic_confusion(truth, pred, n)
+        region_classes.setdefault(sample.dataset, set()).update(fg)
+    names = [c.name for c in model.classes]
+    keep = list(model.stuff_indices)
+    out: dict[str, Any] = {"tissue": semantic_scores(conf[np.ix_(keep, keep)], [names[i] for i in keep])}
+    by_set = {}
+    for name, classes in region_classes.items():
+        classes = sorted(classes)
+        inter = union = g_inter = g_union = typed_ok = typed_all = 0
+        for sample, pred in (m for m in masks if m[0].dataset == name):
+            in_fg = sample.regions == REGION_FOREGROUND
+            p_fg = np.isin(pred, classes)
+            inter += int((in_fg & p_fg).sum())
+            union += int((in_fg | p_fg).sum())
+            glass = sample.regions == REGION_GLASS
+            if glass.any():
+                p_bg = pred == 0
+                g_inter += int((glass & p_bg).sum())
+                g_union += int((glass | p_bg).sum())
+            fg = _bits_classes(sample.region_bits[1], n)
+            if len(fg) == 1 and len(classes) > 1:
+                hit = in_fg & p_fg
+                typed_all += int(hit.sum())
+                typed_ok += int((hit & (pred == fg[0])).sum())
+        entry = {"region_classes": [names[c] for c in classes],
+                 "region_iou": inter / union if union else None,
+                 "glass_iou": g_inter / g_union if g_union else None, "images": sum(1 for m in masks if m[0].dataset == name)}
+        if typed_all:
+            entry["region_class_accuracy"] = typed_ok / typed_all
+        by_set[name] = entry
+    out["tissue_by_set"] = by_set
+    ious = [e["region_iou"] for e in by_set.values() if e["region_iou"] is not None]
+    out["tissue_region_iou"] = float(np.mean(ious)) if ious else None
+    return out
 
 
 def score_maps(maps: ValidationMaps, model: ModelConfig, pp: PostprocessConfig,
@@ -184,6 +260,8 @@ def score_maps(maps: ValidationMaps, model: ModelConfig, pp: PostprocessConfig,
         # classes move it a little, not by a whole tile (with ~10 validation tiles, one tile is 0.09)
         scores["stuff_tile_true_share"] = true_share / len(maps.tiles)
         scores["stuff_tiles"] = len(maps.tiles)
+    if maps.masks:
+        scores.update(tissue_scores(maps.masks, model))
     return scores
 
 
@@ -320,6 +398,31 @@ def initial_network(config: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
     return network, {"init_weights_sha256": init.weights_sha256, "init_training": init.config.training}
 
 
+def selection_score(val: dict[str, Any], config: TrainConfig) -> float:
+    """What picks the best epoch: validation nucleus PQ, plus ``tissue_score_weight`` times the mean masked-region
+    IoU of the mask sets when the run has them."""
+    region = val.get("tissue_region_iou")
+    if config.tissue_score_weight > 0 and region is not None:
+        return float(val["pq"]) + config.tissue_score_weight * float(region)
+    return float(val["pq"])
+
+
+def _teacher(config: TrainConfig, device: torch.device) -> tuple[nn.Module, ModelConfig, torch.Tensor] | None:
+    """The ``init`` model, frozen, for ``distill`` (with the student's channel of each of its classes)."""
+    if config.distill <= 0:
+        return None
+    init = load_model(config.init)
+    missing = [n for n in init.config.class_names if n not in config.model.class_names]
+    if missing:
+        raise ConfigError("distill needs every class of the init model in the trained model", path=init.path,
+                          value=missing, fix="keep those classes in model.classes, or remove 'distill'")
+    net = copy.deepcopy(init.network).to(device).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    channels = torch.tensor([config.model.class_names.index(n) for n in init.config.class_names], device=device)
+    return net, init.config, channels
+
+
 def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, device: torch.device, resume: bool,
            progress: bool, data: TrainingData | None, stop_after: int | None,
            command: str | None, export: bool = True) -> TrainResult | None:
@@ -346,6 +449,7 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
     network = network.to(device)
     if device.type == "cuda":
         network = network.to(memory_format=torch.channels_last)
+    teacher = _teacher(config, device)
 
     def loss(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, float]]:
         tensors = _to_tensors(batch, device)
@@ -354,18 +458,32 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device):
             out = network(x)
-        return total_loss(split_outputs(out.float(), model), tensors, model.nucleus_index, config.loss)
+        heads = split_outputs(out.float(), model)
+        value, terms = total_loss(heads, tensors, model.nucleus_index, config.loss)
+        if teacher is not None:  # keep the init model's nucleus maps where this batch does not label them
+            t_net, t_config, channels = teacher
+            with torch.no_grad(), autocast(device):
+                t_out = t_net(x)
+            keep = distill_loss(heads, split_outputs(t_out.float(), t_config), tensors, channels, config.loss,
+                                t_config.nucleus_index)
+            value = value + config.distill * keep
+            terms["distill"] = float(keep.detach())
+            terms["loss"] = float(value.detach())
+        return value, terms
 
     def report(record: dict[str, Any], val: dict[str, Any]) -> None:
-        log.info("epoch %d: loss %.4f, val PQ %.4f (SQ %.3f RQ %.3f AJI %.3f)%s", record["epoch"],
+        log.info("epoch %d: loss %.4f, val PQ %.4f (SQ %.3f RQ %.3f AJI %.3f)%s%s", record["epoch"],
                  record["train"].get("loss", math.nan), val["pq"], val["sq"], val["rq"], val.get("aji", math.nan),
                  f", stuff acc {val['stuff_tile_accuracy']:.2f} (true-class share {val['stuff_tile_true_share']:.2f})"
-                 if "stuff_tile_accuracy" in val else "")
+                 if "stuff_tile_accuracy" in val else "",
+                 "".join(f", {k} region IoU {v['region_iou']:.3f}" + (f" glass IoU {v['glass_iou']:.3f}"
+                                                                       if v["glass_iou"] is not None else "")
+                         for k, v in val.get("tissue_by_set", {}).items() if v["region_iou"] is not None))
 
     engine = Engine(config, run, device, network, loss=loss,
                     validate=lambda net: score_maps(_validation_maps(net, data, config, device), model,
                                                     model.postprocess),
-                    score=lambda val: val["pq"], report=report, plot=lambda history: _plot(history, run / "curves.png"))
+                    score=lambda val: selection_score(val, config), report=report, plot=lambda history: _plot(history, run / "curves.png"))
     # the init model as it was when the run started (its folder may be overwritten before the export)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "best_pq": -1.0, "best_epoch": -1, "history": [],
                              "train_seconds": 0.0, "done": False, **provenance}
@@ -400,6 +518,9 @@ def _finish(config: TrainConfig, run: Path, best_dir: Path, device: torch.device
             "nuclei": [{"path": str(s.path), "mpp": s.mpp, "val": list(s.val)} for s in config.nuclei],
             "tiles": [{"path": str(s.path), "mpp": s.mpp, "classes": dict(s.classes), "val": list(s.val)}
                       for s in config.tiles],
+            "masks": [{"path": str(s.path), "mpp": s.mpp, "foreground": dict(s.foreground), "rest": s.rest,
+                       "val": list(s.val)} for s in config.masks],
+            "train_mask_images": len(data.train_masks), "val_mask_images": len(data.val_masks),
             "train_images": len(data.train_nuclei), "train_tiles": len(data.train_tiles),
             "val_images": len(data.val_nuclei), "val_tiles": len(data.val_tiles),
         },

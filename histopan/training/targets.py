@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
 __all__ = ["Targets", "boundary_map", "centre_heatmap", "class_bits", "contact_map", "nucleus_targets",
-           "tile_class_targets"]
+           "region_targets", "tile_class_targets"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,26 @@ def tile_class_targets(valid: np.ndarray, class_index: int, nucleus_index: int,
     sure = valid & (np.zeros(valid.shape, bool) if no_nucleus is None else no_nucleus.astype(bool))
     bits = np.where(valid, class_bits([class_index, nucleus_index]), 0).astype(np.int64)
     bits = np.where(sure, class_bits([class_index]), bits).astype(np.int64)
+    zeros = np.zeros(valid.shape, dtype=np.float32)
+    return Targets(label_bits=bits, nucleus=zeros, centre=zeros.copy(), boundary=zeros.copy(),
+                   nucleus_valid=sure, contact=np.zeros(valid.shape, dtype=bool))
+
+
+def region_targets(regions: np.ndarray, valid: np.ndarray, region_bits: tuple[int, ...], nucleus_index: int,
+                   no_nucleus_code: int) -> Targets:
+    """Targets of a crop with a region map (pixel masks of tissue classes, nuclei not outlined).
+
+    ``regions`` holds codes 1, 2, ... (0 = unknown, trains nothing); code ``k`` allows the stuff classes of
+    ``region_bits[k - 1]`` or a nucleus in them, except code ``no_nucleus_code`` (bare glass, white lumina),
+    which allows its classes only and trains the nucleus maps to zero there.
+    """
+    valid = valid.astype(bool) & (regions > 0)
+    lut = np.zeros(max(len(region_bits) + 1, int(regions.max(initial=0)) + 1), dtype=np.int64)
+    nucleus_bit = class_bits([nucleus_index])
+    for k, bits in enumerate(region_bits, start=1):
+        lut[k] = bits if k == no_nucleus_code else bits | nucleus_bit
+    sure = valid & (regions == no_nucleus_code)
+    bits = np.where(valid, lut[regions], 0).astype(np.int64)
     zeros = np.zeros(valid.shape, dtype=np.float32)
     return Targets(label_bits=bits, nucleus=zeros, centre=zeros.copy(), boundary=zeros.copy(),
                    nucleus_valid=sure, contact=np.zeros(valid.shape, dtype=bool))
