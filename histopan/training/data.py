@@ -105,6 +105,7 @@ class Sample:
     native_shape: tuple[int, int] | None = None
     regions: np.ndarray | None = None
     region_bits: tuple[int, int, int] = (0, 0, 0)
+    source: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -381,7 +382,7 @@ def load_mask_set(cfg: MaskSetConfig, model: ModelConfig, min_size: int) -> tupl
         fg_bits = class_bits([model.class_index(n) for n in names])
         sample = Sample(name=path.stem, dataset=folder.name, image=image_m, labels=None, stuff_class=None,
                         source_mpp=mpp, native_shape=image.shape[:2], regions=regions,
-                        region_bits=(glass_bits, fg_bits, rest_bits))
+                        region_bits=(glass_bits, fg_bits, rest_bits), source=path)
         (val if is_val else train).append(sample)
     log.info("%s: %d training + %d validation images with masks at %.3g um/px (from %.3g)", folder.name,
              len(train), len(val), model.mpp, mpp)

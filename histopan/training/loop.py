@@ -175,16 +175,17 @@ def tissue_scores(masks: tuple[tuple[Sample, np.ndarray], ...], model: ModelConf
     background, the masked region -> its class where the set names one class, the rest -> the set's rest
     class; regions that may be one of several classes are left out); per set, ``region_iou`` (the masked
     region, e.g. gland epithelium, against everything else, any of the set's region classes counting as the
-    region), ``glass_iou`` (background on glass, images with glass) and, where the region has several
-    possible classes over the set's groups, ``region_class_accuracy`` (region pixels predicted as a region
-    class that get the right one, e.g. tumour vs benign epithelium).
+    region), ``glass_iou`` (background on glass, images with glass) and ``region_class_accuracy`` (region
+    pixels predicted as a region class that get the right one, e.g. tumour vs benign epithelium, on images
+    whose region has one class).  The region classes are those any mask set's region may be (e.g. tumour and
+    benign epithelium: "epithelium").
     """
     from histopan.metrics import semantic_confusion, semantic_scores
     from histopan.training.data import REGION_FOREGROUND, REGION_GLASS, REGION_REST
 
     n = len(model.classes)
     conf = np.zeros((n, n), np.int64)
-    region_classes: dict[str, set[int]] = {}
+    region_classes: set[int] = set()
     for sample, pred in masks:
         fg = _bits_classes(sample.region_bits[1], n)
         rest = _bits_classes(sample.region_bits[2], n)
@@ -195,13 +196,13 @@ def tissue_scores(masks: tuple[tuple[Sample, np.ndarray], ...], model: ModelConf
         if len(fg) == 1:
             truth[sample.regions == REGION_FOREGROUND] = fg[0]
         conf += semantic_confusion(truth, pred, n)
-        region_classes.setdefault(sample.dataset, set()).update(fg)
+        region_classes.update(fg)
     names = [c.name for c in model.classes]
     keep = list(model.stuff_indices)
     out: dict[str, Any] = {"tissue": semantic_scores(conf[np.ix_(keep, keep)], [names[i] for i in keep])}
     by_set = {}
-    for name, classes in region_classes.items():
-        classes = sorted(classes)
+    classes = sorted(region_classes)
+    for name in dict.fromkeys(m[0].dataset for m in masks):
         inter = union = g_inter = g_union = typed_ok = typed_all = 0
         for sample, pred in (m for m in masks if m[0].dataset == name):
             in_fg = sample.regions == REGION_FOREGROUND

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 __all__ = ["PACK_FORMAT", "data_signature", "load_packed", "pack_training_data"]
 
 PACK_FORMAT = "histopan-training-pack/1"
+#: the sample groups of a pack, in the field order of :class:`~histopan.training.data.TrainingData`
+GROUPS = ("train_nuclei", "train_tiles", "val_nuclei", "val_tiles", "train_masks", "val_masks")
 INDEX = "index.json"
 LABELS = "labels.npz"
 
@@ -53,6 +55,10 @@ def data_signature(config: TrainConfig) -> dict[str, Any]:
                    for s in config.nuclei],
         "tiles": [{"set": Path(s.path).name, "mpp": s.mpp, "classes": dict(sorted(s.classes.items())),
                    "val": sorted(s.val), "pad_to_crop": s.pad_to_crop} for s in config.tiles],
+        "masks": [{"set": Path(s.path).name, "mpp": s.mpp, "group_by": s.group_by,
+                   "foreground": {k: s.foreground_classes(k) and list(s.foreground_classes(k))
+                                  for k in sorted(s.foreground)},
+                   "rest": s.rest, "glass_um2": s.glass_um2, "val": sorted(s.val)} for s in config.masks],
     }
 
 
@@ -87,14 +93,21 @@ def pack_training_data(config: TrainConfig, data: TrainingData, folder: str | Pa
     arrays: dict[str, np.ndarray] = {}
     entries = []
     groups = (("train_nuclei", data.train_nuclei), ("val_nuclei", data.val_nuclei),
-              ("train_tiles", data.train_tiles), ("val_tiles", data.val_tiles))
+              ("train_tiles", data.train_tiles), ("val_tiles", data.val_tiles),
+              ("train_masks", data.train_masks), ("val_masks", data.val_masks))
     for group, samples in groups:
         for i, s in enumerate(samples):
             key = f"{group}-{i:05d}"
             entry: dict[str, Any] = {"group": group, "key": key, "name": s.name, "dataset": s.dataset,
                                      "stuff_class": s.stuff_class, "source_mpp": s.source_mpp,
                                      "native_shape": None if s.native_shape is None else list(s.native_shape)}
-            if s.source_mpp > config.model.mpp * (1 + 1e-9):  # enlarged by training: keep the smaller source
+            if s.regions is not None:  # mask sets: the source file (small), the region map at the model's mpp
+                entry["image"] = f"{key}{s.source.suffix.lower()}"
+                entry["resample_from"] = s.source_mpp
+                entry["region_bits"] = list(s.region_bits)
+                shutil.copyfile(s.source, tmp / entry["image"])
+                arrays[f"{key}.regions"] = s.regions
+            elif s.source_mpp > config.model.mpp * (1 + 1e-9):  # enlarged by training: keep the smaller source
                 src = _tile_source(config, s) if s.labels is None else None
                 if src is None:
                     raise DataError("a nucleus image coarser than the model's mpp cannot be packed", path=s.dataset,
@@ -142,7 +155,7 @@ def load_packed(folder: str | PathLike[str], config: TrainConfig) -> TrainingDat
         differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         raise ConfigError("the pack was made for other data than this config names", path=root, value=differ,
                           fix="pack the data again with this config (--pack-data), or train with the config it was made for")
-    groups: dict[str, list[Sample]] = {"train_nuclei": [], "val_nuclei": [], "train_tiles": [], "val_tiles": []}
+    groups: dict[str, list[Sample]] = {k: [] for k in GROUPS}
     with np.load(root / LABELS, allow_pickle=False) as npz:
         labels = {k: npz[k] for k in npz.files}
     for e in index["samples"]:
@@ -154,6 +167,8 @@ def load_packed(folder: str | PathLike[str], config: TrainConfig) -> TrainingDat
         groups[e["group"]].append(Sample(
             name=e["name"], dataset=e["dataset"], image=image, labels=labels.get(f"{e['key']}.labels"),
             stuff_class=e["stuff_class"], source_mpp=float(e["source_mpp"]),
-            native_labels=labels.get(f"{e['key']}.native"), native_shape=None if shape is None else tuple(shape)))
+            native_labels=labels.get(f"{e['key']}.native"), native_shape=None if shape is None else tuple(shape),
+            regions=labels.get(f"{e['key']}.regions"),
+            region_bits=tuple(e.get("region_bits") or (0, 0, 0)), source=path if "region_bits" in e else None))
     log.info("loaded %d samples from the pack %s", len(index["samples"]), root)
-    return TrainingData(*(tuple(groups[k]) for k in ("train_nuclei", "train_tiles", "val_nuclei", "val_tiles")))
+    return TrainingData(*(tuple(groups[k]) for k in GROUPS))
