@@ -343,9 +343,10 @@ def _post_task(plan: RunPlan, inferred: tuple[list[Any], float, float], batch: n
 
     maps, t_read, t_model = inferred
     store = open_store(plan.staging, partial=True)
+    tissue = store.tissue_region()
     nuclei, t_post = 0, 0.0
     for m, index in zip(maps, batch):
-        record, seconds = record_tile(m, plan.grid, int(index), plan.config, plan.ids)
+        record, seconds = record_tile(m, plan.grid, int(index), plan.config, plan.ids, tissue=tissue)
         store.save_tile(int(index), record.to_arrays())
         nuclei += len(record)
         t_post += seconds

@@ -381,6 +381,8 @@ def _segment(args: argparse.Namespace) -> int:
         f"tiles:       {result.n_tissue_tiles} with tissue of {result.n_tiles}"
         + (f" ({result.resumed_tiles} from an earlier run)" if result.resumed_tiles else ""),
         f"areas (mm2): {stuff or 'none'}",
+        *([f"tissue mask: {result.tissue_mask_mm2:.3f} mm2 (tissue classes are background outside it)"]
+          if result.tissue_mask_mm2 is not None else []),
         f"time:        {result.seconds:.1f} s, {result.megapixels_per_second:.2f} megapixels/s",
     ]
     print("\n".join(lines))

@@ -6,7 +6,8 @@ A run's tissue tiles go through in fixed batches, each in three steps:
   process);
 - :func:`infer_batch`: the network on those windows (:class:`~histopan.inference.TileInferencer`);
 - :func:`record_tile`: each tile's maps post-processed into its :class:`~histopan.stitching.TileRecord`
-  (:func:`~histopan.postprocess.process_tile`), which the caller saves in the store; a tile whose
+  (:func:`~histopan.postprocess.process_tile`, with the glass rule of the run's tissue region, which the
+  store keeps), which the caller saves in the store; a tile whose
   post-processing runs longer than :data:`SLOW_TILE_SECONDS` is reported by name while it runs
   (:class:`SlowWatch`).
 
@@ -146,12 +147,16 @@ class SlowWatch:
 
 
 def record_tile(maps: ProbabilityMaps, grid: TileGrid, index: int, model_config: Any,
-                ids: IdScheme, slow_after: float = SLOW_TILE_SECONDS) -> tuple[TileRecord, float]:
+                ids: IdScheme, slow_after: float = SLOW_TILE_SECONDS, tissue: Any = None) -> tuple[TileRecord, float]:
     """Tile ``index``'s record from its window's maps, and the seconds the post-processing took.  A tile
-    still being post-processed after ``slow_after`` seconds is reported while it runs (:class:`SlowWatch`)."""
+    still being post-processed after ``slow_after`` seconds is reported while it runs (:class:`SlowWatch`).
+    ``tissue`` is the run's tissue region (:class:`~histopan.slide.tissue.TissueRegion`, the store's): outside
+    it the glass rule makes the tissue classes background; None: no glass rule."""
     t = time.perf_counter()
+    tile = grid[int(index)]
     with SlowWatch(describe_tile(grid, index), slow_after):
-        record = process_tile(maps, grid[int(index)], grid, model_config, ids)
+        region = None if tissue is None else tissue.sample_box(*tile.read.as_tuple(), grid.downsample)
+        record = process_tile(maps, tile, grid, model_config, ids, tissue=region)
     return record, time.perf_counter() - t
 
 

@@ -8,7 +8,8 @@ Two passes keep memory bounded and make the run resumable:
 
 1. *Tiles* (:mod:`histopan.engine`, shared with ``histopan batch``): for each tissue tile, read core + halo
    (dask, threaded, one task per tile), run the network in batches, post-process into the tile's record
-   (:func:`histopan.postprocess.process_tile`: the nuclei the tile owns, their measurements, its stuff core);
+   (:func:`histopan.postprocess.process_tile`: the nuclei the tile owns, their measurements, its stuff core,
+   background outside the tissue region that the tissue detector's mask gives and the store keeps);
    the small record is saved in the store's ``work/`` folder.  Batches are fixed slices of the tile list, so
    a resumed run feeds the network exactly the same batches as an uninterrupted one and the arrays come out
    byte-identical.
@@ -68,7 +69,7 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
     ``model`` (a LoadedModel) may be passed to reuse one already loaded; else ``options.model`` is loaded
     (once per process, :func:`~histopan.engine.cached_model`).
     """
-    from histopan.slide.tissue import select_tiles, tissue_mask
+    from histopan.slide.tissue import TissueParams, select_tiles, tissue_mask, tissue_region
 
     out = check_output(out, folder=True, suffixes=(".zarr",))
     base_mpp = reader.require_mpp()
@@ -92,8 +93,13 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
 
     t0 = time.perf_counter()
     boxes = grid.boxes("core", level0=True)
-    selected = (np.arange(len(grid)) if options.min_tissue <= 0
-                else select_tiles(tissue_mask(reader), boxes, min_fraction=options.min_tissue))
+    region = None
+    if options.min_tissue <= 0:  # no tissue detection: every tile is processed and the model decides everywhere
+        selected = np.arange(len(grid))
+    else:
+        mask = tissue_mask(reader)
+        selected = select_tiles(mask, boxes, min_fraction=options.min_tissue)
+        region = tissue_region(mask)  # the glass rule: tissue classes only inside it
     tissue_seconds = time.perf_counter() - t0
     if len(selected) == 0:
         log.warning("%s: no tile has at least %.0f %% tissue, so the store will hold no nuclei; if the slide does "
@@ -101,6 +107,7 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
 
     run_key = {"slide": reader.identity, "model": model.weights_sha256, "mpp": work_mpp, "tile": tile_size,
                "halo": halo, "origin": list(grid.origin), "min_tissue": options.min_tissue,
+               "tissue": None if region is None else to_dict(TissueParams()),
                "postprocess": to_dict(cfg.postprocess), "tta": options.tta, "histopan": __version__}
     store = open_for_run(out, run_key, options.overwrite)
     if store is None:
@@ -111,6 +118,7 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
             run={"key": run_key, "model": {"name": cfg.name, "path": str(model.path),
                                            "weights_sha256": model.weights_sha256, "config": to_dict(cfg)},
                  "options": to_dict(options), "tiles": [int(t) for t in selected]},
+            tissue=region,
         )
         store.update_attrs(
             slide=slide_attributes(reader), downsample=grid.downsample,
@@ -172,8 +180,10 @@ def finish_run(plan: RunPlan, store: SlideStore, reader: Any, emit: Progress, ti
 
     px_area_mm2 = (grid.mpp * 1e-3) ** 2
     stuff_area = {c.name: float(stuff_px[c.id]) * px_area_mm2 for c in classes}
+    mask_area = store.attrs.get("tissue", {}).get("mask_area_mm2")
     result = SegmentResult(store=plan.out, n_nuclei=table.n_rows, n_tiles=len(grid),
                            n_tissue_tiles=int(len(plan.selected)), n_cut=n_cut, stuff_area_mm2=stuff_area,
+                           tissue_mask_mm2=mask_area,
                            megapixels=float(len(plan.selected)) * grid.tile * grid.tile / 1e6,
                            seconds=time.perf_counter() - t_start, timings=dict(timer.totals), resumed_tiles=resumed)
     store.finalize(**result.to_json())
@@ -239,6 +249,7 @@ def _pass1(plan: RunPlan, store: SlideStore, reader: Any, options: SegmentOption
         log.info("resuming: %d of %d tissue tiles already done", resumed, len(plan.selected))
     emit("tiles_done", {"done": resumed, "nuclei": 0})
     inferencer = cached_inferencer(plan.model, options.device, plan.batch_size, options.tta)
+    tissue = store.tissue_region()  # the glass rule's region, as the store keeps it (also on resume)
     done, nuclei = resumed, 0
     in_flight: list[tuple[np.ndarray, list[Future]]] = []
 
@@ -262,7 +273,8 @@ def _pass1(plan: RunPlan, store: SlideStore, reader: Any, options: SegmentOption
                 pending = read_pool.submit(read_batch, reader, plan.grid, todo[k + 1], options.workers)
             maps, seconds = infer_batch(inferencer, windows)
             timer.add("model", seconds)
-            in_flight.append((batch, [post_pool.submit(record_tile, m, plan.grid, int(i), plan.config, plan.ids)
+            in_flight.append((batch, [post_pool.submit(record_tile, m, plan.grid, int(i), plan.config, plan.ids,
+                                                          tissue=tissue)
                                       for m, i in zip(maps, batch)]))
             del maps, windows
             while len(in_flight) > 1:

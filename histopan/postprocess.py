@@ -40,8 +40,8 @@ from histopan.panoptic import absorb_small_regions, fuse, stuff_argmax
 from histopan.stitching import IdScheme, TileRecord, own_objects
 from histopan.tiling import Tile, TileGrid
 
-__all__ = ["NUCLEUS_COLUMNS", "PanopticLabels", "PostprocessConfig", "ProbabilityMaps", "TileLabels",
-           "drop_small_objects", "nucleus_table", "panoptic_labels", "postprocess_tile", "process_tile",
+__all__ = ["BACKGROUND", "NUCLEUS_COLUMNS", "PanopticLabels", "PostprocessConfig", "ProbabilityMaps", "TileLabels",
+           "background_index", "drop_small_objects", "nucleus_table", "panoptic_labels", "postprocess_tile", "process_tile",
            "shape_features", "tissue_classes"]
 
 
@@ -388,8 +388,8 @@ def shape_features(instances: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarr
 
 # ------------------------------------------------------------------------------ tissue rules, tile records
 #
-# panoptic_labels adds the tissue rules (stuff regions below min_stuff_area_um2 absorbed by their neighbours)
-# and an optional crop to postprocess_tile: the one path from maps to panoptic labels that `histopan segment`
+# panoptic_labels adds the tissue rules (the glass rule: background outside the tissue region; stuff regions
+# below min_stuff_area_um2 absorbed by their neighbours) and an optional crop to postprocess_tile: the one path from maps to panoptic labels that `histopan segment`
 # and predict_tile share.  process_tile turns one slide tile's maps into its stitching.TileRecord.
 
 
@@ -404,14 +404,45 @@ def drop_small_objects(instances: np.ndarray, min_area_um2: float, mpp: float) -
     return np.where(too_small[instances], 0, instances).astype(instances.dtype)
 
 
-def tissue_classes(semantic: np.ndarray, classes: Sequence[Any], min_stuff_area_um2: float,
-                   mpp: float) -> np.ndarray:
-    """The stuff map of semantic probabilities ``(C, H, W)``: the most probable stuff class per pixel, then
-    stuff regions smaller than ``min_stuff_area_um2`` given the class of the nearest larger region
-    (:func:`~histopan.panoptic.absorb_small_regions`; regions touching the border are left as they are)."""
+#: the stuff class the glass rule paints outside the tissue region (found by name among the model's classes)
+BACKGROUND = "background"
+
+
+def background_index(classes: Sequence[Any]) -> int:
+    """Index of the stuff class named :data:`BACKGROUND` among ``classes`` (the model's, in channel order)."""
+    for i, c in enumerate(classes):
+        if c.name == BACKGROUND and c.kind == "stuff":
+            return i
+    raise ModelError(f"the model has no stuff class named {BACKGROUND!r}, which the glass rule paints",
+                     value=[c.name for c in classes], fix="pass the classes of a histopan model (its first class is "
+                                                          "'background')")
+
+
+def tissue_classes(semantic: np.ndarray, classes: Sequence[Any], min_stuff_area_um2: float, mpp: float,
+                   tissue: np.ndarray | None = None) -> np.ndarray:
+    """The stuff map of semantic probabilities ``(C, H, W)``, the one implementation of the tissue rules that
+    ``histopan segment`` and ``predict_tile`` share:
+
+    1. the most probable stuff class per pixel;
+    2. the glass rule: with ``tissue`` (bool ``(H, W)``, the tissue region, see
+       :func:`histopan.slide.tissue.tissue_region`), every pixel outside it is background;
+    3. stuff regions smaller than ``min_stuff_area_um2`` take the class of the nearest larger region
+       (:func:`~histopan.panoptic.absorb_small_regions`; regions touching the border are left as they are);
+       a patch of glass smaller than that (a pin-hole in the region) would be absorbed like any small region,
+       so the glass rule is applied again afterwards: no tissue class is ever painted outside the region.
+    """
     _, stuff_ids = _thing_index(classes, semantic.shape[0])
-    return absorb_small_regions(stuff_argmax(semantic, np.asarray(stuff_ids, dtype=np.intp)),
-                                min_stuff_area_um2, mpp)
+    stuff = stuff_argmax(semantic, np.asarray(stuff_ids, dtype=np.intp))
+    if tissue is None:
+        return absorb_small_regions(stuff, min_stuff_area_um2, mpp)
+    if tissue.shape != stuff.shape:
+        raise ValueError(f"the tissue region {tissue.shape} and the maps {stuff.shape} differ in shape")
+    glass = ~tissue
+    background = background_index(classes)
+    stuff[glass] = background
+    stuff = absorb_small_regions(stuff, min_stuff_area_um2, mpp)
+    stuff[glass] = background
+    return stuff
 
 
 @dataclass(frozen=True)
@@ -436,13 +467,15 @@ class PanopticLabels:
 
 
 def panoptic_labels(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig, classes: Sequence[Any],
-                    crop: tuple[slice, slice] | None = None) -> PanopticLabels:
-    """:func:`postprocess_tile` plus the tissue rules, the one path from maps to panoptic labels that
-    ``histopan segment`` (per tile) and ``predict_tile`` share.
+                    crop: tuple[slice, slice] | None = None, tissue: np.ndarray | None = None) -> PanopticLabels:
+    """:func:`postprocess_tile` plus the tissue rules (:func:`tissue_classes`), the one path from maps to
+    panoptic labels that ``histopan segment`` (per tile) and ``predict_tile`` share.
 
     ``crop`` (row and column slices) keeps only that part of the window, e.g. the part inside the slide: the
     nuclei are cut there and what remains of each must still have the minimum area (else slivers along the
-    slide border would become nuclei), and the tissue rules run on the crop.
+    slide border would become nuclei), and the tissue rules run on the crop.  ``tissue`` (bool, the shape of
+    the crop) is the tissue region of the glass rule; None: no glass rule.  Nuclei do not depend on it: a
+    nucleus over glass is kept, over background stuff.
     """
     labels = postprocess_tile(maps, mpp, cfg, classes)
     instances = labels.instances
@@ -452,16 +485,18 @@ def panoptic_labels(maps: ProbabilityMaps, mpp: float, cfg: PostprocessConfig, c
         semantic = semantic[:, crop[0], crop[1]]
         if instances.shape != labels.instances.shape:
             instances = drop_small_objects(instances, cfg.min_area_um2, mpp)
-    stuff = tissue_classes(semantic, classes, cfg.min_stuff_area_um2, mpp)
+    stuff = tissue_classes(semantic, classes, cfg.min_stuff_area_um2, mpp, tissue)
     thing, _ = _thing_index(classes, maps.semantic.shape[0])
     return PanopticLabels(instances=instances, stuff=stuff, nuclei=labels.nuclei, thing=thing)
 
 
-def process_tile(maps: ProbabilityMaps, tile: Tile, grid: TileGrid, model_config: Any, ids: IdScheme) -> TileRecord:
+def process_tile(maps: ProbabilityMaps, tile: Tile, grid: TileGrid, model_config: Any, ids: IdScheme,
+                 tissue: np.ndarray | None = None) -> TileRecord:
     """Probability maps of one tile's window -> its :class:`~histopan.stitching.TileRecord`: the nuclei it
-    owns (:func:`~histopan.stitching.own_objects`), their measurements, and its stuff core."""
+    owns (:func:`~histopan.stitching.own_objects`), their measurements, and its stuff core.  ``tissue`` (bool,
+    the tile's read box) is the tissue region of the glass rule, None for none."""
     labels = panoptic_labels(maps, grid.mpp, model_config.postprocess, model_config.classes,
-                             crop=tile.read_in_window)
+                             crop=tile.read_in_window, tissue=tissue)
     instances, stuff = labels.instances, labels.stuff
     owned = own_objects(instances, tile.read.as_tuple(), tile.core.as_tuple(), grid.shape, tile.index, ids)
     core_stuff = stuff[tile.core.slices_in(tile.read)]

@@ -3,7 +3,7 @@
 The image is resampled (anti-aliased) to the model's working resolution, run through the network
 (:class:`~histopan.inference.TileInferencer`, windows of the model's tile + halo for large images),
 post-processed with the tissue rules (:func:`~histopan.postprocess.panoptic_labels`, the same path as
-``histopan segment``'s tiles) and the labels are mapped back to the input's pixel grid by nearest neighbour,
+``histopan segment``'s tiles; the glass rule's tissue region detected on the image itself) and the labels are mapped back to the input's pixel grid by nearest neighbour,
 so every output is at the input's resolution.
 """
 
@@ -93,7 +93,7 @@ def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
 
 
 def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | LoadedModel = "default",
-                 device: str | torch.device | None = None, tta: bool = False) -> TileResult:
+                 device: str | torch.device | None = None, tta: bool = False, tissue: bool = True) -> TileResult:
     """Panoptic labels of one RGB uint8 image whose pixels are ``mpp`` microns wide.
 
     ``model`` is a model name, a model folder or a :class:`~histopan.model.checkpoint.LoadedModel`
@@ -101,8 +101,13 @@ def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | Loa
     :func:`~histopan.inference.resolve_device` (default: CUDA when available); ``tta`` averages the network
     over flips and 90-degree rotations (eight times the inference time).  The image must cover at
     least 32 px at the model's resolution and at most 4096 px per side (use the slide pipeline for more).
-    The labels are those ``histopan segment`` makes of the same region (tissue regions smaller than the
-    model's ``min_stuff_area_um2`` absorbed by their neighbours, except where they touch the border).
+    The labels are those ``histopan segment`` makes of the same region, through the same tissue rules
+    (:func:`~histopan.postprocess.tissue_classes`): with ``tissue`` (the default) the tissue detector runs
+    on the image itself, as ``segment`` runs it on a slide, and outside its region (the mask, the glass it
+    encloses and a margin, :func:`~histopan.slide.tissue.tissue_region`) the tissue classes are background
+    (the glass rule; ``tissue=False`` leaves every pixel to the model, like ``segment --min-tissue 0``);
+    then tissue regions smaller than the model's ``min_stuff_area_um2`` are absorbed by their neighbours,
+    except where they touch the border.  Nuclei do not depend on the glass rule.
     Labels are mapped back by sampling the model-grid labels at the input pixel centres, so ``semantic`` and
     ``instances`` agree; a nucleus that no input pixel centre falls on (possible when the input is coarser
     than the model's resolution) is dropped.
@@ -133,7 +138,8 @@ def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | Loa
         work, h, w = rgb, in_h, in_w
 
     maps = TileInferencer(loaded, device=device, tta=tta).predict_image(work)
-    labels = panoptic_labels(maps, cfg.mpp, cfg.postprocess, cfg.classes)
+    region = _tissue_region(rgb, mpp, (h, w)) if tissue else None
+    labels = panoptic_labels(maps, cfg.mpp, cfg.postprocess, cfg.classes, tissue=region)
 
     if resampled:
         rows, cols = _nearest_index(in_h, h), _nearest_index(in_w, w)
@@ -161,6 +167,18 @@ def predict_tile(image: np.ndarray, mpp: float, model: str | PathLike[str] | Loa
     nuclei = _public_table(table, cfg.type_names)
     return TileResult(semantic=semantic, instances=instances, classes=cfg.classes, nuclei=nuclei, mpp=mpp,
                       model=cfg.name, nucleus_types=cfg.nucleus_types)
+
+
+def _tissue_region(rgb: np.ndarray, mpp: float, shape: tuple[int, int]) -> np.ndarray:
+    """The glass rule's tissue region of the image ``rgb`` (at ``mpp``) on the model's ``shape`` grid: the
+    tissue detector run on the image as on a one-level slide, sampled at the grid's pixel centres (in input
+    pixels, the image being the slide's level 0)."""
+    from histopan.slide.base import ArrayReader
+    from histopan.slide.tissue import tissue_mask, tissue_region
+
+    (in_h, in_w), (h, w) = rgb.shape[:2], shape
+    region = tissue_region(tissue_mask(ArrayReader(rgb, mpp)))
+    return region.sample((np.arange(h) + 0.5) * (in_h / h), (np.arange(w) + 0.5) * (in_w / w))
 
 
 def _public_table(table: pd.DataFrame, type_names: tuple[str, ...]) -> pd.DataFrame:

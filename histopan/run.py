@@ -74,6 +74,7 @@ class SegmentResult:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     resumed_tiles: int = 0
+    tissue_mask_mm2: float | None = None  # the tissue detector's mask (None: no detection, --min-tissue 0)
 
     @property
     def megapixels_per_second(self) -> float:
@@ -88,10 +89,6 @@ class SegmentResult:
         """The result that :meth:`to_json` wrote (a store's ``summary``)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{**{k: v for k, v in summary.items() if k in names}, "store": Path(summary["store"])})
-
-
-
-
 
 
 @dataclass

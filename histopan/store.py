@@ -9,6 +9,9 @@ Layout of ``OUT.zarr``::
     labels/semantic/0, 1, ... uint8 class per pixel at the model's mpp (nucleus class included),
                               pyramid by 2x2 majority; ``image-label`` colours and class names
     labels/nuclei/0, 1, ...   uint32 nucleus instance ids (0 = none), pyramid by nearest (top-left) sampling
+    tissue                    uint8 tissue region of the glass rule on the tissue mask's grid (0 glass, 1 tissue
+                              mask, 2 glass enclosed by tissue; :class:`~histopan.slide.tissue.TissueRegion`),
+                              absent when the run used no tissue detection (``--min-tissue 0``)
     tables/nuclei.parquet     one row per nucleus (:data:`NUCLEUS_TABLE_COLUMNS`), written tile by tile
                               (:meth:`SlideStore.nucleus_table_writer`), read back batch by batch
                               (:meth:`SlideStore.nucleus_table`)
@@ -49,6 +52,9 @@ log = logging.getLogger(__name__)
 FORMAT = STORE_FORMAT
 FORMAT_VERSION = 1
 NGFF_VERSION = "0.5"
+
+#: the array of the run's tissue region (:meth:`SlideStore.tissue_region`)
+TISSUE_ARRAY = "tissue"
 
 #: Resolution of the RGB overview image: this many times the labels' mpp, at least 2 um/px.
 IMAGE_MPP_FACTOR = 4.0
@@ -200,6 +206,18 @@ class SlideStore:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.semantic.shape)  # type: ignore[return-value]
+
+    def tissue_region(self) -> Any:
+        """The run's tissue region (:class:`~histopan.slide.tissue.TissueRegion`, its cells read lazily from the
+        ``tissue`` array), or None when the run detected no tissue (``--min-tissue 0``): no glass rule."""
+        from histopan.slide.tissue import TissueRegion
+
+        if TISSUE_ARRAY not in self.group:
+            return None
+        array = self.group[TISSUE_ARRAY]
+        meta = array.attrs["histopan"]
+        return TissueRegion(codes=array, downsample_xy=tuple(meta["downsample_xy"]), base_mpp=float(meta["base_mpp"]),
+                            margin_um=float(meta["margin_um"]))
 
     @property
     def table_path(self) -> Path:
@@ -384,8 +402,13 @@ def create_store(
     image_mpp: float,
     name: str,
     run: dict[str, Any],
+    tissue: Any = None,
 ) -> SlideStore:
     """Create a new, incomplete store at ``path`` (the caller has checked that it may be written).
+
+    ``tissue`` (a :class:`~histopan.slide.tissue.TissueRegion`) is the run's tissue region: kept as the
+    ``tissue`` array, with its areas in the ``tissue`` attribute, so every process of the run reads the same
+    region (and QC compares the tissue classes' area with the tissue mask's).
 
     Creation is atomic: the store is built in a temporary sibling folder (:func:`histopan.outputs.creating_prefix`)
     and renamed to ``path`` once it carries its ``histopan`` attributes, so a kill or a full disk during
@@ -396,7 +419,7 @@ def create_store(
     tmp.mkdir()
     try:
         _build_store(tmp, shape=shape, mpp=mpp, chunk=chunk, classes=classes, image_shape=image_shape,
-                     image_mpp=image_mpp, name=name, run=run)
+                     image_mpp=image_mpp, name=name, run=run, tissue=tissue)
         os.rename(tmp, path)
     finally:
         if tmp.exists():  # the build or the rename failed: leave nothing behind (the error propagates)
@@ -405,7 +428,8 @@ def create_store(
 
 
 def _build_store(path: Path, *, shape: tuple[int, int], mpp: float, chunk: int, classes: Sequence[ClassSpec],
-                 image_shape: tuple[int, int], image_mpp: float, name: str, run: dict[str, Any]) -> None:
+                 image_shape: tuple[int, int], image_mpp: float, name: str, run: dict[str, Any],
+                 tissue: Any = None) -> None:
     root = zarr.open_group(path, mode="w", zarr_format=3)
     # OME-NGFF readers expect the image and its labels to have the same number of pyramid levels; the image
     # pyramid starts coarser (image_mpp), so it simply reaches smaller sizes.
@@ -432,11 +456,31 @@ def _build_store(path: Path, *, shape: tuple[int, int], mpp: float, chunk: int, 
             h, w = (-(-shape[0] // 2**level), -(-shape[1] // 2**level))
             grp.create_array(str(level), shape=(h, w), chunks=(min(chunk, h), min(chunk, w)), dtype=dtype,
                              fill_value=0, dimension_names=["y", "x"])
-    root.attrs["histopan"] = {
+    attrs = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "histopan_version": __version__,
         "complete": False, "mpp": mpp, "chunk": chunk, "image_mpp": image_mpp,
         "classes": [c.to_json() for c in classes], "run": run,
     }
+    if tissue is not None:
+        attrs["tissue"] = _write_tissue(root, tissue)
+    root.attrs["histopan"] = attrs
+
+
+def _write_tissue(root: zarr.Group, region: Any) -> dict[str, Any]:
+    """Write the tissue region's cells as the ``tissue`` array; returns the store's ``tissue`` attribute."""
+    from histopan.slide.tissue import ENCLOSED, GLASS, TISSUE
+
+    codes = np.asarray(region.codes, np.uint8)
+    h, w = codes.shape
+    array = root.create_array(TISSUE_ARRAY, shape=(h, w), chunks=(min(512, h), min(512, w)), dtype="uint8",
+                              fill_value=GLASS, dimension_names=["y", "x"])
+    array[:] = codes
+    cell_y, cell_x = region.cell_um
+    array.attrs["histopan"] = {"codes": {"glass": GLASS, "tissue": TISSUE, "enclosed": ENCLOSED},
+                               "downsample_xy": list(region.downsample_xy), "base_mpp": region.base_mpp,
+                               "margin_um": region.margin_um, "cell_um": [cell_y, cell_x]}
+    return {"mask_area_mm2": region.area_mm2(TISSUE), "enclosed_area_mm2": region.area_mm2(ENCLOSED),
+            "margin_um": region.margin_um, "cell_um": [cell_y, cell_x]}
 
 
 def open_store(path: str | os.PathLike[str], *, partial: bool = False) -> SlideStore:

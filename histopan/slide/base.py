@@ -418,6 +418,33 @@ class SlideReader(abc.ABC):
                 f"mpp={self.mpp})")
 
 
+class ArrayReader(SlideReader):
+    """An RGB uint8 image in memory, read as a one-level slide of ``mpp`` micrometres per pixel (what
+    ``predict_tile`` detects tissue on, through the same :meth:`read_region` as a slide file).  ``name`` stands
+    in for a path in messages; the reader has no file, so it has no identity and does not pickle."""
+
+    def __init__(self, image: np.ndarray, mpp: float, name: str = "<image>") -> None:
+        super().__init__(name, mpp)
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise SlideError("an in-memory slide must be an RGB uint8 image (H, W, 3)",
+                             value=(tuple(image.shape), str(image.dtype)), fix="pass an RGB uint8 array")
+        self._image = image
+        self._level_dimensions = ((int(image.shape[1]), int(image.shape[0])),)
+        self._level_downsamples = (1.0,)
+
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return self._image[y:y + h, x:x + w]
+
+    @property
+    def identity(self) -> str:
+        raise SlideError("an in-memory image has no file identity", path=self._path,
+                         fix="write it to a file and open that with open_slide")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("an in-memory ArrayReader does not pickle")
+
+
 def _reopen(cls: type[SlideReader], path: str, mpp: float | None) -> SlideReader:
     return cls(path, mpp=mpp)
 

@@ -5,8 +5,16 @@ in bounded-memory blocks), finds stained tissue by Otsu's threshold on HSV satur
 range, so an all-tissue or all-background view still gives a sensible answer) together with a minimum
 optical density, ignores black borders and green/blue pen ink, and cleans the result with a morphological
 closing, hole filling and small-object removal whose sizes are given in micrometres (or, for a slide without
-a pixel size, as fractions of the view).  :func:`tissue_fraction` and :func:`select_tiles` then score tiles
+a pixel size, as fractions of the view; in a small view, such as a tile given to ``predict_tile``, an object
+is never too small when it covers more than ``small_view_fraction`` of the view).  :func:`tissue_fraction` and :func:`select_tiles` then score tiles
 given as level-0 boxes.
+
+:func:`tissue_region` turns a mask into the region where a run may paint tissue classes (the *glass rule*:
+every pixel outside it is background).  The mask is coarse (8 um cells) and its detection favours stained
+tissue, so the region is more generous than the mask: glass enclosed by tissue up to
+``region_max_hole_um2`` (fat, loose stroma, lumens) is kept, and so is everything within ``margin_um`` of the
+mask, measured from a distance field interpolated between the cells, so the region's edge is smooth and the
+same wherever a window samples it (:meth:`TissueRegion.sample`).
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from skimage import filters, morphology, segmentation
 
 from histopan.checks import check_mpp
@@ -47,7 +57,8 @@ class TissueParams:
     """Detection settings; areas in square micrometres, lengths in micrometres.
 
     ``*_fraction`` values replace the micrometre sizes when the slide has no pixel size: they are fractions of
-    the view's area (objects/holes) or of its long side (closing radius).
+    the view's area (objects/holes) or of its long side (closing radius).  ``margin_um`` and
+    ``region_max_hole_um2`` shape the region of the glass rule (:func:`tissue_region`), not the mask.
     """
 
     sat_threshold_range: tuple[float, float] = (0.05, 0.2)
@@ -60,6 +71,17 @@ class TissueParams:
     close_radius_fraction: float = 0.002
     min_object_fraction: float = 1e-4
     max_hole_fraction: float = 1e-3
+    small_view_fraction: float = 0.01
+    margin_um: float = 8.0
+    region_max_hole_um2: float = 1_000_000.0
+
+    def __post_init__(self) -> None:
+        for name in ("margin_um", "region_max_hole_um2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value >= 0):
+                raise ConfigError(f"tissue {name} must be a finite number >= 0", value=value,
+                                  fix=f"use e.g. {name}={getattr(TissueParams, name)}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,6 +262,9 @@ def detect_tissue(rgb: np.ndarray, mpp: float | None = None,
     if radius:
         out = morphology.closing(np.pad(out, radius, mode="constant"), morphology.disk(radius))
         out = out[radius:-radius, radius:-radius]
+    # a small view (a tile given to predict_tile) keeps its tissue: objects are never "small" when larger
+    # than a fraction of the view
+    min_obj = min(min_obj, params.small_view_fraction * area)
     out = morphology.remove_small_holes(out, max_size=int(max_hole))
     out = morphology.remove_small_objects(out, max_size=int(min_obj))
     out &= ~black
@@ -304,3 +329,100 @@ def select_tiles(mask: TissueMask, boxes: np.ndarray, min_fraction: float = 0.05
         raise ConfigError("the minimum tissue fraction of a tile must be in [0, 1]", value=min_fraction,
                           fix="use e.g. 0.05 (5 % tissue)")
     return np.flatnonzero(tissue_fraction(mask, boxes) >= min_fraction)
+
+
+# ------------------------------------------------------------------------------------- the glass rule's region
+
+#: the cell codes of a :class:`TissueRegion`: glass, tissue (the detector's mask), glass enclosed by tissue
+GLASS, TISSUE, ENCLOSED = 0, 1, 2
+
+
+@dataclass(frozen=True, eq=False)
+class TissueRegion:
+    """Where tissue classes may be painted: the tissue mask's cells (``codes`` TISSUE), the glass they enclose
+    (ENCLOSED) and every point within ``margin_um`` of those; everything else is glass, where the glass rule
+    makes every pixel background.
+
+    ``codes`` is (h, w) uint8 on the mask's grid, ``downsample_xy`` level-0 pixels per cell (x, y) and
+    ``base_mpp`` micrometres per level-0 pixel.  ``codes`` may be a lazily read array (a store's zarr array):
+    :meth:`sample` reads only the cells near the points it is asked about.
+    """
+
+    codes: Any
+    downsample_xy: tuple[float, float]
+    base_mpp: float
+    margin_um: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def cell_um(self) -> tuple[float, float]:
+        """(y, x) size of a cell in micrometres."""
+        return self.downsample_xy[1] * self.base_mpp, self.downsample_xy[0] * self.base_mpp
+
+    def area_mm2(self, *codes: int) -> float:
+        """Area of the cells with the given codes (all of the region's cells by default), in mm^2."""
+        wanted = codes or (TISSUE, ENCLOSED)
+        values = np.asarray(self.codes[:])
+        sy, sx = self.cell_um
+        return float(np.isin(values, wanted).sum()) * sy * sx * 1e-6
+
+    def sample(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Whether each level-0 point ``(ys[i], xs[j])`` lies in the region: bool ``(len(ys), len(xs))``.
+
+        The distance (um) from the centres of the region's cells is interpolated bilinearly between cell
+        centres; a point is inside where it is at most ``margin_um`` plus half a cell (with no margin the
+        edge runs along the mask's own cell edges).  Distances are capped a cell beyond that limit, so the
+        answer at a point depends only on the cells near it: windows that overlap agree pixel for pixel.
+        """
+        ys = np.asarray(ys, np.float64)
+        xs = np.asarray(xs, np.float64)
+        out = np.zeros((ys.size, xs.size), bool)
+        if out.size == 0:
+            return out
+        sy, sx = self.cell_um
+        limit = self.margin_um + (sy + sx) / 4
+        cap = limit + max(sy, sx)
+        pad = int(math.ceil(cap / min(sy, sx))) + 1
+        (fy, iy0, iy1, r0, r1) = _axis_cells(ys / self.downsample_xy[1] - 0.5, self.shape[0], pad)
+        (fx, ix0, ix1, c0, c1) = _axis_cells(xs / self.downsample_xy[0] - 0.5, self.shape[1], pad)
+        inside = np.asarray(self.codes[r0:r1, c0:c1]) != GLASS
+        if not inside.any():
+            return out
+        distance = np.minimum(ndimage.distance_transform_edt(~inside, sampling=(sy, sx)), cap)
+        wy = (fy - iy0)[:, None]
+        rows = (1 - wy) * distance[iy0 - r0] + wy * distance[iy1 - r0]
+        wx = fx - ix0
+        values = (1 - wx) * rows[:, ix0 - c0] + wx * rows[:, ix1 - c0]
+        return values <= limit
+
+    def sample_box(self, x: int, y: int, w: int, h: int, downsample: float) -> np.ndarray:
+        """:meth:`sample` at the pixel centres of the box ``(x, y, w, h)`` of a grid of ``downsample`` level-0
+        pixels per pixel (a run's target pixels): bool ``(h, w)``."""
+        return self.sample((np.arange(y, y + h) + 0.5) * downsample, (np.arange(x, x + w) + 0.5) * downsample)
+
+
+def _axis_cells(u: np.ndarray, n: int, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Bilinear interpolation along one axis of ``n`` cells at cell coordinates ``u`` (cell centres at whole
+    numbers, clamped at the edges): the clamped coordinates, the two cells each point lies between, and the
+    cells ``[lo, hi)`` to read (``pad`` more on each side)."""
+    f = np.clip(u, 0, n - 1)
+    i0 = np.floor(f).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n - 1)
+    return f, i0, i1, max(int(i0.min()) - pad, 0), min(int(i1.max()) + 1 + pad, n)
+
+
+def tissue_region(mask: TissueMask, params: TissueParams = TissueParams()) -> TissueRegion:
+    """The region of the glass rule of ``mask`` (see :class:`TissueRegion`): its holes up to
+    ``params.region_max_hole_um2`` filled, grown by ``params.margin_um``.  The slide must have a pixel size."""
+    if mask.mpp is None:
+        raise ConfigError("the glass rule needs the slide's pixel size", value=None,
+                          fix="pass --mpp (microns per pixel of the slide)")
+    base_mpp = mask.mpp / mask.downsample
+    cell_um2 = mask.downsample_xy[0] * mask.downsample_xy[1] * base_mpp**2
+    filled = morphology.remove_small_holes(mask.mask, max_size=int(params.region_max_hole_um2 / cell_um2))
+    codes = np.where(mask.mask, TISSUE, np.where(filled, ENCLOSED, GLASS)).astype(np.uint8)
+    return TissueRegion(codes=codes, downsample_xy=mask.downsample_xy, base_mpp=base_mpp,
+                        margin_um=float(params.margin_um))
