@@ -69,7 +69,7 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
     ``model`` (a LoadedModel) may be passed to reuse one already loaded; else ``options.model`` is loaded
     (once per process, :func:`~histopan.engine.cached_model`).
     """
-    from histopan.slide.tissue import TissueParams, select_tiles, tissue_mask, tissue_region
+    from histopan.slide.tissue import TissueParams, select_region_tiles, tissue_mask, tissue_region
 
     out = check_output(out, folder=True, suffixes=(".zarr",))
     base_mpp = reader.require_mpp()
@@ -92,14 +92,13 @@ def plan_run(reader: Any, out: str | PathLike[str], options: SegmentOptions,
     ids = IdScheme.for_tiles(grid, cfg.postprocess.min_area_um2)
 
     t0 = time.perf_counter()
-    boxes = grid.boxes("core", level0=True)
     region = None
     if options.min_tissue <= 0:  # no tissue detection: every tile is processed and the model decides everywhere
         selected = np.arange(len(grid))
     else:
         mask = tissue_mask(reader)
-        selected = select_tiles(mask, boxes, min_fraction=options.min_tissue)
         region = tissue_region(mask)  # the glass rule: tissue classes only inside it
+        selected = select_region_tiles(mask, region, grid, options.min_tissue)
     tissue_seconds = time.perf_counter() - t0
     if len(selected) == 0:
         log.warning("%s: no tile has at least %.0f %% tissue, so the store will hold no nuclei; if the slide does "

@@ -10,7 +10,8 @@ is never too small when it covers more than ``small_view_fraction`` of the view)
 given as level-0 boxes.
 
 :func:`tissue_region` turns a mask into the region where a run may paint tissue classes (the *glass rule*:
-every pixel outside it is background).  The mask is coarse (8 um cells) and its detection favours stained
+every pixel outside it is background), and :func:`select_region_tiles` picks the tiles a run processes so that
+no piece of that region is cut by a skipped tile.  The mask is coarse (8 um cells) and its detection favours stained
 tissue, so the region is more generous than the mask: glass enclosed by tissue up to
 ``region_max_hole_um2`` (fat, loose stroma, lumens) is kept, and so is everything within ``margin_um`` of the
 mask, measured from a distance field interpolated between the cells, so the region's edge is smooth and the
@@ -398,6 +399,18 @@ class TissueRegion:
         values = (1 - wx) * rows[:, ix0 - c0] + wx * rows[:, ix1 - c0]
         return values <= limit
 
+    def reaches(self, boxes_level0: np.ndarray) -> np.ndarray:
+        """Whether the region may reach into each level-0 box (N, 4: x, y, w, h): bool (N,).  A superset,
+        computed on the cells (those of the region, grown by the margin and one cell more), never missing a box
+        that :meth:`sample` finds a region pixel in."""
+        cells = np.asarray(self.codes[:]) != GLASS
+        grow = int(math.ceil(self.margin_um / min(self.cell_um))) + 1
+        cells = ndimage.binary_dilation(cells, structure=np.ones((3, 3), bool), iterations=grow)
+        dx, dy = self.downsample_xy
+        grid = TissueMask(mask=cells, downsample=(dx + dy) / 2, downsample_xy=(dx, dy),
+                          slide_dimensions=(round(cells.shape[1] * dx), round(cells.shape[0] * dy)))
+        return tissue_fraction(grid, boxes_level0) > 0
+
     def sample_box(self, x: int, y: int, w: int, h: int, downsample: float) -> np.ndarray:
         """:meth:`sample` at the pixel centres of the box ``(x, y, w, h)`` of a grid of ``downsample`` level-0
         pixels per pixel (a run's target pixels): bool ``(h, w)``."""
@@ -422,7 +435,34 @@ def tissue_region(mask: TissueMask, params: TissueParams = TissueParams()) -> Ti
                           fix="pass --mpp (microns per pixel of the slide)")
     base_mpp = mask.mpp / mask.downsample
     cell_um2 = mask.downsample_xy[0] * mask.downsample_xy[1] * base_mpp**2
-    filled = morphology.remove_small_holes(mask.mask, max_size=int(params.region_max_hole_um2 / cell_um2))
-    codes = np.where(mask.mask, TISSUE, np.where(filled, ENCLOSED, GLASS)).astype(np.uint8)
+    enclosed = ndimage.binary_fill_holes(mask.mask) & ~mask.mask  # glass that no path leads to the edge from
+    too_large = morphology.remove_small_objects(enclosed, max_size=int(params.region_max_hole_um2 / cell_um2))
+    codes = np.where(mask.mask, TISSUE, np.where(enclosed & ~too_large, ENCLOSED, GLASS)).astype(np.uint8)
     return TissueRegion(codes=codes, downsample_xy=mask.downsample_xy, base_mpp=base_mpp,
                         margin_um=float(params.margin_um))
+
+
+def select_region_tiles(mask: TissueMask, region: TissueRegion, grid: Any, min_fraction: float) -> np.ndarray:
+    """The tiles of ``grid`` (a :class:`~histopan.tiling.TileGrid`) that a run with the glass rule processes,
+    as ascending row-major indices: those with at least ``min_fraction`` tissue (:func:`select_tiles`), and,
+    grown from them tile by tile (8 neighbours), every tile whose core holds a pixel of the region.
+
+    So a piece of tissue is processed whole or not at all: wherever the region reaches into a skipped tile, that
+    tile has no processed neighbour, and no seam between a painted tile and a skipped one can run over tissue
+    (over glass both are background).  Specks of tissue in tiles that hold less than ``min_fraction`` of tissue,
+    away from processed tiles, stay skipped.  Which tiles hold region pixels is decided on the mask's cells
+    (:meth:`TissueRegion.reaches`) and, for the tiles that only that finds, at the grid's pixel centres.
+    """
+    shape = (grid.n_rows, grid.n_cols)
+    boxes, cores = grid.boxes("core", level0=True), grid.boxes("core", level0=False)
+    seeds = np.zeros(len(grid), bool)
+    seeds[select_tiles(mask, boxes, min_fraction)] = True
+    reached = region.reaches(boxes)
+    for index in np.flatnonzero(reached & ~seeds):
+        # the cells' answer is a superset; a tile that only it finds is processed only if the region really has
+        # a pixel there (else a tile of glass would be read and run for nothing, and might find "nuclei" on dust)
+        x, y, w, h = (int(v) for v in cores[index])
+        reached[index] = region.sample_box(x, y, w, h, grid.downsample).any()
+    grown = ndimage.binary_propagation(seeds.reshape(shape), structure=np.ones((3, 3), bool),
+                                       mask=(reached | seeds).reshape(shape))
+    return np.flatnonzero(grown.ravel())
