@@ -267,11 +267,13 @@ def test_tta_runs_use_the_thresholds_tuned_for_tta(tile, model_dir, tmp_path):
 
 # -- predict_tile == segment ---------------------------------------------------------------------------
 def test_predict_tile_equals_segment_on_the_same_region(data_dir, tmp_path):
-    """The default model on a real 480 x 480 CRC region at its own 0.5 um/px: ``histopan segment`` over the
-    region as a one-tile slide (tile 480, no halo: the network sees the same pixels) and ``predict_tile`` give
-    the same tissue classes, small regions absorbed alike, and the same nuclei."""
+    """The default model on a real 480 x 480 CRC region at its own 0.5 um/px, whose lower half is glass strewn with
+    black debris: ``histopan segment`` over the region as a one-tile slide (tile 480, no halo: the network sees the
+    same pixels; the tissue detector on, as by default) and ``predict_tile`` give the same tissue classes, through
+    the same rules (the glass rule: background outside the tissue region; small regions absorbed), and the same
+    nuclei."""
     from histopan.pipeline import SegmentOptions, segment_slide
-    from histopan.postprocess import postprocess_tile
+    from histopan.postprocess import panoptic_labels, postprocess_tile
     from histopan.store import open_store
 
     default = Path(histopan.__file__).resolve().parents[1] / "models" / "default"
@@ -280,17 +282,26 @@ def test_predict_tile_equals_segment_on_the_same_region(data_dir, tmp_path):
     png = tmp_path / "region.png"
     Image.fromarray(image).save(png)
     segment_slide(png, tmp_path / "region.zarr",
-                  SegmentOptions(model=str(default), mpp=MPP, tile=480, halo=0, min_tissue=0.0, workers=1))
+                  SegmentOptions(model=str(default), mpp=MPP, tile=480, halo=0, workers=1))
     store = open_store(tmp_path / "region.zarr")
     result = predict_tile(image, MPP, model=default)
 
-    # tissue classes: equal, and the region has small stuff regions that the shared rule absorbed
+    # tissue classes: equal, and both rules changed something on this region
     assert np.array_equal(store.semantic[:], result.semantic)
     model = load_model(default)
-    raw = postprocess_tile(TileInferencer(model).predict_image(image), MPP, model.config.postprocess,
-                           model.config.classes).semantic
-    assert (raw != result.semantic).sum() > 100
-    assert len(np.unique(result.semantic)) >= 3
+    cfg = model.config
+    maps = TileInferencer(model).predict_image(image)
+    raw = postprocess_tile(maps, MPP, cfg.postprocess, cfg.classes).semantic
+    region = store.tissue_region().sample_box(0, 0, 480, 480, 1.0)
+    thing = cfg.nucleus_index
+    assert 0.3 < region.mean() < 0.8  # tissue above, glass below
+    glass = ~region & (result.semantic != thing)
+    assert (result.semantic[glass] == 0).all()  # the glass rule
+    assert (raw[glass] != 0).sum() > 10_000  # the model alone paints tissue classes over much of the glass
+    free = panoptic_labels(maps, MPP, cfg.postprocess, cfg.classes).semantic  # the rules without the glass rule
+    assert ((raw != free) & region).sum() > 100  # small regions absorbed inside the tissue
+    assert np.array_equal(predict_tile(image, MPP, model=model, tissue=False).semantic, free)
+    assert len(np.unique(result.semantic[region])) >= 3
 
     # nuclei: the same instances up to renumbering, with the same centroids and areas
     seg, pred = store.nuclei[:], result.instances
@@ -307,3 +318,20 @@ def test_predict_tile_equals_segment_on_the_same_region(data_dir, tmp_path):
     np.testing.assert_allclose(a["centroid_x"].to_numpy() - 0.5, b["centroid_x"].to_numpy())
     np.testing.assert_allclose(a["centroid_y"].to_numpy() - 0.5, b["centroid_y"].to_numpy())
     np.testing.assert_allclose(a["nucleus_prob"].to_numpy(), b["nucleus_prob"].to_numpy())
+
+
+def test_predict_tile_glass_rule_on_a_small_tile(tile, model_dir):
+    """A 96 x 80 um tile of tissue is left to the model (a small view keeps its tissue); the same tile with a band
+    of glass pasted in gets background there, and the same nuclei as without the rule."""
+    plain = predict_tile(tile, MPP, model=model_dir)
+    assert np.array_equal(plain.semantic, predict_tile(tile, MPP, model=model_dir, tissue=False).semantic)
+    glassy = tile.copy()
+    glassy[:, 120:] = (240, 238, 242)
+    ruled = predict_tile(glassy, MPP, model=model_dir)
+    free = predict_tile(glassy, MPP, model=model_dir, tissue=False)
+    check_result(ruled, glassy.shape[:2], MPP)
+    thing = [c.kind for c in ruled.classes].index("thing")
+    far = ruled.semantic[:, 140:]  # beyond the region's 8 um (16 px) margin
+    assert (far[far != thing] == 0).all() and (free.semantic[:, 140:] != 0).any()
+    np.testing.assert_array_equal(ruled.instances, free.instances)
+    pd.testing.assert_frame_equal(ruled.nuclei, free.nuclei)

@@ -161,3 +161,25 @@ def test_overlay_draws_outline():
     out = tm.overlay((255, 0, 0))
     red = (out == (255, 0, 0)).all(axis=2)
     assert red.sum() == 36 and red[5, 5:15].all() and not red[10, 10] and not red[0, 0]
+
+
+def test_glass_at_the_edge_of_a_small_view_is_not_a_hole(tmp_path):
+    """A 240 x 240 um image, tissue on the left, a band of glass on the right: the band is smaller than the holes
+    the detector fills, but it reaches the edge, so it stays glass; an in-memory image (ArrayReader, what
+    predict_tile detects on) gives the same mask as the same pixels read from a file."""
+    from PIL import Image
+
+    from histopan.slide.base import ArrayReader
+
+    rng = np.random.default_rng(0)
+    img = np.clip(np.array([200, 110, 170]) + rng.integers(-25, 25, (480, 480, 3)), 0, 255).astype(np.uint8)
+    img[:, 360:] = 243
+    img[200:260, 100:160] = 243  # a hole of glass in the tissue: filled
+    with ArrayReader(img, 0.5) as reader:
+        tm = tissue_mask(reader)
+    col = (np.arange(tm.shape[1]) + 0.5) * tm.downsample_xy[0]
+    assert not tm.mask[:, col > 370].any() and tm.mask[:, col < 340].all()
+    path = tmp_path / "region.png"
+    Image.fromarray(img).save(path)
+    with open_slide(path, mpp=0.5) as reader:
+        np.testing.assert_array_equal(tissue_mask(reader).mask, tm.mask)

@@ -4,7 +4,8 @@
 in bounded-memory blocks), finds stained tissue by Otsu's threshold on HSV saturation (clamped to a sane
 range, so an all-tissue or all-background view still gives a sensible answer) together with a minimum
 optical density, ignores black borders and green/blue pen ink, and cleans the result with a morphological
-closing, hole filling and small-object removal whose sizes are given in micrometres (or, for a slide without
+closing, hole filling (holes: glass enclosed by tissue, not glass at the view's edge) and small-object removal
+whose sizes are given in micrometres (or, for a slide without
 a pixel size, as fractions of the view; in a small view, such as a tile given to ``predict_tile``, an object
 is never too small when it covers more than ``small_view_fraction`` of the view).  :func:`tissue_fraction` and :func:`select_tiles` then score tiles
 given as level-0 boxes.
@@ -266,10 +267,18 @@ def detect_tissue(rgb: np.ndarray, mpp: float | None = None,
     # a small view (a tile given to predict_tile) keeps its tissue: objects are never "small" when larger
     # than a fraction of the view
     min_obj = min(min_obj, params.small_view_fraction * area)
-    out = morphology.remove_small_holes(out, max_size=int(max_hole))
+    out = out | _small_holes(out, max_hole)
     out = morphology.remove_small_objects(out, max_size=int(min_obj))
     out &= ~black
     return out, thr
+
+
+def _small_holes(mask: np.ndarray, max_area: float) -> np.ndarray:
+    """The holes of ``mask`` of at most ``max_area`` pixels: background that no 4-connected path leads to the
+    edge of the view from (glass at the edge, however small, is glass: the view may be a region cut out of a
+    slide, or an image given to ``predict_tile``)."""
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    return holes & ~morphology.remove_small_objects(holes, max_size=int(max_area))
 
 
 def tissue_mask(reader: SlideReader, mpp: float = 8.0, params: TissueParams = TissueParams()) -> TissueMask:
@@ -435,9 +444,8 @@ def tissue_region(mask: TissueMask, params: TissueParams = TissueParams()) -> Ti
                           fix="pass --mpp (microns per pixel of the slide)")
     base_mpp = mask.mpp / mask.downsample
     cell_um2 = mask.downsample_xy[0] * mask.downsample_xy[1] * base_mpp**2
-    enclosed = ndimage.binary_fill_holes(mask.mask) & ~mask.mask  # glass that no path leads to the edge from
-    too_large = morphology.remove_small_objects(enclosed, max_size=int(params.region_max_hole_um2 / cell_um2))
-    codes = np.where(mask.mask, TISSUE, np.where(enclosed & ~too_large, ENCLOSED, GLASS)).astype(np.uint8)
+    enclosed = _small_holes(mask.mask, params.region_max_hole_um2 / cell_um2)
+    codes = np.where(mask.mask, TISSUE, np.where(enclosed, ENCLOSED, GLASS)).astype(np.uint8)
     return TissueRegion(codes=codes, downsample_xy=mask.downsample_xy, base_mpp=base_mpp,
                         margin_um=float(params.margin_um))
 
