@@ -58,7 +58,18 @@ def _positive_int(text: str) -> int:
 def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", required=True, help="predicted label image / folder / histopan store / points")
     parser.add_argument("--truth", required=True, help="truth of the same kind (folders are paired by file stem)")
-    parser.add_argument("--points", action="store_true", help="point detection: GeoJSON points or instance centroids")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--points", action="store_true", help="point detection: GeoJSON points or instance centroids")
+    mode.add_argument("--semantic", action="store_true",
+                      help="tissue maps: per-class IoU, pixel accuracy and confusion matrix of a store or class label "
+                           "images against class label images (implied by --semantic-map and --pred-map)")
+    parser.add_argument("--semantic-map", metavar="MAP", default=None,
+                        help='what the truth\'s label values mean: "VALUE=CLASS,..." (e.g. "0=background,255=tumour") '
+                             "or a .yaml / .json file of value: class; also for label-image predictions unless "
+                             "--pred-map; values it does not list are not counted (default with a store: the "
+                             "store's tissue class ids)")
+    parser.add_argument("--pred-map", metavar="MAP", default=None,
+                        help="what the values of label-image predictions mean, when not as --semantic-map")
     parser.add_argument("--radius-um", type=_positive_float, default=3.0, help="point matching radius in microns")
     parser.add_argument("--mpp", type=_positive_float, default=None,
                         help="microns per pixel for --points (default: meta.json beside the truth)")
@@ -73,8 +84,14 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     from histopan import evaluation
 
     out = None if args.json is None else check_output(args.json, suffixes=(".json",))  # before the work
+    semantic = args.semantic or args.semantic_map is not None or args.pred_map is not None
+    if args.points and semantic:
+        raise ConfigError("--points scores nuclei, --semantic-map and --pred-map tissue maps", value="--points",
+                          fix="leave out --points to score tissue maps, or the maps to score points")
     if args.points:
         summary = evaluation.evaluate_points(args.pred, args.truth, args.radius_um, args.mpp, args.aggregate)
+    elif semantic:
+        summary = evaluation.evaluate_semantic(args.pred, args.truth, args.semantic_map, args.pred_map, args.aggregate)
     else:
         summary = evaluation.evaluate(args.pred, args.truth, args.aggregate, args.iou_threshold)
     print(evaluation.format_table(summary))
@@ -556,7 +573,8 @@ def _batch_run(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "evaluate": ("score predictions against truth: PQ / SQ / RQ, AJI, Dice, point F1", _evaluate_args, _evaluate_run),
+    "evaluate": ("score predictions against truth: PQ / SQ / RQ, AJI, Dice, point F1, tissue-map IoU", _evaluate_args,
+                 _evaluate_run),
     "train": ("train a model from a training config (checkpoints, validation PQ, tuned thresholds)", _train_args,
               _train_run),
     "tune": ("re-tune a model's post-processing thresholds without training: nucleus PQ on a training config's "

@@ -7,7 +7,9 @@ This is the only evaluation module that touches paths.  Accepted inputs (the sam
 * a histopan zarr store (zarr v3 group with ``labels/semantic/0`` class ids and ``labels/nuclei/0`` instance
   ids, root attribute ``histopan = {"classes": [...], "complete": true, ...}``), read region by region so a
   whole slide never sits in memory;
-* for points: GeoJSON point files (QuPath export) or instance maps (their centroids), single or in folders.
+* for points: GeoJSON point files (QuPath export) or instance maps (their centroids), single or in folders;
+* for tissue maps (``--semantic``): a store or label images of class values against label images, with class
+  maps that say what the values mean (:func:`evaluate_semantic`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -35,6 +38,8 @@ from histopan.metrics import (
     evaluate_histogram,
     parse_classes,
     point_detection,
+    semantic_confusion,
+    semantic_scores,
     summarize,
     summarize_points,
 )
@@ -362,6 +367,292 @@ def evaluate_points(
     return out
 
 
+# ------------------------------------------------------------------------------------------- tissue maps
+#
+# Semantic (tissue map) scores: per-class IoU, precision and recall, pixel accuracy and the confusion matrix
+# (histopan.metrics.semantic_confusion / semantic_scores), with classes matched by name.  A class map tells what
+# a label image's values mean ("0=background,255=tumour" or a YAML / JSON file); values it does not list are not
+# counted.  A store names its own classes; its nucleus pixels count as the tissue class under each nucleus (the
+# nucleus table's stuff_class) unless the truth's map names the nucleus class.
+
+#: suffixes of class map files (``--semantic-map``)
+MAP_SUFFIXES = (".yaml", ".yml", ".json")
+_MAP_FIX = 'write VALUE=CLASS pairs separated by commas, e.g. "0=background,255=tumour", or name a .yaml or .json ' \
+           'file holding such a mapping'
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """What the values of a label image mean: ``values`` (sorted, int64) and the class name of each."""
+
+    values: np.ndarray
+    names: tuple[str, ...]
+    source: str  # the option or the file it came from (for messages)
+
+    def as_json(self) -> dict[str, str]:
+        return {str(int(v)): n for v, n in zip(self.values, self.names)}
+
+    def indices(self, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+        """int64 array of the shape of ``labels``: the index in ``classes`` of each pixel's class, -1 where the
+        value is not in the map."""
+        lookup = np.array([classes.index(n) for n in self.names], np.int64)
+        flat = np.asarray(labels).reshape(-1).astype(np.int64)
+        pos = np.clip(np.searchsorted(self.values, flat), 0, self.values.size - 1)
+        return np.where(self.values[pos] == flat, lookup[pos], -1).reshape(np.shape(labels))
+
+
+def parse_class_map(spec: str | Mapping[object, object], what: str = "--semantic-map") -> ClassMap:
+    """A :class:`ClassMap` from ``"VALUE=CLASS,..."``, a path to a YAML / JSON file of ``{value: class}``, or such a
+    mapping.  Bad syntax raises :class:`~histopan.errors.DataError` naming ``what`` (or the file), the value and
+    the fix."""
+    source = what
+    if isinstance(spec, Mapping):
+        pairs = list(spec.items())
+    elif "=" in spec:
+        pairs = []
+        for item in spec.split(","):
+            if not item.strip():
+                continue
+            value, sep, name = item.partition("=")
+            if not sep or "=" in name:
+                raise DataError(f"{what}: an entry is not VALUE=CLASS", value=item.strip(), fix=_MAP_FIX)
+            pairs.append((value.strip(), name.strip()))
+    elif Path(spec).suffix.lower() in MAP_SUFFIXES:
+        path = Path(spec)
+        source = str(path)
+        if not path.is_file():
+            raise DataError(f"{what}: no such class map file", path=path, fix=_MAP_FIX)
+        import yaml
+
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise DataError(f"{what}: cannot read the class map: {exc}", path=path, fix=_MAP_FIX) from exc
+        if not isinstance(data, Mapping):
+            raise DataError(f"{what}: a class map file must hold a mapping of label values to class names", path=path,
+                            value=type(data).__name__, fix=_MAP_FIX)
+        pairs = list(data.items())
+    else:
+        raise DataError(f"{what}: not a class map", value=spec, fix=_MAP_FIX)
+    values: dict[int, str] = {}
+    for value, name in pairs:
+        if isinstance(value, bool) or isinstance(value, float):
+            number = None
+        else:
+            try:
+                number = int(str(value).strip())
+            except ValueError:
+                number = None
+        if number is None or number < 0:
+            raise DataError(f"{what}: a label value must be a whole number >= 0", path=None if source == what else source,
+                            value=value, fix=_MAP_FIX)
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{what}: label value {number} has no class name", path=None if source == what else source,
+                            value=name, fix=_MAP_FIX)
+        if number in values:
+            raise DataError(f"{what}: label value {number} is given twice", path=None if source == what else source,
+                            value=f"{values[number]}, {name.strip()}", fix="give each label value one class")
+        values[number] = name.strip()
+    if not values:
+        raise DataError(f"{what}: the class map is empty", path=None if source == what else source,
+                        value=spec if source == what and isinstance(spec, str) else None, fix=_MAP_FIX)
+    order = sorted(values)
+    return ClassMap(np.array(order, np.int64), tuple(values[v] for v in order), source)
+
+
+def _check_names(truth_map: ClassMap, classes: Sequence[str], where: str) -> None:
+    unknown = [n for n in dict.fromkeys(truth_map.names) if n not in classes]
+    if unknown:
+        value = next(int(v) for v, n in zip(truth_map.values, truth_map.names) if n == unknown[0])
+        raise DataError(f"{truth_map.source}: class {unknown[0]!r} (label value {value}) is not a class of {where}",
+                        value=unknown[0],
+                        fix=f"use one of {', '.join(classes)}, or leave value {value} out of the map to ignore it")
+
+
+def _stuff_under_nuclei(store: Any, thing: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted nucleus ids of a store and the class id of the stuff under each (its table's stuff_class)."""
+    ids_by_name = {c.name: c.id for c in store.classes}
+    if not store.has_table:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    table = store.read_table(columns=["id", "stuff_class"])
+    ids = table["id"].to_numpy(np.int64)
+    under = np.array([ids_by_name.get(n, thing) for n in table["stuff_class"]], np.int64)
+    order = np.argsort(ids)
+    return ids[order], under[order]
+
+
+def _store_level(store: Any, shape: tuple[int, int], truth_path: Path) -> int:
+    group = store.group["labels/semantic"]
+    levels = len(group.attrs["ome"]["multiscales"][0]["datasets"])
+    shapes = [tuple(group[str(k)].shape) for k in range(levels)]
+    if tuple(shape) in shapes:
+        return shapes.index(tuple(shape))
+    h, w = shapes[0]
+    raise DataError("the truth's size matches no level of the store's labels", path=truth_path,
+                    value={"truth": f"{shape[1]} x {shape[0]} px",
+                           "store levels": [f"{b} x {a}" for a, b in shapes]},
+                    fix=f"write the truth at the store's label resolution ({w} x {h} px at {store.mpp:.4g} um/px) "
+                        "or at one of its pyramid levels (each half the one before)")
+
+
+@dataclass
+class SemanticResult:
+    """The confusion matrix of one image (rows truth, columns prediction, over ``classes``) and the pixels left
+    out because the truth's or the prediction's value is not in its class map."""
+
+    name: str
+    classes: tuple[str, ...]
+    confusion: np.ndarray
+    ignored_truth: int = 0
+    ignored_pred: int = 0
+
+
+def _confusion(truth_idx: np.ndarray, pred_idx: np.ndarray, n: int) -> tuple[np.ndarray, int, int]:
+    ignored_truth = int((truth_idx < 0).sum())
+    unknown_pred = (pred_idx < 0) & (truth_idx >= 0)
+    conf = semantic_confusion(truth_idx, np.where(pred_idx < 0, 0, pred_idx), n, ignore=pred_idx < 0)
+    return conf, ignored_truth, int(unknown_pred.sum())
+
+
+def evaluate_semantic_store(pred: str | Path, truth: str | Path, truth_map: ClassMap | None = None,
+                            region_px: int = DEFAULT_REGION_PX) -> SemanticResult:
+    """The tissue map of a store (``pred``) against one truth label image of the same slide, at the store's label
+    resolution or a level of its pyramid (read region by region).  ``truth_map`` (default: the store's class ids)
+    says what the truth's values mean."""
+    from histopan import store as store_mod
+
+    truth = Path(truth)
+    st = store_mod.open_store(pred)
+    store_classes = st.classes
+    thing = next((c for c in store_classes if c.kind == "thing"), None)
+    if truth_map is None:  # the truth holds the store's tissue class ids
+        truth_map = parse_class_map({c.id: c.name for c in store_classes if c.kind == "stuff"}, "the store's classes")
+    names = [c.name for c in store_classes]
+    _check_names(truth_map, names, f"the prediction {Path(pred).name} ({', '.join(names)})")
+    keep_thing = thing is not None and thing.name in truth_map.names
+    classes = tuple(n for c, n in zip(store_classes, names) if c.kind == "stuff" or keep_thing)
+    store_map = parse_class_map({c.id: c.name for c in store_classes if c.name in classes}, "the store's classes")
+    t = read_label_image(truth)
+    level = _store_level(st, t.shape, truth)
+    semantic = st.group[f"labels/semantic/{level}"]
+    nuclei = st.group[f"labels/nuclei/{level}"]
+    ids, under = _stuff_under_nuclei(st, thing.id if thing is not None else -1)
+    n = len(classes)
+    total = np.zeros((n, n), np.int64)
+    ignored_truth = ignored_pred = 0
+    for ys, xs in regions(semantic.shape, semantic.chunks, region_px):
+        sem = semantic[ys, xs].astype(np.int64)
+        if thing is not None and not keep_thing and ids.size:
+            nuc = nuclei[ys, xs].astype(np.int64)
+            at = (sem == thing.id) & (nuc > 0)
+            pos = np.clip(np.searchsorted(ids, nuc[at]), 0, ids.size - 1)
+            sem[at] = np.where(ids[pos] == nuc[at], under[pos], thing.id)
+        conf, it, ip = _confusion(truth_map.indices(t[ys, xs], list(classes)), store_map.indices(sem, list(classes)), n)
+        total += conf
+        ignored_truth += it
+        ignored_pred += ip
+    return SemanticResult(truth.name, classes, total, ignored_truth, ignored_pred)
+
+
+def evaluate_semantic_files(pred: Path, truth: Path, truth_map: ClassMap,
+                            pred_map: ClassMap | None = None) -> list[SemanticResult]:
+    """Tissue maps in label-image files or folders (paired by stem): ``truth_map`` says what the truth's values
+    mean, ``pred_map`` the prediction's (default: the same)."""
+    pred_map = pred_map or truth_map
+    classes = tuple(dict.fromkeys(pred_map.names))
+    if pred_map is not truth_map:
+        _check_names(truth_map, classes, f"the prediction's map {pred_map.source} ({', '.join(classes)})")
+    results = []
+    for name, pf, tf in pair_files(pred, truth, LABEL_SUFFIXES, LABEL_SUFFIXES):
+        p_arr, t_arr = read_label_image(pf), read_label_image(tf)
+        if p_arr.shape != t_arr.shape:
+            raise DataError("prediction and truth differ in size", path=pf,
+                            value={"pred": p_arr.shape, "truth": t_arr.shape, "truth_file": str(tf)},
+                            fix="predict at the resolution of the truth labels")
+        conf, it, ip = _confusion(truth_map.indices(t_arr, list(classes)), pred_map.indices(p_arr, list(classes)),
+                                  len(classes))
+        results.append(SemanticResult(name, classes, conf, it, ip))
+    return results
+
+
+def summarize_semantic(results: Sequence[SemanticResult], aggregate: str = "dataset") -> dict[str, object]:
+    """Scores of tissue maps (JSON-ready, undefined values as None): ``classes`` (per class IoU, precision,
+    recall, truth and predicted pixels), ``mean_iou``, ``pixel_accuracy``, ``pixels``, the summed ``confusion``
+    (rows truth, columns prediction), the pixels ``ignored`` (values not in a class map) and ``images``.  With
+    ``aggregate="dataset"`` the confusion matrices are summed before scoring; with ``"per-image"`` the scores are
+    the mean over images (of those where a score is defined)."""
+    if aggregate not in ("dataset", "per-image"):
+        raise DataError("unknown aggregation", value=aggregate, fix="use dataset or per-image")
+    if not results:
+        raise DataError("nothing to evaluate: no images", fix="give at least one pair of label maps")
+    names = list(results[0].classes)
+    total = sum((r.confusion for r in results), np.zeros((len(names), len(names)), np.int64))
+    whole = semantic_scores(total, names)
+    per_image = [semantic_scores(r.confusion, names) for r in results]
+    if aggregate == "dataset":
+        classes = whole["per_class"]
+        mean_iou, accuracy = whole["mean_iou"], whole["pixel_accuracy"]
+    else:
+        def mean(values: Iterable[object]) -> float | None:
+            defined = [float(v) for v in values if v is not None]  # type: ignore[arg-type]
+            return float(np.mean(defined)) if defined else None
+
+        classes = {n: {**whole["per_class"][n],  # type: ignore[index]
+                       **{k: mean(s["per_class"][n][k] for s in per_image)  # type: ignore[index]
+                          for k in ("iou", "precision", "recall")}} for n in names}
+        mean_iou = mean(s["mean_iou"] for s in per_image)
+        accuracy = mean(s["pixel_accuracy"] for s in per_image)
+    return {
+        "aggregate": aggregate, "mode": "semantic", "classes": classes, "mean_iou": mean_iou,
+        "pixel_accuracy": accuracy, "pixels": whole["pixels"],
+        "confusion": {"rows": "truth", "columns": "prediction", "classes": names, "matrix": whole["confusion"]},
+        "ignored": {"truth_pixels": sum(r.ignored_truth for r in results),
+                    "pred_pixels": sum(r.ignored_pred for r in results)},
+        "images": [{"name": r.name, "mean_iou": s["mean_iou"], "pixel_accuracy": s["pixel_accuracy"],
+                    "pixels": s["pixels"], "iou": s["iou"], "ignored_truth_pixels": r.ignored_truth,
+                    "ignored_pred_pixels": r.ignored_pred} for r, s in zip(results, per_image)],
+    }
+
+
+def evaluate_semantic(pred: str | Path, truth: str | Path, truth_map: str | Mapping[object, object] | None = None,
+                      pred_map: str | Mapping[object, object] | None = None, aggregate: str = "dataset",
+                      region_px: int = DEFAULT_REGION_PX) -> dict[str, object]:
+    """Score tissue maps (``histopan evaluate --semantic``): a store or label images (``pred``) against label
+    images (``truth``), classes matched by name.  ``truth_map`` (see :func:`parse_class_map`) says what the
+    truth's values mean (for a store: by default its class ids), and of label-image predictions too unless
+    ``pred_map`` is given; values a map does not list are not counted.  Returns :func:`summarize_semantic` with
+    the maps used."""
+    pred, truth = Path(pred), Path(truth)
+    for p in (pred, truth):
+        if not p.exists():
+            raise DataError("input not found", path=p, fix="check the path")
+    t_map = None if truth_map is None else parse_class_map(truth_map, "--semantic-map")
+    p_map = None if pred_map is None else parse_class_map(pred_map, "--pred-map")
+    if is_store(truth):
+        raise DataError("the truth of a tissue map must be label images (PNG or TIFF)", path=truth,
+                        fix="pass a label image, or a folder of them, as --truth")
+    if is_store(pred):
+        if truth.is_dir():
+            raise DataError("a store holds one slide: compare it with one truth label image, not a folder",
+                            path=truth, fix="pass the slide's truth label image as --truth")
+        if p_map is not None:
+            raise DataError("--pred-map is for label-image predictions; a store names its own classes", path=pred,
+                            fix="leave out --pred-map")
+        results = [evaluate_semantic_store(pred, truth, t_map, region_px)]
+        maps: dict[str, object] = {"truth": t_map.as_json() if t_map else "the store's tissue class ids",
+                                   "pred": "the store's classes"}
+    else:
+        if t_map is None:
+            raise DataError("label images need a class map: what do their values mean?", path=truth,
+                            fix='pass --semantic-map, e.g. --semantic-map "0=background,1=stroma,255=tumour"')
+        results = evaluate_semantic_files(pred, truth, t_map, p_map)
+        maps = {"truth": t_map.as_json(), "pred": (p_map or t_map).as_json()}
+    out = summarize_semantic(results, aggregate)
+    out["class_maps"] = maps
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -402,8 +693,37 @@ def _fmt(x: object) -> str:
     return str(x)
 
 
+def _columns(cells: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
+def _format_semantic(summary: Mapping[str, object]) -> str:
+    classes: Mapping[str, Mapping[str, object]] = summary["classes"]  # type: ignore[assignment]
+    head = ["", "iou", "precision", "recall", "truth px", "pred px"]
+    keys = ("iou", "precision", "recall", "truth_pixels", "pred_pixels")
+    lines = _columns([head] + [[n, *(_fmt(c[k]) for k in keys)] for n, c in classes.items()])
+    confusion: Mapping[str, object] = summary["confusion"]  # type: ignore[assignment]
+    names: list[str] = confusion["classes"]  # type: ignore[assignment]
+    matrix: list[list[int]] = confusion["matrix"]  # type: ignore[assignment]
+    ignored: Mapping[str, int] = summary["ignored"]  # type: ignore[assignment]
+    lines.append(f"aggregate: {summary['aggregate']}, images: {len(summary['images'])}, "  # type: ignore[arg-type]
+                 f"mean_iou: {_fmt(summary['mean_iou'])}, pixel_accuracy: {_fmt(summary['pixel_accuracy'])}, "
+                 f"pixels: {summary['pixels']} (not counted: {ignored['truth_pixels']} of the truth's, "
+                 f"{ignored['pred_pixels']} of the prediction's, values outside the class maps)")
+    lines.append("")
+    lines.append("confusion matrix (pixels; rows: truth, columns: prediction)")
+    lines += _columns([["truth \\ pred", *names]] + [[n, *map(str, row)] for n, row in zip(names, matrix)])
+    return "\n".join(lines)
+
+
 def format_table(summary: Mapping[str, object]) -> str:
-    """A plain-text table of a summary from :func:`evaluate` or :func:`evaluate_points`."""
+    """A plain-text table of a summary from :func:`evaluate`, :func:`evaluate_points` or
+    :func:`evaluate_semantic`."""
+    if summary.get("mode") == "semantic":
+        return _format_semantic(summary)
     classes: Mapping[str, Mapping[str, object]] = summary.get("classes") or {}  # type: ignore[assignment]
     points = "precision" in summary["all"]  # type: ignore[operator]
     if points:

@@ -13,7 +13,7 @@ from skimage.morphology import disk, erosion
 
 from histopan.cli import main
 from histopan.errors import DataError, StoreError
-from histopan.evaluation import evaluate, evaluate_stores, instance_centroids, read_points_geojson
+from histopan.evaluation import evaluate, evaluate_semantic, evaluate_stores, instance_centroids, read_points_geojson
 from histopan.metrics import ClassSpec, binary_pq, instance_scores, panoptic_quality, summarize
 
 N_IMAGES = 3
@@ -232,3 +232,128 @@ def test_geojson_reader_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(DataError, match="cannot read"):
         read_points_geojson(bad)
+
+
+# ------------------------------------------------------------------------------------------- tissue maps
+
+
+def _write_png(path: Path, labels: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(labels.astype(np.uint8)).save(path)
+    return path
+
+
+def test_semantic_label_images_by_hand(tmp_path, capsys):
+    """A 2 x 6 truth in the user's values (0 background, 128 stroma, 255 tumour, 7 not in the map) against a
+    prediction in histopan's class ids, with a map for each side: counts and scores worked out by hand."""
+    truth = np.array([[0, 0, 128, 128, 255, 7],
+                      [255, 255, 128, 0, 7, 7]])
+    pred = np.array([[0, 1, 1, 1, 3, 3],
+                     [3, 0, 1, 9, 1, 3]])  # 9: not in the prediction's map
+    t = _write_png(tmp_path / "truth.png", truth)
+    p = _write_png(tmp_path / "pred.png", pred)
+    (tmp_path / "pred-map.yaml").write_text("0: background\n1: stroma\n2: necrosis\n3: tumour\n")
+    (tmp_path / "truth-map.json").write_text(json.dumps({"0": "background", "128": "stroma", "255": "tumour"}))
+    out = tmp_path / "scores.json"
+    for truth_map in ("0=background,128=stroma,255=tumour", str(tmp_path / "truth-map.json")):
+        assert main(["evaluate", "--pred", str(p), "--truth", str(t), "--semantic-map", truth_map,
+                     "--pred-map", str(tmp_path / "pred-map.yaml"), "--json", str(out)]) == 0
+        res = json.loads(out.read_text())
+        # counted: the 9 pixels whose truth is listed, less the one predicted 9 (truth background at [1, 3])
+        assert res["pixels"] == 8
+        assert res["ignored"] == {"truth_pixels": 3, "pred_pixels": 1}
+        names = res["confusion"]["classes"]
+        assert names == ["background", "stroma", "necrosis", "tumour"]
+        # rows truth, columns prediction: background 0,0 -> bg, stroma; stroma x3 -> stroma; tumour 255 x3 ->
+        # tumour, tumour, bg
+        assert res["confusion"]["matrix"] == [[1, 1, 0, 0], [0, 3, 0, 0], [0, 0, 0, 0], [1, 0, 0, 2]]
+        assert res["classes"]["background"]["iou"] == pytest.approx(1 / 3)
+        assert res["classes"]["stroma"]["iou"] == pytest.approx(3 / 4)
+        assert res["classes"]["tumour"]["iou"] == pytest.approx(2 / 3)
+        assert res["classes"]["tumour"]["recall"] == pytest.approx(2 / 3)
+        assert res["classes"]["necrosis"]["iou"] is None
+        assert res["mean_iou"] == pytest.approx((1 / 3 + 3 / 4 + 2 / 3) / 3)
+        assert res["pixel_accuracy"] == pytest.approx(6 / 8)
+        assert res["class_maps"]["truth"] == {"0": "background", "128": "stroma", "255": "tumour"}
+    table = capsys.readouterr().out
+    assert "mean_iou" in table and "confusion matrix" in table and "stroma" in table
+
+
+def test_semantic_folders_and_aggregation(tmp_path):
+    """Two images paired by stem: the dataset aggregate scores the summed confusion, per-image the mean."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "p").mkdir()
+    a_truth = np.zeros((8, 8), np.uint8)
+    a_truth[:, 4:] = 2
+    a_pred = a_truth.copy()
+    a_pred[:, 4] = 0  # 8 tumour pixels called background
+    b_truth = np.full((4, 4), 2, np.uint8)
+    _write_png(tmp_path / "t" / "a.png", a_truth)
+    _write_png(tmp_path / "p" / "a.png", a_pred)
+    _write_png(tmp_path / "t" / "b.png", b_truth)
+    _write_png(tmp_path / "p" / "b.png", b_truth)
+    spec = "0=background,2=tumour"
+    whole = evaluate_semantic(tmp_path / "p", tmp_path / "t", spec)
+    assert whole["confusion"]["matrix"] == [[32, 0], [8, 40]]
+    assert whole["classes"]["tumour"]["iou"] == pytest.approx(40 / 48)
+    assert whole["pixel_accuracy"] == pytest.approx(72 / 80)
+    per = evaluate_semantic(tmp_path / "p", tmp_path / "t", spec, aggregate="per-image")
+    assert per["classes"]["tumour"]["iou"] == pytest.approx((24 / 32 + 1.0) / 2)
+    assert per["classes"]["background"]["iou"] == pytest.approx(32 / 40)  # defined in image a only
+    assert per["pixel_accuracy"] == pytest.approx((56 / 64 + 1.0) / 2)
+    assert [i["name"] for i in per["images"]] == ["a", "b"]
+
+
+def test_semantic_store_against_a_truth_image(tmp_path):
+    """A store's tissue map against the truth as a user would draw it (own values, nuclei inside their tissue):
+    a store equal to the truth scores 1, nucleus pixels counting as the tissue under them (the table's
+    stuff_class); a block drawn tumour where the store has stroma, and a block of an unlisted value, give the
+    counts expected; a truth at pyramid level 1 is read against level 1."""
+    from histopan.testing_store import build_test_store
+
+    store = build_test_store(tmp_path / "s.zarr", shape=(300, 400), chunk=128, seed=5)
+    sem, nuc = store.semantic[:], store.nuclei[:]
+    table = store.read_table(columns=["id", "stuff_class"])
+    class_id = {c.name: c.id for c in store.classes}
+    under = dict(zip(table["id"].tolist(), (class_id[n] for n in table["stuff_class"])))
+    stuff = sem.copy()
+    stuff[nuc > 0] = [under[i] for i in nuc[nuc > 0].tolist()]
+    assert (nuc > 0).sum() > 500 and set(np.unique(stuff)) == {0, 1, 2, 3}
+    user = np.array([10, 20, 30, 40], np.uint8)  # background, stroma, necrosis, tumour as the user writes them
+    spec = "10=background,20=stroma,30=necrosis,40=tumour"
+    truth = user[stuff]
+    _write_png(tmp_path / "same.png", truth)
+    same = evaluate_semantic(tmp_path / "s.zarr", tmp_path / "same.png", spec)
+    assert same["pixel_accuracy"] == 1.0 and same["mean_iou"] == 1.0
+    assert same["pixels"] == truth.size and same["ignored"] == {"truth_pixels": 0, "pred_pixels": 0}
+    assert same["confusion"]["classes"] == ["background", "stroma", "necrosis", "tumour"]  # no nucleus class
+
+    drawn = truth.copy()
+    block = (slice(40, 140), slice(60, 200))
+    moved = int((stuff[block] == 1).sum())
+    drawn[block] = np.where(stuff[block] == 1, 40, drawn[block])  # stroma drawn as tumour
+    drawn[200:230, 300:360] = 99  # not in the map
+    _write_png(tmp_path / "drawn.png", drawn)
+    res = evaluate_semantic(tmp_path / "s.zarr", tmp_path / "drawn.png", spec)
+    counted = (drawn != 99)
+    expected = np.zeros((4, 4), np.int64)
+    np.add.at(expected, ((np.searchsorted(user, drawn[counted])), stuff[counted]), 1)
+    assert res["confusion"]["matrix"] == expected.tolist()
+    assert res["confusion"]["matrix"][3][1] == moved > 1000
+    assert res["ignored"]["truth_pixels"] == 1800
+    assert res["pixel_accuracy"] == pytest.approx(1 - moved / counted.sum())
+
+    # the store's own class ids as the truth's values (no map), at pyramid level 1
+    _write_png(tmp_path / "level1.png", stuff[::2, ::2])
+    low = evaluate_semantic(tmp_path / "s.zarr", tmp_path / "level1.png")
+    # at level 1 the label pyramids are a 2 x 2 majority (classes) and a sample (nuclei): a few nucleus-class
+    # pixels have no nucleus id there, so no tissue class under them, and are not counted
+    assert low["pixels"] + low["ignored"]["pred_pixels"] == 150 * 200 and low["ignored"]["pred_pixels"] < 300
+    assert low["pixel_accuracy"] > 0.9
+    assert low["class_maps"]["truth"] == "the store's tissue class ids"
+    # the truth names the nucleus class: the store's nucleus pixels are scored as nuclei
+    with_nuclei = np.where(nuc > 0, 50, truth).astype(np.uint8)
+    _write_png(tmp_path / "nuclei.png", with_nuclei)
+    res = evaluate_semantic(tmp_path / "s.zarr", tmp_path / "nuclei.png", spec + ",50=nucleus")
+    assert res["classes"]["nucleus"]["iou"] == 1.0 and res["pixel_accuracy"] == 1.0

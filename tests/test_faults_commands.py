@@ -526,6 +526,76 @@ def test_evaluate_bad_numbers(capsys, labels, argv, shown):
     works(capsys, ["evaluate", "--pred", pred, "--truth", truth])
 
 
+@pytest.fixture
+def class_maps(tmp_path) -> tuple[Path, Path]:
+    """A truth tissue map in the user's values (0 background, 255 tumour) and a prediction in the same values."""
+    truth = np.zeros((32, 32), np.uint8)
+    truth[:, 16:] = 255
+    pred = np.roll(truth, 2, axis=1)
+    Image.fromarray(truth).save(tmp_path / "truth.png")
+    Image.fromarray(pred).save(tmp_path / "pred.png")
+    return tmp_path / "pred.png", tmp_path / "truth.png"
+
+
+@pytest.mark.parametrize("case", ["value", "no-equals", "name", "empty", "duplicate", "not-a-map", "yaml", "list",
+                                  "no-map", "size", "points"])
+def test_evaluate_semantic_bad_maps_and_sizes(capsys, class_maps, tmp_path, case):
+    pred, truth = class_maps
+    good = "0=background,255=tumour"
+    spec, extra, names = good, [], []
+    if case == "value":
+        spec, names = "0=background,x=tumour", ["--semantic-map", "'x'", "whole number"]
+    elif case == "no-equals":
+        spec, names = "0=background;255=tumour", ["--semantic-map", "'0=background;255=tumour'", "VALUE=CLASS"]
+    elif case == "name":
+        spec, names = "0=background,255=", ["--semantic-map", "255", "no class name"]
+    elif case == "empty":
+        spec = tmp_path / "map.json"
+        spec.write_text("{}")
+        names = [spec, "empty"]
+    elif case == "duplicate":
+        spec, names = "0=background,00=tumour", ["--semantic-map", "0", "twice"]
+    elif case == "not-a-map":
+        spec, names = "background", ["--semantic-map", "'background'", "not a class map"]
+    elif case == "yaml":
+        spec = tmp_path / "map.yaml"
+        spec.write_text("0: [background\n")
+        names = [spec, "cannot read the class map"]
+    elif case == "list":
+        spec = tmp_path / "map.json"
+        spec.write_text('["background", "tumour"]')
+        names = [spec, "'list'", "mapping"]
+    elif case == "no-map":
+        spec, names = None, [truth, "--semantic-map"]
+        extra = ["--semantic"]
+    elif case == "size":
+        pred = tmp_path / "small.png"
+        Image.fromarray(np.zeros((32, 40), np.uint8)).save(pred)
+        names = [pred, "(32, 40)", "differ in size"]
+    else:
+        extra, names = ["--points"], ["--points"]
+    out = tmp_path / "scores.json"
+    argv = ["evaluate", "--pred", pred, "--truth", truth, *extra, "--json", out]
+    fails(capsys, argv + ([] if spec is None else ["--semantic-map", spec]), names, absent=[out], clean=[tmp_path])
+    pred, truth = class_maps
+    result = works(capsys, ["evaluate", "--pred", pred, "--truth", truth, "--semantic-map", good, "--json", out])
+    assert "mean_iou" in result and json.loads(out.read_text())["pixels"] == 32 * 32
+
+
+def test_evaluate_semantic_store_unknown_class_and_size(capsys, store, tmp_path):
+    truth = tmp_path / "truth.png"
+    Image.fromarray(np.zeros((256, 320), np.uint8)).save(truth)
+    fails(capsys, ["evaluate", "--pred", store, "--truth", truth, "--semantic-map", "0=background,255=tumor"],
+          ["--semantic-map", "'tumor'", "255", "tumour"])
+    fails(capsys, ["evaluate", "--pred", store, "--truth", truth, "--semantic-map", "0=background",
+                   "--pred-map", "0=background"], [store, "--pred-map"])
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(small)
+    fails(capsys, ["evaluate", "--pred", store, "--truth", small, "--semantic"], [small, "100 x 100", "320 x 256"])
+    assert "pixel_accuracy" in works(capsys, ["evaluate", "--pred", store, "--truth", truth, "--semantic-map",
+                                              "0=background,255=tumour"])
+
+
 def _points(path: Path, coords: Sequence) -> Path:
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [
         {"type": "Feature", "geometry": {"type": "Point", "coordinates": c}, "properties": {}} for c in coords]}))
