@@ -11,7 +11,11 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["ClassSpec", "check_color"]
+__all__ = ["BACKGROUND", "ClassSpec", "check_color"]
+
+#: the name of the stuff class of glass and everything that is not tissue (a model's first class); the glass rule
+#: paints it outside the tissue region, and QC leaves it out of the tissue area
+BACKGROUND = "background"
 
 
 def check_color(color: tuple[int, ...], what: str) -> None:

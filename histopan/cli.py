@@ -398,7 +398,8 @@ def _segment(args: argparse.Namespace) -> int:
         f"tiles:       {result.n_tissue_tiles} with tissue of {result.n_tiles}"
         + (f" ({result.resumed_tiles} from an earlier run)" if result.resumed_tiles else ""),
         f"areas (mm2): {stuff or 'none'}",
-        *([f"tissue mask: {result.tissue_mask_mm2:.3f} mm2 (tissue classes are background outside it)"]
+        *([f"tissue mask: {result.tissue_mask_mm2:.3f} mm2 (tissue classes only within it and a small margin; "
+            "background over glass)"]
           if result.tissue_mask_mm2 is not None else []),
         f"time:        {result.seconds:.1f} s, {result.megapixels_per_second:.2f} megapixels/s",
     ]
@@ -484,6 +485,11 @@ def _qc_run(args: argparse.Namespace) -> int:
 
     result = qc_report(args.store, args.out, slide=args.slide, n_crops=args.crops, partial=args.partial)
     print(f"wrote {result.html} ({len(result.images)} images)")
+    check = result.tissue
+    if check.get("ratio") is not None:
+        verdict = "WARNING, see the report" if check["warning"] else f"within {check['tolerance']:.0%}"
+        print(f"tissue classes {check['labelled_mm2']:.3f} mm2 (nuclei included), tissue mask {check['mask_mm2']:.3f} "
+              f"mm2: {check['ratio']:.0%} ({verdict})")
     return 0
 
 

@@ -35,6 +35,7 @@ import cv2
 
 from histopan import kernels
 from histopan.checks import check_mpp
+from histopan.classes import BACKGROUND
 from histopan.errors import ModelError
 from histopan.panoptic import absorb_small_regions, fuse, stuff_argmax
 from histopan.stitching import IdScheme, TileRecord, own_objects
@@ -402,10 +403,6 @@ def drop_small_objects(instances: np.ndarray, min_area_um2: float, mpp: float) -
     if not too_small.any():
         return instances
     return np.where(too_small[instances], 0, instances).astype(instances.dtype)
-
-
-#: the stuff class the glass rule paints outside the tissue region (found by name among the model's classes)
-BACKGROUND = "background"
 
 
 def background_index(classes: Sequence[Any]) -> int:

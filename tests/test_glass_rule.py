@@ -216,6 +216,19 @@ def test_no_tissue_detection_no_glass_rule(slide, one_class_model, tmp_path):
     assert (store.semantic[:] == painted).all()
 
 
+def test_qc_compares_the_run_tissue_classes_with_its_mask(one_class_run, tmp_path):
+    from histopan.export.qc import qc_report
+
+    store, _ = one_class_run
+    result = qc_report(store.path, tmp_path / "qc", n_crops=1)
+    check = result.tissue
+    mask = store.attrs["tissue"]["mask_area_mm2"]
+    painted = store.attrs["summary"]["stuff_area_mm2"][PAINTED]
+    assert check["mask_mm2"] == pytest.approx(mask) and check["mask_source"] == "the run's tissue mask"
+    assert check["labelled_mm2"] == pytest.approx(painted) and check["ratio"] == pytest.approx(painted / mask)
+    assert 1.0 < check["ratio"] < 1.2  # the region: the mask and its 8 um margin, on a small slide
+
+
 # --------------------------------------------------------------------------------------------- unit tests
 
 

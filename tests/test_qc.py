@@ -98,3 +98,45 @@ def test_cli_qc(small_store, tmp_path, capsys):
     assert "synthetic-4.html" in capsys.readouterr().out
     assert main(["qc", str(tmp_path / "missing.zarr"), "-o", str(tmp_path / "out2")]) == 2
     assert "no such store" in capsys.readouterr().err
+
+
+def _labelled_mm2(store) -> float:
+    areas = store.attrs["summary"]["stuff_area_mm2"]
+    return sum(a for name, a in areas.items() if name != "background")
+
+
+@pytest.mark.parametrize("ratio, warns", [(1.05, False), (0.95, False), (1.3, True), (0.8, True)])
+def test_tissue_area_check(tmp_path, caplog, ratio, warns):
+    """The tissue classes' area (every class but background, nuclei included) beside the tissue mask's; a
+    warning in the report and the log beyond 10 %."""
+    store = build_test_store(tmp_path / "s.zarr", shape=(256, 320), chunk=128, seed=4)
+    labelled = _labelled_mm2(store)
+    assert labelled > 0.005
+    store.update_attrs(tissue={"mask_area_mm2": labelled / ratio})
+    with caplog.at_level("WARNING", logger="histopan.export.qc"):
+        result = qc_report(tmp_path / "s.zarr", tmp_path / "qc", n_crops=1)
+    check = result.tissue
+    assert check["labelled_mm2"] == pytest.approx(labelled)
+    assert check["labelled_mm2"] == pytest.approx(check["classes_mm2"] + check["nuclei_mm2"])
+    assert check["nuclei_mm2"] == pytest.approx(store.attrs["summary"]["stuff_area_mm2"]["nucleus"])
+    assert check["ratio"] == pytest.approx(ratio)
+    text = result.html.read_text()
+    assert "tissue area check" in text and f"{labelled / ratio:.3f} mm²" in text
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "tissue mask" in r.getMessage()]
+    if warns:
+        assert check["warning"] and "Warning:" in text and len(warnings) == 1
+        assert ("more than" if ratio > 1 else "less than") in check["warning"]
+    else:
+        assert check["warning"] is None and "Warning:" not in text and not warnings
+        assert "within 10%" in text
+
+
+def test_tissue_area_check_without_a_recorded_mask(small_store, cmu_store, slides_dir, tmp_path):
+    """A store without a tissue mask (a run with --min-tissue 0): the report says so, or, given the slide,
+    detects the mask for the comparison."""
+    result = qc_report(small_store, tmp_path / "qc", n_crops=1)
+    assert result.tissue["mask_mm2"] is None and result.tissue["warning"] is None
+    assert "not recorded" in result.html.read_text()
+    with_slide = qc_report(cmu_store, tmp_path / "qc2", slide=slides_dir / "cmu_small_region.svs", n_crops=1)
+    assert with_slide.tissue["mask_mm2"] == pytest.approx(0.605, abs=0.01)  # the quick start slide's mask
+    assert "detected for this report" in with_slide.html.read_text()

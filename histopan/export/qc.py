@@ -9,7 +9,10 @@
   upsampled from the store's overview;
 - ``areas.png`` (area per tissue class), ``nucleus_sizes.png`` (nucleus area distribution, per type when
   the model predicts types), ``density.png`` (nuclei per mm^2 over the slide);
-- ``<slide name>.html``: all of the above embedded as base64 PNGs with the run's provenance (store attributes).
+- ``<slide name>.html``: all of the above embedded as base64 PNGs with the run's provenance (store attributes),
+  and the tissue area check: the area of the tissue classes (every class but background, nuclei included)
+  beside the area of the tissue detector's mask, with a warning (also logged) when they differ by more than
+  :data:`TISSUE_AREA_TOLERANCE` (:func:`tissue_area_check`).
 
 Memory stays bounded: the nucleus table is read in record batches, the labels at a pyramid level of at most
 :data:`THUMB_MAX` pixels a side, and each crop alone.
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from histopan.checks import check_output
+from histopan.classes import BACKGROUND
 from histopan.errors import OutputError, SlideError, StoreError
 from histopan.store import SlideStore, open_store
 
@@ -43,15 +47,18 @@ OUTLINE = (0, 0, 0)  # nucleus outline colour on the overlays
 OUTLINE_MAX_MPP = 1.0  # coarser overviews fill nuclei with the nucleus class colour instead of outlining them
 DENSITY_CELL_UM = 100.0
 SIZE_BINS_UM2 = np.arange(0, 202, 2.0)
+#: the tissue classes' area and the tissue mask's may differ by this fraction of the mask's before QC warns
+TISSUE_AREA_TOLERANCE = 0.10
 
 
 @dataclass
 class QcResult:
-    """What :func:`qc_report` wrote."""
+    """What :func:`qc_report` wrote, and its tissue area check (:func:`tissue_area_check`)."""
 
     html: Path
     images: dict[str, Path] = field(default_factory=dict)
     crops: list[tuple[float, float, float, float]] = field(default_factory=list)  # level-0 x, y, w, h
+    tissue: dict[str, Any] = field(default_factory=dict)
 
 
 def _save_figure(fig, path: Path) -> Path:
@@ -240,6 +247,49 @@ def _stuff_areas(store: SlideStore) -> dict[str, float]:
     return {c.name: float(counts[c.id]) * (store.mpp * 1e-3) ** 2 for c in store.classes}
 
 
+def tissue_area_check(store: SlideStore, reader: Any = None) -> dict[str, Any]:
+    """The tissue classes' area against the tissue mask's, in mm^2.
+
+    ``classes_mm2``: every stuff class but background; ``nuclei_mm2``: the nucleus class (nuclei lie in tissue;
+    leaving them out would understate the tissue by their share, 14 % on the quick start's slide);
+    ``labelled_mm2``: both; ``mask_mm2``: the tissue detector's mask as the run kept it, else (a run with
+    ``--min-tissue 0``, or an older store) computed from ``reader`` when given, else None.  ``ratio`` is
+    labelled / mask and ``warning`` a sentence when they differ by more than :data:`TISSUE_AREA_TOLERANCE` (also
+    logged), else None.
+    """
+    areas = _stuff_areas(store)
+    stuff = [c.name for c in store.classes if c.kind == "stuff" and c.name != BACKGROUND]
+    things = [c.name for c in store.classes if c.kind == "thing"]
+    classes = float(sum(areas.get(n, 0.0) for n in stuff))
+    nuclei = float(sum(areas.get(n, 0.0) for n in things))
+    mask = store.attrs.get("tissue", {}).get("mask_area_mm2")
+    source = "the run's tissue mask"
+    if mask is None and reader is not None:
+        from histopan.slide.tissue import tissue_mask
+
+        slide = store.attrs["slide"]  # the mask covers the slide exactly; its pixel size is the run's
+        mask = tissue_mask(reader).fraction * slide["width"] * slide["height"] * float(slide["mpp"]) ** 2 * 1e-6
+        source = "the tissue mask of the slide, detected for this report"
+    out: dict[str, Any] = {"classes_mm2": classes, "nuclei_mm2": nuclei, "labelled_mm2": classes + nuclei,
+                           "per_class_mm2": {n: float(areas.get(n, 0.0)) for n in stuff},
+                           "mask_mm2": None if mask is None else float(mask), "mask_source": None, "ratio": None,
+                           "tolerance": TISSUE_AREA_TOLERANCE, "warning": None}
+    if mask is None:
+        return out
+    out["mask_source"] = source
+    labelled = classes + nuclei
+    ratio = labelled / mask if mask > 0 else (math.inf if labelled > 0 else 1.0)
+    out["ratio"] = ratio
+    if abs(ratio - 1.0) > TISSUE_AREA_TOLERANCE:
+        more = "more" if ratio > 1 else "less"
+        out["warning"] = (f"the tissue classes cover {labelled:.3f} mm² ({classes:.3f} mm² of tissue classes and "
+                          f"{nuclei:.3f} mm² of nuclei), {abs(ratio - 1):.0%} {more} than the tissue mask's "
+                          f"{mask:.3f} mm²: check the overview for tissue classes painted over glass or tissue "
+                          f"left as background")
+        log.warning("%s: %s", store.path, out["warning"])
+    return out
+
+
 def _plots(store: SlideStore, density: np.ndarray, cell_um: float, out_dir: Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
@@ -301,7 +351,23 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _html(store: SlideStore, images: dict[str, Path], crops: list[Path], name: str) -> str:
+def _tissue_html(check: dict[str, Any]) -> tuple[list[tuple[str, str]], str]:
+    """Rows for the report's table and a warning paragraph (empty when none) of a :func:`tissue_area_check`."""
+    parts = ", ".join(f"{n} {a:.3f}" for n, a in check["per_class_mm2"].items() if a > 0) or "none"
+    rows = [("tissue classes", f"{check['labelled_mm2']:.3f} mm² ({parts}; nuclei {check['nuclei_mm2']:.3f})")]
+    if check["mask_mm2"] is None:
+        rows.append(("tissue mask", "not recorded (a run with --min-tissue 0, or an older store): pass --slide to "
+                                    "compute it"))
+        return rows, ""
+    rows.append(("tissue mask", f"{check['mask_mm2']:.3f} mm² ({check['mask_source']})"))
+    verdict = "warning" if check["warning"] else f"within {check['tolerance']:.0%}"
+    rows.append(("tissue area check", f"tissue classes / tissue mask = {check['ratio']:.0%} ({verdict})"))
+    warning = f'<p class="warning">Warning: {html.escape(check["warning"])}.</p>' if check["warning"] else ""
+    return rows, warning
+
+
+def _html(store: SlideStore, images: dict[str, Path], crops: list[Path], name: str,
+          tissue: dict[str, Any] | None = None) -> str:
     attrs = store.attrs
     slide = attrs.get("slide", {})
     model = attrs.get("run", {}).get("model", {})
@@ -315,6 +381,8 @@ def _html(store: SlideStore, images: dict[str, Path], crops: list[Path], name: s
         ("histopan", str(attrs.get("histopan_version", "?"))),
         ("nuclei", str(summary.get("n_nuclei", "?"))),
     ]
+    tissue_rows, warning = _tissue_html(tissue) if tissue is not None else ([], "")
+    rows += tissue_rows
     table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
 
     def img(path: Path, alt: str) -> str:
@@ -332,8 +400,10 @@ img {{ max-width: 100%; border: 1px solid #ccc; }}
 table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: 2px 10px; border-bottom: 1px solid #eee; }}
 .plots {{ display: flex; flex-wrap: wrap; gap: 1em; }} .plots img {{ max-width: 32%; }}
 pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 80%; }}
+.warning {{ background: #fff3cd; border: 1px solid #e0b000; padding: 0.5em 1em; }}
 </style></head><body>
 <h1>histopan QC: {html.escape(name)}</h1>
+{warning}
 <table>{table}</table>
 <p>Classes: {html.escape(classes)}</p>
 <h2>Overview</h2>
@@ -406,7 +476,8 @@ def qc_report(store_path: str | PathLike[str], out_dir: str | PathLike[str], *,
         images.update(plot_paths)
         for p in crop_paths:
             images[p.stem] = p
-        tmp.write_text(_html(store, images, crop_paths, name), encoding="utf-8")
+        tissue = tissue_area_check(store, reader)
+        tmp.write_text(_html(store, images, crop_paths, name, tissue), encoding="utf-8")
         os.replace(tmp, report)
     except OSError as exc:
         for p in (*written, tmp):
@@ -416,4 +487,4 @@ def qc_report(store_path: str | PathLike[str], out_dir: str | PathLike[str], *,
     finally:
         if reader is not None:
             reader.close()
-    return QcResult(report, images, sites)
+    return QcResult(report, images, sites, tissue)
