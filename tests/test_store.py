@@ -168,3 +168,35 @@ def test_majority_downsampling():
     a = np.array([[1, 1, 2, 3], [1, 2, 3, 2], [0, 0, 5, 5], [4, 4, 6, 6]], np.uint8)
     out = _majority_2x2(a)
     assert out.tolist() == [[1, 2], [0, 5]]  # 2-2 ties go to the smaller value
+
+
+def test_tissue_region_round_trip_and_ome_validity(tmp_path):
+    """The run's tissue region kept in the store (the ``tissue`` array) samples exactly as the region it was made
+    from, read lazily; the extra array leaves the OME-NGFF metadata valid."""
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.labels import Labels
+
+    from histopan.slide.tissue import TISSUE, TissueMask, tissue_region
+
+    cells = np.zeros((44, 56), bool)
+    cells[5:40, 8:50] = True
+    cells[15:25, 20:30] = False  # enclosed glass
+    mask = TissueMask(mask=cells, downsample=16.0, downsample_xy=(16.0, 16.0), slide_dimensions=(896, 704), mpp=8.0)
+    region = tissue_region(mask)
+    store = create_store(tmp_path / "s.zarr", shape=(700, 900), mpp=0.5, chunk=256, classes=CLASSES,
+                         image_shape=(175, 225), image_mpp=2.0, name="slide", run={"key": {"slide": "abc"}},
+                         tissue=region)
+    _fill(store)
+    store.build_pyramids()
+    store.finalize()
+    back = open_store(tmp_path / "s.zarr").tissue_region()
+    assert isinstance(back.codes, zarr.Array)
+    np.testing.assert_array_equal(back.codes[:], region.codes)
+    np.testing.assert_array_equal(back.sample_box(100, 50, 500, 400, 1.0), region.sample_box(100, 50, 500, 400, 1.0))
+    attrs = open_store(tmp_path / "s.zarr").attrs["tissue"]
+    assert attrs["mask_area_mm2"] == pytest.approx(region.area_mm2(TISSUE)) and attrs["margin_um"] == 8.0
+    assert attrs["enclosed_area_mm2"] == pytest.approx(100 * 64e-6)
+    root = zarr.open_group(tmp_path / "s.zarr", mode="r")
+    Image.from_zarr(root)
+    Labels.from_zarr(root["labels"])
+    assert _make(tmp_path / "none.zarr").tissue_region() is None
