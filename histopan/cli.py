@@ -343,7 +343,9 @@ def _segment_args(parser: argparse.ArgumentParser) -> None:
                         help="test-time augmentation: average the network over 8 flips / rotations (8x inference)")
     parser.add_argument("--workers", type=_positive_int, default=2, help="threads for reading and post-processing")
     parser.add_argument("--min-tissue", type=float, default=0.01,
-                        help="skip tiles with less tissue than this fraction (0 = process every tile)")
+                        help="skip tiles with less tissue than this fraction, unless a piece of tissue reaches into "
+                             "them from a processed tile; tissue classes only on the detected tissue (0 = process "
+                             "every tile, no tissue detection: the model decides everywhere)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
     parser.add_argument("--json", metavar="SUMMARY.json", default=None, help="also write the run summary as JSON")
 
@@ -515,7 +517,9 @@ def _batch_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: average the network over 8 flips / rotations (8x inference)")
     parser.add_argument("--min-tissue", type=float, default=0.01,
-                        help="skip tiles with less tissue than this fraction (0 = process every tile)")
+                        help="skip tiles with less tissue than this fraction, unless a piece of tissue reaches into "
+                             "them from a processed tile; tissue classes only on the detected tissue (0 = process "
+                             "every tile, no tissue detection: the model decides everywhere)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing stores (complete ones included)")
     parser.add_argument("--dashboard-address", default="127.0.0.1:8787",
                         help="local cluster's dashboard address; without a host (e.g. :0) it listens on localhost "

@@ -435,28 +435,27 @@ def parse_class_map(spec: str | Mapping[object, object], what: str = "--semantic
         pairs = list(data.items())
     else:
         raise DataError(f"{what}: not a class map", value=spec, fix=_MAP_FIX)
+    where = None if source == what else source  # the file, named in messages
     values: dict[int, str] = {}
     for value, name in pairs:
-        if isinstance(value, bool) or isinstance(value, float):
-            number = None
-        else:
+        number = None
+        if not isinstance(value, (bool, float)):
             try:
                 number = int(str(value).strip())
             except ValueError:
                 number = None
         if number is None or number < 0:
-            raise DataError(f"{what}: a label value must be a whole number >= 0", path=None if source == what else source,
-                            value=value, fix=_MAP_FIX)
+            raise DataError(f"{what}: a label value must be a whole number >= 0", path=where, value=value,
+                            fix=_MAP_FIX)
         if not isinstance(name, str) or not name.strip():
-            raise DataError(f"{what}: label value {number} has no class name", path=None if source == what else source,
-                            value=name, fix=_MAP_FIX)
+            raise DataError(f"{what}: label value {number} has no class name", path=where, value=name, fix=_MAP_FIX)
         if number in values:
-            raise DataError(f"{what}: label value {number} is given twice", path=None if source == what else source,
+            raise DataError(f"{what}: label value {number} is given twice", path=where,
                             value=f"{values[number]}, {name.strip()}", fix="give each label value one class")
         values[number] = name.strip()
     if not values:
-        raise DataError(f"{what}: the class map is empty", path=None if source == what else source,
-                        value=spec if source == what and isinstance(spec, str) else None, fix=_MAP_FIX)
+        raise DataError(f"{what}: the class map is empty", path=where,
+                        value=spec if where is None and isinstance(spec, str) else None, fix=_MAP_FIX)
     order = sorted(values)
     return ClassMap(np.array(order, np.int64), tuple(values[v] for v in order), source)
 

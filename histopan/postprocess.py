@@ -41,9 +41,9 @@ from histopan.panoptic import absorb_small_regions, fuse, stuff_argmax
 from histopan.stitching import IdScheme, TileRecord, own_objects
 from histopan.tiling import Tile, TileGrid
 
-__all__ = ["BACKGROUND", "NUCLEUS_COLUMNS", "PanopticLabels", "PostprocessConfig", "ProbabilityMaps", "TileLabels",
-           "background_index", "drop_small_objects", "nucleus_table", "panoptic_labels", "postprocess_tile", "process_tile",
-           "shape_features", "tissue_classes"]
+__all__ = ["BACKGROUND", "NUCLEUS_COLUMNS", "PanopticLabels", "PostprocessConfig", "ProbabilityMaps",
+           "TileLabels", "background_index", "drop_small_objects", "nucleus_table", "panoptic_labels",
+           "postprocess_tile", "process_tile", "shape_features", "tissue_classes"]
 
 
 @dataclass(frozen=True)
@@ -390,8 +390,9 @@ def shape_features(instances: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarr
 # ------------------------------------------------------------------------------ tissue rules, tile records
 #
 # panoptic_labels adds the tissue rules (the glass rule: background outside the tissue region; stuff regions
-# below min_stuff_area_um2 absorbed by their neighbours) and an optional crop to postprocess_tile: the one path from maps to panoptic labels that `histopan segment`
-# and predict_tile share.  process_tile turns one slide tile's maps into its stitching.TileRecord.
+# below min_stuff_area_um2 absorbed by their neighbours) and an optional crop to postprocess_tile: the one path
+# from maps to panoptic labels that `histopan segment` and predict_tile share.  process_tile turns one slide
+# tile's maps into its stitching.TileRecord.
 
 
 def drop_small_objects(instances: np.ndarray, min_area_um2: float, mpp: float) -> np.ndarray:

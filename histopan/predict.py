@@ -3,8 +3,8 @@
 The image is resampled (anti-aliased) to the model's working resolution, run through the network
 (:class:`~histopan.inference.TileInferencer`, windows of the model's tile + halo for large images),
 post-processed with the tissue rules (:func:`~histopan.postprocess.panoptic_labels`, the same path as
-``histopan segment``'s tiles; the glass rule's tissue region detected on the image itself) and the labels are mapped back to the input's pixel grid by nearest neighbour,
-so every output is at the input's resolution.
+``histopan segment``'s tiles; the glass rule's tissue region detected on the image itself) and the labels are
+mapped back to the input's pixel grid by nearest neighbour, so every output is at the input's resolution.
 """
 
 from __future__ import annotations

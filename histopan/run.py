@@ -35,7 +35,7 @@ class SegmentOptions:
     batch_size: int | None = None  # tiles per network batch; None = fit the device (see auto_batch_size)
     workers: int = 2  # threads for reading and post-processing
     overwrite: bool = False
-    min_tissue: float = 0.01  # minimum tissue fraction of a tile's core (0 = every tile)
+    min_tissue: float = 0.01  # minimum tissue fraction of a core (0: every tile, no tissue detection or glass rule)
     origin: tuple[int, int] = (0, 0)  # grid origin (for seam tests); chunks always start at 0
     tta: bool = False  # test-time augmentation: logits averaged over 8 flips / rotations (8x inference)
 

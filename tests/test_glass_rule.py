@@ -39,7 +39,7 @@ from histopan.model.network import build_network, final_conv
 from histopan.pipeline import SegmentOptions, segment_slide
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps, panoptic_labels, tissue_classes
 from histopan.slide import open_slide
-from histopan.slide.tissue import ENCLOSED, GLASS, TISSUE, TissueMask, TissueParams, TissueRegion, \
+from histopan.slide.tissue import ENCLOSED, GLASS, TISSUE, TissueMask, TissueParams, \
     read_thumbnail, select_region_tiles, tissue_mask, tissue_region
 from histopan.store import open_store
 from histopan.testing import write_test_slide

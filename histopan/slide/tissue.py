@@ -5,15 +5,15 @@ in bounded-memory blocks), finds stained tissue by Otsu's threshold on HSV satur
 range, so an all-tissue or all-background view still gives a sensible answer) together with a minimum
 optical density, ignores black borders and green/blue pen ink, and cleans the result with a morphological
 closing, hole filling (holes: glass enclosed by tissue, not glass at the view's edge) and small-object removal
-whose sizes are given in micrometres (or, for a slide without
-a pixel size, as fractions of the view; in a small view, such as a tile given to ``predict_tile``, an object
-is never too small when it covers more than ``small_view_fraction`` of the view).  :func:`tissue_fraction` and :func:`select_tiles` then score tiles
-given as level-0 boxes.
+whose sizes are given in micrometres (or, for a slide without a pixel size, as fractions of the view; in a small
+view, such as a tile given to ``predict_tile``, an object is never too small when it covers more than
+``small_view_fraction`` of the view).  :func:`tissue_fraction` and :func:`select_tiles` then score tiles given as
+level-0 boxes.
 
 :func:`tissue_region` turns a mask into the region where a run may paint tissue classes (the *glass rule*:
 every pixel outside it is background), and :func:`select_region_tiles` picks the tiles a run processes so that
-no piece of that region is cut by a skipped tile.  The mask is coarse (8 um cells) and its detection favours stained
-tissue, so the region is more generous than the mask: glass enclosed by tissue up to
+no piece of that region is cut by a skipped tile.  The mask is coarse (8 um cells) and its detection favours
+stained tissue, so the region is more generous than the mask: glass enclosed by tissue up to
 ``region_max_hole_um2`` (fat, loose stroma, lumens) is kept, and so is everything within ``margin_um`` of the
 mask, measured from a distance field interpolated between the cells, so the region's edge is smooth and the
 same wherever a window samples it (:meth:`TissueRegion.sample`).
