@@ -345,6 +345,8 @@ def select_tiles(mask: TissueMask, boxes: np.ndarray, min_fraction: float = 0.05
 
 #: the cell codes of a :class:`TissueRegion`: glass, tissue (the detector's mask), glass enclosed by tissue
 GLASS, TISSUE, ENCLOSED = 0, 1, 2
+#: :meth:`TissueRegion.sample` works through this many rows of points at a time
+_SAMPLE_ROWS = 512
 
 
 @dataclass(frozen=True, eq=False)
@@ -401,12 +403,14 @@ class TissueRegion:
         inside = np.asarray(self.codes[r0:r1, c0:c1]) != GLASS
         if not inside.any():
             return out
-        distance = np.minimum(ndimage.distance_transform_edt(~inside, sampling=(sy, sx)), cap)
-        wy = (fy - iy0)[:, None]
-        rows = (1 - wy) * distance[iy0 - r0] + wy * distance[iy1 - r0]
-        wx = fx - ix0
-        values = (1 - wx) * rows[:, ix0 - c0] + wx * rows[:, ix1 - c0]
-        return values <= limit
+        distance = np.minimum(ndimage.distance_transform_edt(~inside, sampling=(sy, sx)), cap).astype(np.float32)
+        wy = (fy - iy0).astype(np.float32)[:, None]
+        wx = (fx - ix0).astype(np.float32)
+        for k in range(0, ys.size, _SAMPLE_ROWS):  # in blocks of rows: bounded memory for large images
+            b = slice(k, k + _SAMPLE_ROWS)
+            rows = (1 - wy[b]) * distance[iy0[b] - r0] + wy[b] * distance[iy1[b] - r0]
+            out[b] = (1 - wx) * rows[:, ix0 - c0] + wx * rows[:, ix1 - c0] <= limit
+        return out
 
     def reaches(self, boxes_level0: np.ndarray) -> np.ndarray:
         """Whether the region may reach into each level-0 box (N, 4: x, y, w, h): bool (N,).  A superset,
