@@ -250,6 +250,12 @@ class TrainConfig:
     average instead of the raw weights, which smooths out the noise of small batches.
     ``threads``: CPU threads for the network on the CPU, and for the threshold search (``tune``; post-processing
     releases the GIL, so the trials run in parallel).
+    ``masks`` are pixel-mask sets (:class:`MaskSetConfig`); ``tile_fraction`` and ``mask_fraction`` are the shares
+    of crops drawn from the tile and mask sets, the rest come from the nucleus sets.  ``distill`` (a weight)
+    holds the nucleus probability, centre and boundary maps to those of the ``distill_from`` model (default:
+    the ``init`` model) wherever a crop does not label them (tiles, masks), so that teaching tissue classes does
+    not move the nuclei.  ``tissue_score_weight`` adds that weight times the mask sets' mean region IoU to the
+    validation nucleus PQ when the best epoch is picked.
     """
 
     model: ModelConfig
@@ -263,6 +269,7 @@ class TrainConfig:
     tile_fraction: float = 0.2
     mask_fraction: float = 0.0
     distill: float = 0.0
+    distill_from: str | None = None
     tissue_score_weight: float = 0.0
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -306,8 +313,9 @@ class TrainConfig:
         for name in ("distill", "tissue_score_weight"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.distill > 0 and self.init is None:
-            raise ValueError("distill keeps the outputs of the 'init' model: set 'init' or remove 'distill'")
+        if self.distill > 0 and self.init is None and self.distill_from is None:
+            raise ValueError("distill keeps the outputs of the 'init' model (or of 'distill_from'): set one of "
+                             "them or remove 'distill'")
         if not (0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf):
             raise ValueError(f"lr must be finite and > 0, weight_decay finite and >= 0, got {self.lr} and "
                              f"{self.weight_decay}")
@@ -349,9 +357,10 @@ def _train_config_data(path: Path, chain: tuple[Path, ...]) -> dict:
             for item in items:
                 if isinstance(item, dict) and isinstance(item.get("path"), str):
                     item["path"] = str((base / Path(item["path"]).expanduser()).resolve())
-    init = data.get("init")
-    if isinstance(init, str) and ("/" in init or init.startswith(".")):
-        data["init"] = str((base / Path(init).expanduser()).resolve())
+    for key in ("init", "distill_from"):
+        value = data.get(key)
+        if isinstance(value, str) and ("/" in value or value.startswith(".")):
+            data[key] = str((base / Path(value).expanduser()).resolve())
     if "extends" not in data:
         return data
     parent = data.pop("extends")

@@ -409,10 +409,11 @@ def selection_score(val: dict[str, Any], config: TrainConfig) -> float:
 
 
 def _teacher(config: TrainConfig, device: torch.device) -> tuple[nn.Module, ModelConfig, torch.Tensor] | None:
-    """The ``init`` model, frozen, for ``distill`` (with the student's channel of each of its classes)."""
+    """The ``distill_from`` model (default: the ``init`` model), frozen, for ``distill``, with the student's
+    channel of each of its classes."""
     if config.distill <= 0:
         return None
-    init = load_model(config.init)
+    init = load_model(config.distill_from or config.init)
     missing = [n for n in init.config.class_names if n not in config.model.class_names]
     if missing:
         raise ConfigError("distill needs every class of the init model in the trained model", path=init.path,
