@@ -240,6 +240,13 @@ def test_shipped_default_training_configs_read():
     assert Path(stage6.init) == (repo_root / "models" / "default").resolve()
     # its thresholds were re-tuned with the object filter, plain and with TTA
     assert shipped.postprocess.min_nucleus_prob > 0 and shipped.postprocess_tta.min_nucleus_prob > 0
+    # stages 7 and 8 (not shipped): pixel masks and a benign-epithelium class, nuclei distilled from stage 6
+    stage7 = read_train_config(repo_root / "models" / "default" / "train-stage7.yaml")
+    assert "benign_epithelium" in stage7.model.class_names and len(stage7.masks) == 2
+    assert [Path(m.path).name for m in stage7.masks] == ["ebhi_seg", "glas_train"] and stage7.distill == 1.0
+    stage8 = read_train_config(repo_root / "models" / "default" / "train-stage8.yaml")
+    assert Path(stage8.distill_from) == (repo_root / "models" / "default").resolve()
+    assert Path(stage8.init).parts[-3:] == ("runs", "default-stage7", "model") and stage8.masks == stage7.masks
     # and the record names what it started from: stage 4's weights, which had started from stage 3's
     assert shipped.training["init_weights_sha256"].startswith("1e4df6580b9d")
     assert shipped.training["init_training"]["init_weights_sha256"].startswith("9c93e0ebc03e")
