@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import tifffile
 from PIL import Image
@@ -53,8 +54,6 @@ REGION_NONE, REGION_GLASS, REGION_FOREGROUND, REGION_REST = 0, 1, 2, 3
 def glass_regions(image: np.ndarray, mpp: float, min_um2: float) -> np.ndarray:
     """Bare glass and white lumina / air spaces of an RGB uint8 image: :func:`glass_mask` pixels, opened with a
     1 um disc (so white specks between cells do not count), in connected areas of at least ``min_um2``."""
-    import cv2
-
     glass = glass_mask(np.asarray(image, np.float32) / 255.0).astype(np.uint8)
     r = max(1, int(round(1.0 / mpp)))
     glass = cv2.morphologyEx(glass, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2))

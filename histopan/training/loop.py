@@ -185,43 +185,36 @@ def tissue_scores(masks: tuple[tuple[Sample, np.ndarray], ...], model: ModelConf
 
     n = len(model.classes)
     conf = np.zeros((n, n), np.int64)
-    region_classes: set[int] = set()
+    region_classes = sorted({c for sample, _ in masks for c in _bits_classes(sample.region_bits[1], n)})
+    names = [c.name for c in model.classes]
+    # per set: region intersection, union; glass intersection, union; typed hits, region-class hits; images
+    sums: dict[str, np.ndarray] = {}
     for sample, pred in masks:
         fg = _bits_classes(sample.region_bits[1], n)
         rest = _bits_classes(sample.region_bits[2], n)
+        in_fg = sample.regions == REGION_FOREGROUND
+        glass = sample.regions == REGION_GLASS
         truth = np.full(pred.shape, 255, np.uint8)
-        truth[sample.regions == REGION_GLASS] = 0
+        truth[glass] = 0
         if len(rest) == 1:
             truth[sample.regions == REGION_REST] = rest[0]
         if len(fg) == 1:
-            truth[sample.regions == REGION_FOREGROUND] = fg[0]
+            truth[in_fg] = fg[0]
         conf += semantic_confusion(truth, pred, n)
-        region_classes.update(fg)
-    names = [c.name for c in model.classes]
+        p_fg = np.isin(pred, region_classes)
+        p_bg = pred == 0
+        hit = in_fg & p_fg
+        typed = len(fg) == 1 and len(region_classes) > 1
+        acc = sums.setdefault(sample.dataset, np.zeros(7, np.int64))
+        acc += [hit.sum(), (in_fg | p_fg).sum(), (glass & p_bg).sum(), (glass | p_bg).sum() if glass.any() else 0,
+                hit.sum() if typed else 0, (hit & (pred == fg[0])).sum() if typed else 0, 1]
     keep = list(model.stuff_indices)
     out: dict[str, Any] = {"tissue": semantic_scores(conf[np.ix_(keep, keep)], [names[i] for i in keep])}
     by_set = {}
-    classes = sorted(region_classes)
-    for name in dict.fromkeys(m[0].dataset for m in masks):
-        inter = union = g_inter = g_union = typed_ok = typed_all = 0
-        for sample, pred in (m for m in masks if m[0].dataset == name):
-            in_fg = sample.regions == REGION_FOREGROUND
-            p_fg = np.isin(pred, classes)
-            inter += int((in_fg & p_fg).sum())
-            union += int((in_fg | p_fg).sum())
-            glass = sample.regions == REGION_GLASS
-            if glass.any():
-                p_bg = pred == 0
-                g_inter += int((glass & p_bg).sum())
-                g_union += int((glass | p_bg).sum())
-            fg = _bits_classes(sample.region_bits[1], n)
-            if len(fg) == 1 and len(classes) > 1:
-                hit = in_fg & p_fg
-                typed_all += int(hit.sum())
-                typed_ok += int((hit & (pred == fg[0])).sum())
-        entry = {"region_classes": [names[c] for c in classes],
+    for name, (inter, union, g_inter, g_union, typed_all, typed_ok, images) in sums.items():
+        entry = {"region_classes": [names[c] for c in region_classes],
                  "region_iou": inter / union if union else None,
-                 "glass_iou": g_inter / g_union if g_union else None, "images": sum(1 for m in masks if m[0].dataset == name)}
+                 "glass_iou": g_inter / g_union if g_union else None, "images": int(images)}
         if typed_all:
             entry["region_class_accuracy"] = typed_ok / typed_all
         by_set[name] = entry

@@ -132,13 +132,11 @@ def tile_class_targets(valid: np.ndarray, class_index: int, nucleus_index: int,
     train the nucleus maps to zero there: without this, "nucleus" satisfies every tile label and the network
     learns to call empty glass nuclei.  Elsewhere the nucleus maps are not trained (unknown).
     """
-    valid = valid.astype(bool)
-    sure = valid & (np.zeros(valid.shape, bool) if no_nucleus is None else no_nucleus.astype(bool))
-    bits = np.where(valid, class_bits([class_index, nucleus_index]), 0).astype(np.int64)
-    bits = np.where(sure, class_bits([class_index]), bits).astype(np.int64)
-    zeros = np.zeros(valid.shape, dtype=np.float32)
-    return Targets(label_bits=bits, nucleus=zeros, centre=zeros.copy(), boundary=zeros.copy(),
-                   nucleus_valid=sure, contact=np.zeros(valid.shape, dtype=bool))
+    regions = np.full(valid.shape, 2, np.uint8)
+    if no_nucleus is not None:
+        regions[no_nucleus.astype(bool)] = 1
+    bits = class_bits([class_index])
+    return region_targets(regions, valid, (bits, bits), nucleus_index, no_nucleus_code=1)
 
 
 def region_targets(regions: np.ndarray, valid: np.ndarray, region_bits: tuple[int, ...], nucleus_index: int,
