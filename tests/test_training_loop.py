@@ -149,6 +149,26 @@ def test_init_starts_from_a_model_and_a_mismatch_is_refused(tmp_path, disc_nucle
         train(wrong, tmp_path / "wrong", progress=False)
 
 
+def test_trainable_decoder_keeps_the_init_models_encoder(tmp_path, disc_nucleus_set):
+    data_dir = disc_nucleus_set(tmp_path / "data")
+    first = train(_config(data_dir), tmp_path / "first", progress=False)
+    start = load_file(str(first.model_dir / "weights.safetensors"))
+    cfg = _config(data_dir, init=str(first.model_dir), epochs=1, lr=1e-2, trainable="decoder")
+    after = load_file(str(train(cfg, tmp_path / "second", progress=False).model_dir / "weights.safetensors"))
+    encoder = [k for k in start if k.startswith("encoder.")]
+    decoder = [k for k in start if k.startswith("decoder.") and k.endswith(".weight") and start[k].ndim == 4]
+    assert encoder and decoder
+    # every encoder tensor (batch-norm running statistics included) is the init model's, bit for bit
+    assert all(torch.equal(start[k], after[k]) for k in encoder)
+    # the decoder's batch-norm statistics stay too; its weights and the head train
+    assert all(torch.equal(start[k], after[k]) for k in start if k.startswith("decoder.") and "running_" in k)
+    assert sum(not torch.allclose(start[k], after[k]) for k in decoder) >= len(decoder) // 2
+    assert not torch.allclose(start["segmentation_head.0.weight"], after["segmentation_head.0.weight"])
+    assert load_model(tmp_path / "second" / "model").config.training["trainable"] == "decoder"
+    with pytest.raises(ConfigError, match="trainable: decoder freezes layers of the .init. model"):
+        _config(data_dir, trainable="decoder")
+
+
 def test_histopan_train_on_real_monuseg_tiles_writes_a_loadable_model(tmp_path, data_dir, capsys):
     monuseg = data_dir / "monuseg_train"
     names = sorted(p.stem for p in (monuseg / "images").glob("*.png"))

@@ -256,6 +256,9 @@ class TrainConfig:
     the ``init`` model) wherever a crop does not label them (tiles, masks), so that teaching tissue classes does
     not move the nuclei.  ``tissue_score_weight`` adds that weight times the mask sets' mean region IoU to the
     validation nucleus PQ when the best epoch is picked.
+    ``trainable``: ``all`` layers, ``decoder`` (the encoder frozen) or ``head`` (only the final convolution);
+    with a frozen part every batch-norm layer keeps the ``init`` model's running statistics.  A frozen encoder
+    keeps the features the nuclei were learnt on while a warm start teaches the decoder new classes.
     """
 
     model: ModelConfig
@@ -271,6 +274,7 @@ class TrainConfig:
     distill: float = 0.0
     distill_from: str | None = None
     tissue_score_weight: float = 0.0
+    trainable: Literal["all", "decoder", "head"] = "all"
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 50
@@ -321,6 +325,9 @@ class TrainConfig:
                              f"{self.weight_decay}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.trainable != "all" and self.init is None:
+            raise ValueError(f"trainable: {self.trainable} freezes layers of the 'init' model: set 'init' (a warm "
+                             "start) or train all layers")
         if self.val_max_images is not None and self.val_max_images < 1:
             raise ValueError(f"val_max_images must be >= 1, got {self.val_max_images}")
         if self.init is not None and not str(self.init).strip():

@@ -41,8 +41,8 @@ from histopan.errors import ConfigError, DataError, OutputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA", "OPTIMIZER", "STATE_FILE", "WEIGHTS", "Engine", "RunConfig", "append_record", "autocast",
-           "hardware", "jsonable", "learning_rate", "load_checkpoint", "read_state", "run_folders",
+__all__ = ["EMA", "OPTIMIZER", "STATE_FILE", "WEIGHTS", "Engine", "RunConfig", "append_record", "autocast", "freeze",
+           "frozen_statistics_train_mode", "hardware", "jsonable", "learning_rate", "load_checkpoint", "read_state", "run_folders",
            "save_checkpoint", "torch_settings", "training_device"]
 
 STATE_FILE = "state.json"
@@ -379,3 +379,28 @@ class Engine:
             if stop_after is not None and epochs_this_call >= stop_after and not state["done"]:
                 return False
         return True
+
+
+def freeze(network: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """Set requires_grad by ``trainable`` (all / decoder / head); the parameters left to train."""
+    head = ("segmentation_head.",)
+    keep = {"all": None, "decoder": ("decoder.", *head), "head": head}[trainable]
+    params = []
+    for name, p in network.named_parameters():
+        p.requires_grad_(keep is None or name.startswith(keep))
+        if p.requires_grad:
+            params.append(p)
+    return params
+
+
+def frozen_statistics_train_mode(network: nn.Module) -> None:
+    """Train mode with every batch-norm layer's running statistics kept as the base model learnt them.
+
+    Small batches of sparsely labelled crops give noisy batch statistics; with the base model's the
+    network starts out exactly as the base model (and equal to the distillation teacher).  The affine
+    batch-norm parameters of trainable layers still train.
+    """
+    network.train()
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()

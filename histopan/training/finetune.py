@@ -47,8 +47,8 @@ from histopan.model.network import grow_heads, normalize_input, split_outputs
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps, postprocess_tile
 from histopan.training.config import FinetuneConfig, TuneConfig, write_finetune_config
 from histopan.training.data import meta_mpp, load_nucleus_set, load_tile_set, read_rgb, resample_image
-from histopan.training.engine import (WEIGHTS, Engine, autocast, hardware, jsonable, make_run_folder, run_folders,
-                                      torch_settings, training_device)
+from histopan.training.engine import (WEIGHTS, Engine, autocast, freeze, frozen_statistics_train_mode, hardware,
+                                      jsonable, make_run_folder, run_folders, torch_settings, training_device)
 from histopan.training.loop import (VAL_TILE_MAX, ValidationMaps, centre_crop, grid_search, image_maps, score_maps,
                                     tuning_record)
 from histopan.training.losses import distill_loss, total_loss
@@ -87,31 +87,6 @@ def build_finetune_model(base: LoadedModel, config: FinetuneConfig) -> tuple[nn.
     if new.n_outputs != old.n_outputs or new.class_names != old.class_names or new.type_names != old.type_names:
         network = grow_heads(base.network, old, new)
     return network, new
-
-
-def _freeze(network: nn.Module, trainable: str) -> list[nn.Parameter]:
-    """Set requires_grad by ``trainable`` (all / decoder / head); the parameters left to train."""
-    head = ("segmentation_head.",)
-    keep = {"all": None, "decoder": ("decoder.", *head), "head": head}[trainable]
-    params = []
-    for name, p in network.named_parameters():
-        p.requires_grad_(keep is None or name.startswith(keep))
-        if p.requires_grad:
-            params.append(p)
-    return params
-
-
-def _train_mode(network: nn.Module) -> None:
-    """Train mode with every batch-norm layer's running statistics kept as the base model learnt them.
-
-    Small batches of sparsely labelled crops give noisy batch statistics; with the base model's the
-    network starts out exactly as the base model (and equal to the distillation teacher).  The affine
-    batch-norm parameters of trainable layers still train.
-    """
-    network.train()
-    for module in network.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
 
 
 def type_weights(samples: Sequence[SparseSample], model: ModelConfig, balance: float) -> torch.Tensor | None:
@@ -454,7 +429,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
               resume: bool, progress: bool, command: str | None, stop_after: int | None) -> FinetuneResult | None:
     started = time.time()
     network = network.to(device)
-    params = _freeze(network, config.trainable)
+    params = freeze(network, config.trainable)
     sampler = SparseCropSampler(data, config)
     weights = type_weights(data.train, model, config.type_balance)
     if weights is not None:
@@ -496,7 +471,7 @@ def _finetune(config: FinetuneConfig, run: Path, last_dir: Path, best_dir: Path,
                     score=lambda val: stopping_score(val, config.early_stopping), report=report,
                     plot=lambda history: _plot(history, before, run / "curves.png"), best_key="best_score",
                     patience=config.patience, patience_what=STOPPING_SCORES[config.early_stopping][0],
-                    train_mode=_train_mode)
+                    train_mode=frozen_statistics_train_mode)
     if resume:
         state = engine.resume()
         if "best_score" not in state:  # a run started before early_stopping had a choice: the loss

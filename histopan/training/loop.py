@@ -57,8 +57,9 @@ from histopan.model.network import build_network, grow_heads, normalize_input, s
 from histopan.postprocess import PostprocessConfig, ProbabilityMaps, postprocess_tile
 from histopan.training.config import TrainConfig, TuneConfig, write_train_config
 from histopan.training.data import CropSampler, Sample, TrainingData, load_training_data
-from histopan.training.engine import (WEIGHTS, Engine, autocast, hardware, jsonable, learning_rate, make_run_folder,
-                                      read_state, run_folders, torch_settings, training_device)
+from histopan.training.engine import (WEIGHTS, Engine, autocast, freeze, frozen_statistics_train_mode, hardware,
+                                      jsonable, learning_rate, make_run_folder, read_state, run_folders, torch_settings,
+                                      training_device)
 from histopan.training.losses import distill_loss, total_loss
 
 log = logging.getLogger(__name__)
@@ -475,10 +476,16 @@ def _train(config: TrainConfig, run: Path, last_dir: Path, best_dir: Path, devic
                                                                        if v["glass_iou"] is not None else "")
                          for k, v in val.get("tissue_by_set", {}).items() if v["region_iou"] is not None))
 
-    engine = Engine(config, run, device, network, loss=loss,
+    params = freeze(network, config.trainable)
+    if config.trainable != "all":
+        log.info("training the %s only (%d of %d parameters)", config.trainable, sum(p.numel() for p in params),
+                 sum(p.numel() for p in network.parameters()))
+    engine = Engine(config, run, device, network, params=params, loss=loss,
                     validate=lambda net: score_maps(_validation_maps(net, data, config, device), model,
                                                     model.postprocess),
-                    score=lambda val: selection_score(val, config), report=report, plot=lambda history: _plot(history, run / "curves.png"))
+                    score=lambda val: selection_score(val, config), report=report,
+                    plot=lambda history: _plot(history, run / "curves.png"),
+                    train_mode=nn.Module.train if config.trainable == "all" else frozen_statistics_train_mode)
     # the init model as it was when the run started (its folder may be overwritten before the export)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "best_pq": -1.0, "best_epoch": -1, "history": [],
                              "train_seconds": 0.0, "done": False, **provenance}
@@ -522,7 +529,7 @@ def _finish(config: TrainConfig, run: Path, best_dir: Path, device: torch.device
         "init": None if config.init is None else str(config.init),
         **{k: state[k] for k in ("init_weights_sha256", "init_training") if k in state},
         "steps": state["step"], "epochs": state["epoch"], "best_epoch": state["best_epoch"],
-        "crop": config.crop, "batch_size": config.batch_size,
+        "crop": config.crop, "batch_size": config.batch_size, "trainable": config.trainable,
         "train_minutes": round(state["train_seconds"] / 60, 1),
         # where the network was trained (a finished run may be tuned and exported on another machine)
         "hardware": state.get("hardware") or hardware(device, config),
