@@ -236,6 +236,23 @@ def _tune_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interpolate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("start", help="the model END was warm-started from (a name such as default, or a folder)")
+    parser.add_argument("end", help="the warm-started model (its classes, thresholds and training record are kept)")
+    parser.add_argument("--alpha", type=float, required=True,
+                        help="weights = START + alpha * (END - START): 0 is START, 1 is END")
+    parser.add_argument("--out", required=True, metavar="FOLDER", help="write the interpolated model folder here")
+
+
+def _interpolate_run(args: argparse.Namespace) -> int:
+    from histopan.training.interpolate import interpolate_models
+
+    command = f"histopan interpolate {args.start} {args.end} --alpha {args.alpha} --out {args.out}"
+    out = interpolate_models(args.start, args.end, args.alpha, args.out, command=command)
+    print(f"wrote {out} (alpha {args.alpha})")
+    return 0
+
+
 def _train_run(args: argparse.Namespace) -> int:
     from histopan.training.config import read_train_config
     from histopan.training.loop import train
@@ -590,6 +607,9 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Calla
     "tune": ("re-tune a model's post-processing thresholds without training: nucleus PQ on a training config's "
              "validation images, or point F1 on a fine-tuning config's held-back points (--points); --out writes "
              "the re-tuned model", _tune_args, _tune_run),
+    "interpolate": ("a model between a warm-started model and the model it started from (weights START + "
+                    "alpha * (END - START)): trades what the run learnt against what the start model knew",
+                    _interpolate_args, _interpolate_run),
     "finetune": ("fine-tune a model on sparse annotations (QuPath GeoJSON points / outlines / regions, tile-class "
                  "folders): masked losses, new classes or types, early stopping, before / after figures",
                  _finetune_args, _finetune_run),
