@@ -1,8 +1,11 @@
 """Tissue maps on the held-back mask-set images (EBHI-Seg cases, GlaS patients): per-class IoU, epithelium
-(gland) region IoU, glass IoU and tumour-vs-benign accuracy, for one or more models, each predicted two ways:
+(gland) region IoU, glass IoU and tumour-vs-benign accuracy, for one or more models, each predicted up to three ways (``--modes``):
 
 - ``whole``: each image predicted in one piece (all the context the image has: 224 px at ~0.9 um/px for
   EBHI-Seg, about 480 x 320 um for GlaS);
+- ``whole+rules``: predicted whole, then the pipeline's tissue rules as ``predict_tile`` and ``segment`` apply
+  them (:func:`histopan.postprocess.tissue_classes`: outside the tissue detector's region is background, small
+  regions are absorbed);
 - ``tiles-256``: cut into independent 256 px windows at 0.5 um/px (128 um, the training crop), as a slide
   tile without halo would see it.
 
@@ -33,12 +36,16 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["default"])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tissue.json"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", default=["whole", "whole+rules", "tiles-256"],
+                    choices=["whole", "whole+rules", "tiles-256"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from histopan.model.checkpoint import load_model
     from histopan.training.config import read_train_config
     from histopan.training.data import load_mask_set
+    from histopan.postprocess import tissue_classes
+    from histopan.predict import _tissue_region
     from histopan.training.loop import image_maps, tissue_labels, tissue_scores
 
     cfg = read_train_config(args.config)
@@ -54,12 +61,17 @@ def main() -> None:
         network = loaded.network.to(device).eval()
         to_cfg = np.array([names.index(n) if n in names else 255 for n in model.class_names], np.uint8)
         per_mode = {}
-        for mode in ("whole", "tiles-256"):
+        for mode in args.modes:
             t0 = time.time()
             preds = []
             for s in samples:
                 if mode == "whole":
                     lab = tissue_labels(image_maps(network, s.image, model, device), model)
+                elif mode == "whole+rules":  # what predict_tile / segment paint: glass rule, small regions absorbed
+                    maps = image_maps(network, s.image, model, device)
+                    region = _tissue_region(s.image, cfg.model.mpp, s.image.shape[:2])
+                    lab = tissue_classes(maps.semantic, model.classes, model.postprocess.min_stuff_area_um2,
+                                         cfg.model.mpp, tissue=region)
                 else:  # independent 256 px windows of the image, reflected out to whole windows
                     h, w = s.image.shape[:2]
                     H, W = -(-h // 256) * 256, -(-w // 256) * 256
