@@ -32,7 +32,7 @@ def test_model_folder_is_the_default_plus_a_type_head(crc_model):
     default = load_model("default")
     assert crc_model.config.type_names == TYPES
     # fine-tuned from the default's stage 3: its tissue classes are that model's, which the default still has
-    # (stage 7 added benign_epithelium)
+    # (stages 7-10 added benign_epithelium)
     assert set(crc_model.config.class_names) <= set(default.config.class_names)
     assert crc_model.config.class_names == ("background", "stroma", "necrosis", "tumour", "nucleus")
     assert (MODEL / "weights.safetensors").stat().st_size < 30e6
@@ -43,8 +43,8 @@ def test_model_folder_is_the_default_plus_a_type_head(crc_model):
     stage1 = record["base"]["training"]
     assert stage1["kind"] == "finetune" and stage1["base"]["name"] == "default"
     # the shipped default keeps the record of each stage it was trained from as init_training
-    # (stage 6 <- stage 4 <- stage 3); stage 1 started from stage 3, whose thresholds travelled along and were
-    # then fitted to the held-back CRC points by detection F1 (histopan tune --points)
+    # (stage 10 <- stage 9 <- stage 6 <- stage 4 <- stage 3); stage 1 started from stage 3, whose thresholds
+    # travelled along and were then fitted to the held-back CRC points by detection F1 (histopan tune --points)
     after_base = default.config.training
     while after_base.get("init_weights_sha256") != stage1["base"]["weights_sha256"]:
         after_base = after_base["init_training"]  # a KeyError here: the chain does not reach the CRC base

@@ -247,13 +247,13 @@ def test_shipped_default_training_configs_read():
     # stage 4 (CPU, moving average) repeats the shipped model's section: its network, geometry and thresholds
     stage4 = read_train_config(repo_root / "models" / "default" / "train-stage4.yaml")
     shipped = load_model("default").config
-    assert (stage4.model.architecture, stage4.model.classes) == (shipped.architecture, shipped.classes)
+    assert stage4.model.architecture == shipped.architecture
     assert (stage4.model.tile, stage4.model.halo, stage4.model.mpp) == (shipped.tile, shipped.halo, shipped.mpp)
     assert stage4.model.postprocess.centre_h > 0 and stage4.tiles == warm.tiles
     assert (stage4.ema, stage4.lr, stage4.epochs * stage4.steps_per_epoch, stage4.nuclei[0].weight) == (
         0.999, 0.0002, 2800, 4.0)
     assert Path(stage4.init) == (repo_root / "models" / "default").resolve()
-    # stage 6 (shipped): stage 4's run plus the contact weighting, warm-started from the folder (then stage 4)
+    # stage 6: stage 4's run plus the contact weighting, warm-started from the folder (then stage 4)
     stage6 = read_train_config(repo_root / "models" / "default" / "train-stage6.yaml")
     assert stage6.model == stage4.model and stage6.nuclei == stage4.nuclei and stage6.tiles == stage4.tiles
     assert (stage6.loss.contact_weight, stage6.loss.contact_um, stage6.ema) == (5.0, 1.0, 0.999)
@@ -267,9 +267,21 @@ def test_shipped_default_training_configs_read():
     stage8 = read_train_config(repo_root / "models" / "default" / "train-stage8.yaml")
     assert Path(stage8.distill_from) == (repo_root / "models" / "default").resolve()
     assert Path(stage8.init).parts[-3:] == ("runs", "default-stage7", "model") and stage8.masks == stage7.masks
-    # and the record names what it started from: stage 4's weights, which had started from stage 3's
-    assert shipped.training["init_weights_sha256"].startswith("1e4df6580b9d")
-    assert shipped.training["init_training"]["init_weights_sha256"].startswith("9c93e0ebc03e")
+    # stages 9 and 10 (shipped): stage 7's data and classes from stage 6 with the encoder frozen, then continued
+    stage9 = read_train_config(repo_root / "models" / "default" / "train-stage9.yaml")
+    assert stage9.trainable == "decoder" and Path(stage9.init) == (repo_root / "models" / "default").resolve()
+    assert stage9.masks == stage7.masks and stage9.model.classes == stage7.model.classes
+    stage10 = read_train_config(repo_root / "models" / "default" / "train-stage10.yaml")
+    assert stage10.trainable == "decoder" and Path(stage10.init).parts[-3:] == ("runs", "default-stage9", "model-prob")
+    assert Path(stage10.distill_from) == (repo_root / "models" / "default").resolve()
+    assert (stage10.model.classes, stage10.model.architecture) == (shipped.classes, shipped.architecture)
+    assert shipped.training["trainable"] == "decoder"
+    # and the record names what it started from: stage 9, which had started from stage 6 (itself from stage 4,
+    # from stage 3)
+    stage9_record = shipped.training["init_training"]
+    assert stage9_record["init_weights_sha256"].startswith("9f4fdd5eaa70")
+    assert stage9_record["init_training"]["init_weights_sha256"].startswith("1e4df6580b9d")
+    assert stage9_record["init_training"]["init_training"]["init_weights_sha256"].startswith("9c93e0ebc03e")
 
 
 def test_stuff_tile_scores_count_the_argmax_and_the_true_class_share():
