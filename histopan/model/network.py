@@ -31,6 +31,7 @@ __all__ = [
     "HEAD_KEY",
     "INPUT_MULTIPLE",
     "build_network",
+    "channel_names",
     "final_conv",
     "grow_heads",
     "normalize_input",
@@ -130,7 +131,8 @@ def to_probabilities(output: torch.Tensor, config: ModelConfig) -> dict[str, tor
     }
 
 
-def _channel_names(config: ModelConfig) -> list[str]:
+def channel_names(config: ModelConfig) -> list[str]:
+    """The name of each output channel, in order: ``class:NAME``..., ``centre``, ``boundary``, ``type:NAME``..."""
     return ([f"class:{n}" for n in config.class_names] + ["centre", "boundary"]
             + [f"type:{n}" for n in config.type_names])
 
@@ -152,8 +154,8 @@ def grow_heads(network: nn.Module, old_config: ModelConfig, new_config: ModelCon
     grown = build_network(new_config)
     old_state = network.state_dict()
     new_state = grown.state_dict()
-    old_names = _channel_names(old_config)
-    new_names = _channel_names(new_config)
+    old_names = channel_names(old_config)
+    new_names = channel_names(new_config)
     with torch.no_grad():
         for key, value in old_state.items():
             if not key.startswith(HEAD_KEY + "."):

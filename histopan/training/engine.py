@@ -42,8 +42,8 @@ from histopan.errors import ConfigError, DataError, OutputError
 log = logging.getLogger(__name__)
 
 __all__ = ["EMA", "OPTIMIZER", "STATE_FILE", "WEIGHTS", "Engine", "RunConfig", "append_record", "autocast", "freeze",
-           "frozen_statistics_train_mode", "hardware", "jsonable", "learning_rate", "load_checkpoint", "read_state", "run_folders",
-           "save_checkpoint", "torch_settings", "training_device"]
+           "frozen_statistics_train_mode", "hardware", "jsonable", "learning_rate", "load_checkpoint", "read_state",
+           "run_folders", "save_checkpoint", "torch_settings", "training_device"]
 
 STATE_FILE = "state.json"
 WEIGHTS = "weights.safetensors"

@@ -26,7 +26,7 @@ from histopan import __version__
 from histopan.config import to_dict
 from histopan.errors import ConfigError
 from histopan.model.checkpoint import LoadedModel, load_model, save_model
-from histopan.model.network import grow_heads
+from histopan.model.network import HEAD_KEY, channel_names, grow_heads
 
 __all__ = ["interpolate_models", "interpolated_network"]
 
@@ -41,9 +41,8 @@ def interpolated_network(start: LoadedModel, end: LoadedModel, alpha: float) -> 
                           "be interpolated", path=end.path,
                           value={"start": to_dict(start.config.architecture), "end": to_dict(end.config.architecture)},
                           fix="pass the model the second one was trained from (its 'init') as the first")
-    grown = grow_heads(start.network, start.config, end.config)
+    a = grow_heads(start.network, start.config, end.config).state_dict()
     new = _new_channels(start, end)
-    a = grown.state_dict()
     net = copy.deepcopy(end.network)
     b = net.state_dict()
     mixed = {}
@@ -52,25 +51,17 @@ def interpolated_network(start: LoadedModel, end: LoadedModel, alpha: float) -> 
             mixed[key] = value
             continue
         w = torch.lerp(a[key], value, alpha)  # exactly a at 0 and value at 1
-        if key in new:  # output channels of classes the start model lacks: the end model's own
-            rows = new[key]
-            w[rows] = value[rows]
+        if key.startswith(HEAD_KEY + ".") and new.numel():  # channels the start model lacks: the end model's own
+            w[new] = value[new]
         mixed[key] = w
     net.load_state_dict(mixed)
     return net.eval()
 
 
-def _new_channels(start: LoadedModel, end: LoadedModel) -> dict[str, torch.Tensor]:
-    """The output rows of the final convolution (weight and bias) that belong to classes or types ``start``
-    lacks."""
-    old = set(start.config.class_names) | {f"type:{t}" for t in start.config.type_names}
-    names = list(end.config.class_names) + ["centre", "boundary"] + [f"type:{t}" for t in end.config.type_names]
-    rows = torch.tensor([i for i, n in enumerate(names) if n not in old and n not in ("centre", "boundary")],
-                        dtype=torch.long)
-    if rows.numel() == 0:
-        return {}
-    head = [k for k in end.network.state_dict() if k.startswith("segmentation_head.")]
-    return {k: rows for k in head}
+def _new_channels(start: LoadedModel, end: LoadedModel) -> torch.Tensor:
+    """The output channels (rows of the final convolution) of ``end`` that ``start`` lacks."""
+    old = set(channel_names(start.config))
+    return torch.tensor([i for i, n in enumerate(channel_names(end.config)) if n not in old], dtype=torch.long)
 
 
 def interpolate_models(start: str | Path, end: str | Path, alpha: float, out: str | Path, *,
