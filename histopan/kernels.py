@@ -5,11 +5,12 @@ vectorised passes.  Every function takes flat (raveled, C order) arrays of one t
 allocates only arrays of the tile's size or smaller, and runs in O(N) or O(N log N) time for N pixels:
 
 - :func:`component_argmax`: the highest value of each labelled component and its first pixel (raster order);
-- :func:`h_peaks`: which peaks of a map rise at least ``h`` above the pass that leads to a higher point, for
-  all peaks at once by one union-find sweep (O(N log Q) for Q peaks, never O(peaks x area));
+- :func:`h_peaks`: which peaks of a map rise at least ``h`` above the pass that leads to a higher point: a
+  bounded local search per peak, and one union-find sweep for the peaks it leaves (O(N log N), never
+  O(peaks x area));
 - :func:`plateau_markers`: one marker per 8-connected group of peak pixels, at its first pixel;
-- :func:`flood`: marker-controlled watershed (priority flood with a binary heap; ties go to the pixel queued
-  first), restricted to given components;
+- :func:`flood`: marker-controlled watershed (priority flood over pixels ranked by value once, so the queue
+  is a bitset scanned forwards; ties go to the pixel queued first), restricted to given components;
 - :func:`hole_owner`: for each background region, whether it touches the tile's edge and which single
   object (if any) surrounds it;
 - :func:`label_stats`: per-object pixel count, centroid sums, probability sum and peak centre value;
@@ -94,34 +95,117 @@ def _count_below(sorted_values, v, guess):  # pragma: no cover - compiled
     return lo
 
 
-@njit(**_JIT)
-def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover - compiled
-    """Which of the ``peaks`` (flat indices) to keep: a peak of value v in a component marked ``crowded`` is
-    dropped when a higher pixel of its component can be reached through 8-connected pixels of that component
-    all above ``v - h``; peaks in other components are all kept.
+#: pixels one peak's local search may queue before the peak is left to the sweep
+LOCAL_PIXELS = 4096
 
-    One sweep answers every peak: the pixels of the crowded components are bucketed by how many peak
-    thresholds ``v - h`` lie below their value, then added to a union-find (8-neighbours of the same
-    component) from the highest bucket down; just before the pixels at or below a peak's threshold would be
-    added, the peak's set holds exactly the pixels above its threshold that it can reach, and its running
-    maximum answers the question.  ``h`` must have the dtype of ``values`` (thresholds are computed as
-    ``values[p] - h`` in that dtype).
-    """
+
+@njit(**_JIT)
+def _local_h_test(peaks, queries, values, components, h, width, per_query, total):  # pragma: no cover
+    """Answer the h-maximum question of the ``queries`` (indices into ``peaks``) by a search from each peak
+    over the 8-connected pixels of its component above ``v - h``: 1 (drop) as soon as a pixel above ``v`` is
+    reached, 0 (keep) when the region is exhausted without one, -1 (left to the sweep) when the search would
+    queue more than ``per_query`` pixels, or once ``total`` pixels have been queued in all.
+
+    The search expands the highest queued pixel first (a max-heap), so from a bump on a slope it climbs
+    towards the higher ground instead of filling the area around the bump; a nucleus's dome is small, so
+    nearly every peak is answered here.  The work is at most ``total`` queued pixels whatever the map holds,
+    each touched with its 8 neighbours, in three consecutive rows (no scattered memory access, unlike the
+    sweep's value order)."""
     n = values.size
-    keep = np.ones(peaks.size, np.bool_)
-    # the queries: peaks in crowded components, sorted by threshold
-    q_peak = np.empty(peaks.size, np.int64)
-    q_n = 0
-    for j in range(peaks.size):
-        if crowded[components[peaks[j]]]:
-            q_peak[q_n] = j
-            q_n += 1
+    height = n // width
+    answer = np.full(queries.size, -1, np.int8)
+    stamp = np.full(n, -1, np.int32)  # the last query that queued each pixel: no clearing between queries
+    heap_value = np.empty(per_query)
+    heap_pixel = np.empty(per_query, np.int64)
+    spent = 0
+    for q in range(queries.size):
+        if spent >= total:
+            break
+        p = peaks[queries[q]]
+        k = components[p]
+        v = values[p]
+        t = v - h
+        stamp[p] = q
+        heap_value[0] = v
+        heap_pixel[0] = p
+        items = 1
+        queued = 1
+        verdict = 0
+        while items > 0 and verdict == 0:
+            i = heap_pixel[0]
+            # pop the highest: move the last item down from the root
+            items -= 1
+            lv = heap_value[items]
+            lp = heap_pixel[items]
+            j = 0
+            while True:
+                child = 2 * j + 1
+                if child >= items:
+                    break
+                if child + 1 < items and heap_value[child + 1] > heap_value[child]:
+                    child += 1
+                if heap_value[child] <= lv:
+                    break
+                heap_value[j] = heap_value[child]
+                heap_pixel[j] = heap_pixel[child]
+                j = child
+            heap_value[j] = lv
+            heap_pixel[j] = lp
+            r = i // width
+            c = i - r * width
+            for e in range(8):
+                rr = r + _RING_DR[e]
+                cc = c + _RING_DC[e]
+                if rr < 0 or rr >= height or cc < 0 or cc >= width:
+                    continue
+                m = rr * width + cc
+                if stamp[m] == q or components[m] != k or not values[m] > t:
+                    continue
+                if values[m] > v:
+                    verdict = 1
+                    break
+                if queued == per_query:
+                    verdict = -1
+                    break
+                stamp[m] = q
+                queued += 1
+                # push m: move it up from the end
+                mv = float(values[m])
+                j = items
+                items += 1
+                while j > 0:
+                    parent = (j - 1) >> 1
+                    if heap_value[parent] >= mv:
+                        break
+                    heap_value[j] = heap_value[parent]
+                    heap_pixel[j] = heap_pixel[parent]
+                    j = parent
+                heap_value[j] = mv
+                heap_pixel[j] = m
+        spent += queued
+        answer[q] = verdict
+    return answer
+
+
+@njit(**_JIT)
+def _sweep_h_test(peaks, queries, values, components, h, width, keep):  # pragma: no cover - compiled
+    """Answer the h-maximum question of the ``queries`` (indices into ``peaks``) all at once, into ``keep``.
+
+    The pixels of the queries' components are bucketed by how many query thresholds ``v - h`` lie below
+    their value, then added to a union-find (8-neighbours of the same component) from the highest bucket
+    down; just before the pixels at or below a query's threshold would be added, the peak's set holds exactly
+    the pixels above its threshold that it can reach, and its running maximum answers the question.
+    O(N log N) for N pixels: a binary search per pixel, and a union-find with path compression."""
+    n = values.size
+    q_n = queries.size
     if q_n == 0:
-        return keep
-    q_peak = q_peak[:q_n]
+        return
+    involved = np.zeros(components.max() + 1, np.bool_)
     thresholds = np.empty(q_n, values.dtype)
     for j in range(q_n):
-        thresholds[j] = values[peaks[q_peak[j]]] - h
+        p = peaks[queries[j]]
+        involved[components[p]] = True
+        thresholds[j] = values[p] - h
     order = np.argsort(thresholds)
     t_sorted = thresholds[order]
     # bucket b holds the pixels with exactly b thresholds below their value (b = 0: never needed)
@@ -138,7 +222,7 @@ def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover -
         guess[b] = np.searchsorted(t_sorted, lowest + b / scale) if scale > 0 else 0
     for i in range(n):
         v = values[i]
-        if v > lowest and crowded[components[i]]:
+        if v > lowest and involved[components[i]]:
             g = min(int((float(v) - float(lowest)) * scale), n_bins)
             b = _count_below(t_sorted, v, guess[g])
             bucket[i] = b
@@ -147,40 +231,38 @@ def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover -
     for b in range(1, q_n + 2):
         starts[b] = starts[b - 1] + counts[b - 1]
     fill = starts.copy()
-    pixels = np.empty(starts[q_n + 1], np.int64)  # bucket 0 is never filled: its slots stay unused
+    pixels = np.empty(starts[q_n + 1], np.int32)  # bucket 0 is never filled: its slots stay unused
     for i in range(n):
         b = bucket[i]
         if b > 0:
             pixels[fill[b]] = i
             fill[b] += 1
     parent = np.full(n, -1, np.int32)  # -1: not added yet (int32: half the memory traffic)
-    size = np.zeros(n, np.int32)  # union by size keeps the trees shallow
     top = np.empty(n, values.dtype)  # the highest value of each set, at its root
     height = n // width
     for j in range(q_n - 1, -1, -1):
         # add the pixels above threshold j (bucket j + 1)
         for s in range(starts[j + 1], starts[j + 2]):
             i = pixels[s]
-            parent[i] = i
-            size[i] = 1
-            top[i] = values[i]
-            root = np.int32(i)
             k = components[i]
             r = i // width
             c = i - r * width
-            # the 8 neighbours in ring order: two consecutive ones are neighbours of each other, so when both
-            # are already in (and in this component) they are already one set and the second needs no find
+            # the pixel joins the first neighbouring set it meets, whose root stays the root (the sets grow
+            # around old roots; path compression keeps the finds short), and merges any other set into it.
+            # The 8 neighbours in ring order: two consecutive ones are neighbours of each other, so when both
+            # are already in (and in this component) they are already one set and the second needs no find.
+            root = np.int32(-1)
+            best = values[i]
             joined_previous = False
             for e in range(8):
-                dr = _RING_DR[e]
-                dc = _RING_DC[e]
-                rr = r + dr
-                cc = c + dc
+                rr = r + _RING_DR[e]
+                cc = c + _RING_DC[e]
                 if rr < 0 or rr >= height or cc < 0 or cc >= width:
                     joined_previous = False
                     continue
                 m = rr * width + cc
-                if parent[m] < 0 or components[m] != k:
+                # an added edge neighbour is in the pixel's own (4-connected) component; a corner one may not be
+                if parent[m] < 0 or ((e & 1) == 1 and components[m] != k):
                     joined_previous = False
                     continue
                 if joined_previous:
@@ -189,15 +271,54 @@ def h_peaks(peaks, values, components, crowded, h, width):  # pragma: no cover -
                 other = np.int32(_find(parent, m))
                 if other == root:
                     continue
-                if size[other] > size[root]:
-                    root, other = other, root
-                parent[other] = root
-                size[root] += size[other]
-                if top[other] > top[root]:
-                    top[root] = top[other]
-        p = peaks[q_peak[order[j]]]
+                if root < 0:
+                    root = other
+                else:
+                    parent[other] = root
+                if top[other] > best:
+                    best = top[other]
+            if root < 0:
+                root = np.int32(i)
+            parent[i] = root
+            top[root] = best
+        p = peaks[queries[order[j]]]
         if top[_find(parent, p)] > values[p]:
-            keep[q_peak[order[j]]] = False
+            keep[queries[order[j]]] = False
+
+
+@njit(**_JIT)
+def h_peaks(peaks, values, components, crowded, h, width, per_query=LOCAL_PIXELS, total=-1):  # pragma: no cover
+    """Which of the ``peaks`` (flat indices) to keep: a peak of value v in a component marked ``crowded`` is
+    dropped when a higher pixel of its component can be reached through 8-connected pixels of that component
+    all above ``v - h``; peaks in other components are all kept.  ``h`` must be positive and have the dtype
+    of ``values`` (thresholds are computed as ``values[p] - h`` in that dtype).
+
+    Two exact methods share the work.  First a local search per peak (:func:`_local_h_test`): a nucleus's
+    dome is a few hundred pixels, so it answers nearly every peak, visiting each pixel of the dome with its
+    neighbours.  It queues at most ``per_query`` pixels per peak and ``total`` in all (default: the tile's
+    pixel count), so it never costs more than a few passes over the tile.  The peaks it leaves are answered
+    together by one union-find sweep (:func:`_sweep_h_test`, O(N log N)), never O(peaks x area).
+    """
+    keep = np.ones(peaks.size, np.bool_)
+    queries = np.empty(peaks.size, np.int64)
+    q_n = 0
+    for j in range(peaks.size):
+        if crowded[components[peaks[j]]]:
+            queries[q_n] = j
+            q_n += 1
+    if q_n == 0:
+        return keep
+    queries = queries[:q_n]
+    budget = values.size if total < 0 else total
+    answer = _local_h_test(peaks, queries, values, components, h, width, max(per_query, 1), budget)
+    left = 0
+    for q in range(q_n):
+        if answer[q] == 1:
+            keep[queries[q]] = False
+        elif answer[q] == -1:
+            queries[left] = queries[q]
+            left += 1
+    _sweep_h_test(peaks, queries[:left], values, components, h, width, keep)
     return keep
 
 
@@ -239,59 +360,82 @@ def plateau_markers(peaks, width, height):  # pragma: no cover - compiled
     return number, first
 
 
-# The flooding queue is a 4-ary min-heap of rows (value, age, pixel) in one float64 array (ages and pixel
-# indices are exact in float64 below 2^53): half the depth of a binary heap, and a node's value and age share
-# a cache line.  Keys (value, age) are unique, so any correct heap pops them in the same order.
-
-
 @njit(**_JIT)
-def _put(heap, at, value, age, index):  # pragma: no cover - compiled
-    heap[at, 0] = value
-    heap[at, 1] = age
-    heap[at, 2] = index
-
-
-@njit(**_JIT)
-def _push(heap, items, value, age, index):  # pragma: no cover - compiled
-    """Push (value, age, index) onto ``heap`` (ordered by value, then age); returns the new item count."""
-    child = items
-    while child > 0:
-        parent = (child - 1) >> 2
-        pv = heap[parent, 0]
-        if value < pv or (value == pv and age < heap[parent, 1]):
-            _put(heap, child, pv, heap[parent, 1], heap[parent, 2])
-            child = parent
+def _ranked(labels, surface):  # pragma: no cover - compiled
+    """The pixels with ``labels >= 0`` in increasing order of ``surface``, and their values in that order: a
+    counting sort into about one bucket per two pixels by value, then each bucket sorted on its own
+    (insertion sort when small, merge sort otherwise: O(k log k) for a bucket of k, so O(N log N) even when
+    every value is equal)."""
+    n = labels.size
+    size = 0
+    lo = np.inf
+    hi = -np.inf
+    for i in range(n):
+        if labels[i] >= 0:
+            size += 1
+            v = surface[i]
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+    order = np.empty(size, np.int64)
+    value = np.empty(size)
+    if size == 0:
+        return order, value
+    n_buckets = max(1, size // 2)
+    scale = n_buckets / (hi - lo) if hi > lo else 0.0
+    last = n_buckets - 1
+    counts = np.zeros(n_buckets + 1, np.int64)
+    for i in range(n):
+        if labels[i] >= 0:
+            x = (surface[i] - lo) * scale
+            counts[(int(x) if x < last else last) + 1] += 1  # NaN (not < last) goes to the last bucket
+    for b in range(n_buckets):
+        counts[b + 1] += counts[b]
+    fill = counts[:n_buckets].copy()
+    for i in range(n):
+        if labels[i] >= 0:
+            v = surface[i]
+            x = (v - lo) * scale
+            b = int(x) if x < last else last
+            order[fill[b]] = i
+            value[fill[b]] = v
+            fill[b] += 1
+    for b in range(n_buckets):
+        start = counts[b]
+        end = counts[b + 1]
+        if end - start <= 1:
+            continue
+        if end - start <= 24:
+            for a in range(start + 1, end):
+                p = order[a]
+                v = value[a]
+                k = a - 1
+                while k >= start and value[k] > v:
+                    order[k + 1] = order[k]
+                    value[k + 1] = value[k]
+                    k -= 1
+                order[k + 1] = p
+                value[k + 1] = v
         else:
-            break
-    _put(heap, child, value, age, index)
-    return items + 1
+            idx = np.argsort(value[start:end], kind="mergesort")
+            order[start:end] = order[start:end][idx]
+            value[start:end] = value[start:end][idx]
+    return order, value
 
 
 @njit(**_JIT)
-def _pop(heap, items):  # pragma: no cover - compiled
-    """Remove the heap's first item (the caller has read it); returns the new item count."""
-    items -= 1
-    if items == 0:
-        return 0
-    value, age, index = heap[items, 0], heap[items, 1], heap[items, 2]
-    j = 0
-    while True:
-        first = 4 * j + 1
-        if first >= items:
-            break
-        small = first
-        sv, sa = heap[first, 0], heap[first, 1]
-        for child in range(first + 1, min(first + 4, items)):
-            cv = heap[child, 0]
-            if cv < sv or (cv == sv and heap[child, 1] < sa):
-                small, sv, sa = child, cv, heap[child, 1]
-        if sv < value or (sv == value and sa < age):
-            _put(heap, j, sv, sa, heap[small, 2])
-            j = small
-        else:
-            break
-    _put(heap, j, value, age, index)
-    return items
+def _next_set(bits, start):  # pragma: no cover - compiled
+    """The position of the first set bit at or after ``start`` (a set bit past the end must stop the scan)."""
+    w = start >> 6
+    word = bits[w] & (np.uint64(0xFFFFFFFFFFFFFFFF) << np.uint64(start & 63))
+    while word == 0:
+        w += 1
+        word = bits[w]
+    b = 0
+    while (word >> np.uint64(b)) & np.uint64(1) == 0:
+        b += 1
+    return (w << 6) + b
 
 
 @njit(**_JIT)
@@ -304,37 +448,66 @@ def flood(labels, surface, width):  # pragma: no cover - compiled
     own level, a pixel takes the label of the pixel that reaches it first and is queued at no less than that
     pixel's level, and equal levels go to the pixel queued first.  (scikit-image breaks ties between markers
     at exactly equal levels by its heap's layout; here the first marker in raster order goes first, so
-    flooding each component alone gives the same result as flooding all together.)  The two arrays are all
-    the loop touches per pixel, which keeps a crowded window's scattered fronts in the cache.
+    flooding each component alone gives the same result as flooding all together.)
+
+    The queue needs no heap.  Every pixel is queued at most once and at its own value, so the pixels are
+    ranked by value once (:func:`_ranked`), and pixels of equal value share a group, named by its first
+    rank.  The queue is then a bit per group, scanned forwards only (a pixel is queued above the current
+    level, so after the current group), plus, for a group of equal values, its queued pixels in queue order.
+    Pixels reached at or below the current level wait in a FIFO: they come after the queued pixels at that
+    level (older) and before every higher one.  O(N log N) for the ranking, O(N) after it.
     """
     n = labels.size
     height = n // width
-    size = 0
-    for i in range(n):
-        if labels[i] >= 0:
-            size += 1
-    heap = np.empty((size, 3), np.float64)
-    # Pixels queued at exactly the current level come after every queued pixel of that level (they are the
-    # youngest) and before every higher one: they wait in a FIFO instead of the heap.  The heap's items at
-    # the current level were queued before the level was reached, so they go first.  Same order, O(1).
+    order, value = _ranked(labels, surface)
+    size = order.size
+    if size == 0:
+        return
+    group = np.empty(n, np.int32)  # per floodable pixel: the first rank of its value (unset elsewhere)
+    tied = np.zeros(size, np.bool_)  # per group: more than one pixel has its value
+    g = 0
+    for r in range(size):
+        p = order[r]
+        if r > 0 and value[r] == value[r - 1]:
+            tied[g] = True
+        else:
+            g = r
+        group[p] = g
+    slots = np.empty(size, np.int64)  # a tied group's queued pixels, in queue order, from its first rank on
+    filled = np.zeros(size, np.int32)
+    taken = np.zeros(size, np.int32)
+    words = (size >> 6) + 2
+    bits = np.zeros(words, np.uint64)
+    bits[words - 1] = np.uint64(1)  # past the last group: never reached while pixels are queued
     fifo = np.empty(size, np.int64)
     head = 0
     tail = 0
-    items = 0
-    age = 0
-    level = -np.inf
+    queued = 0
     for i in range(n):
         if labels[i] > 0:
-            items = _push(heap, items, surface[i], age, i)
-            age += 1
-    while items > 0 or head < tail:
-        if items > 0 and (head == tail or heap[0, 0] <= level):
-            level = heap[0, 0]
-            i = np.int64(heap[0, 2])
-            items = _pop(heap, items)
-        else:
+            g = group[i]
+            if tied[g]:
+                slots[g + filled[g]] = i
+                filled[g] += 1
+            bits[g >> 6] |= np.uint64(1) << np.uint64(g & 63)
+            queued += 1
+    current = -1  # the group of the current level
+    while queued > 0 or head < tail:
+        if current >= 0 and tied[current] and taken[current] < filled[current]:
+            i = slots[current + taken[current]]
+            taken[current] += 1
+            queued -= 1
+        elif head < tail:
             i = fifo[head]
             head += 1
+        else:
+            current = _next_set(bits, current + 1)
+            if tied[current]:
+                i = slots[current]
+                taken[current] = 1
+            else:
+                i = order[current]
+            queued -= 1
         label = labels[i]
         r = i // width
         c = i - r * width
@@ -358,13 +531,16 @@ def flood(labels, surface, width):  # pragma: no cover - compiled
             if labels[m] != 0:
                 continue
             labels[m] = label
-            v = surface[m]
-            if v <= level:
+            g = group[m]
+            if g <= current:
                 fifo[tail] = m
                 tail += 1
             else:
-                items = _push(heap, items, v, age, m)
-            age += 1
+                if tied[g]:
+                    slots[g + filled[g]] = m
+                    filled[g] += 1
+                bits[g >> 6] |= np.uint64(1) << np.uint64(g & 63)
+                queued += 1
 
 
 @njit(**_JIT)

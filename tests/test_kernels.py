@@ -33,9 +33,15 @@ def _h_peaks_by_definition(peaks, centre, components, h):
     return keep
 
 
+#: (per_query, total) budgets of h_peaks' local search: the default; the sweep answering every peak; the two
+#: methods sharing the peaks (small per-peak budget, or a total that runs out part-way)
+BUDGETS = [(kernels.LOCAL_PIXELS, -1), (kernels.LOCAL_PIXELS, 0), (12, -1), (kernels.LOCAL_PIXELS, 150)]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("h", [0.02, 0.1, 0.3])
-def test_h_peaks_equal_the_per_peak_definition(seed, h):
+def test_h_peaks_equal_the_per_peak_definition(seed, h, budget):
     rng = np.random.default_rng(seed)
     shape = (int(rng.integers(20, 90)), int(rng.integers(20, 90)))
     centre = _smooth(rng, shape, float(rng.uniform(1, 3))).astype(np.float32 if seed % 2 else np.float64)
@@ -46,11 +52,12 @@ def test_h_peaks_equal_the_per_peak_definition(seed, h):
     peaks = np.flatnonzero(peak)
     crowded = np.bincount(components.ravel()[peaks], minlength=n + 1) >= 2
     got = kernels.h_peaks(peaks, centre.ravel(), components.ravel().astype(np.int32), crowded,
-                          centre.dtype.type(h), shape[1])
+                          centre.dtype.type(h), shape[1], *budget)
     assert np.array_equal(got, _h_peaks_by_definition(peaks, centre, components, h))
 
 
-def test_h_peaks_on_one_component_with_many_peaks():
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_h_peaks_on_one_component_with_many_peaks(budget):
     """Hundreds of peaks in one component (the old per-peak labelling's worst case): same answer as the
     definition, and some peaks are kept and some dropped."""
     rng = np.random.default_rng(7)
@@ -61,7 +68,7 @@ def test_h_peaks_on_one_component_with_many_peaks():
     components = np.ones((96, 96), np.int32)
     peaks = np.flatnonzero(centre == ndi.maximum_filter(centre, size=3))
     assert peaks.size > 100
-    got = kernels.h_peaks(peaks, centre.ravel(), components.ravel(), np.array([False, True]), 0.05, 96)
+    got = kernels.h_peaks(peaks, centre.ravel(), components.ravel(), np.array([False, True]), 0.05, 96, *budget)
     assert np.array_equal(got, _h_peaks_by_definition(peaks, centre, components, 0.05))
     assert 0 < got.sum() < peaks.size
 
@@ -88,6 +95,51 @@ def test_flood_equals_skimage_watershed(seed):
     got = np.where(components > 0, markers, -1).ravel()
     kernels.flood(got, surface.ravel(), shape[1])
     assert np.array_equal(np.maximum(got, 0).reshape(shape), expected)
+
+
+def _flood_by_definition(labels, surface, width):
+    """The priority flood written plainly with heapq: items (level, age, pixel), markers queued in raster order,
+    a reached pixel queued at max(its value, the current level), 4-connected, -1 never crossed."""
+    import heapq
+
+    labels = labels.copy()
+    height = labels.size // width
+    heap = []
+    age = 0
+    for i in np.flatnonzero(labels > 0):
+        heapq.heappush(heap, (surface[i], age, i))
+        age += 1
+    while heap:
+        level, _, i = heapq.heappop(heap)
+        r, c = divmod(i, width)
+        for rr, cc in ((r - 1, c), (r, c - 1), (r, c + 1), (r + 1, c)):
+            if 0 <= rr < height and 0 <= cc < width and labels[rr * width + cc] == 0:
+                m = rr * width + cc
+                labels[m] = labels[i]
+                heapq.heappush(heap, (max(surface[m], level), age, m))
+                age += 1
+    return labels
+
+
+@pytest.mark.parametrize("levels", [0, 1, 3, 16, None])
+@pytest.mark.parametrize("seed", range(4))
+def test_flood_equals_the_plain_priority_flood(seed, levels):
+    """Pixel for pixel the plain definition's labels, with every kind of tie: a constant surface (levels 0),
+    two or four values, a few, and a continuous one; several components, blocked pixels, adjacent markers."""
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(8, 60)), int(rng.integers(8, 60)))
+    components, _ = ndi.label(_smooth(rng, shape, 2) > 0.35)
+    surface = rng.random(shape)
+    if levels is not None:
+        surface = np.round(surface * levels) / max(levels, 1)
+    markers = np.zeros(shape, np.int32)
+    inside = np.flatnonzero(components)
+    chosen = rng.choice(inside, size=min(inside.size, int(rng.integers(2, 30))), replace=False)
+    markers.ravel()[chosen] = np.arange(1, chosen.size + 1)
+    start = np.where(components > 0, markers, -1).ravel()
+    got = start.copy()
+    kernels.flood(got, surface.ravel(), shape[1])
+    assert np.array_equal(got, _flood_by_definition(start, surface.ravel(), shape[1]))
 
 
 def test_flood_leaves_blocked_pixels_alone():
