@@ -140,3 +140,46 @@ def test_tissue_area_check_without_a_recorded_mask(small_store, cmu_store, slide
     with_slide = qc_report(cmu_store, tmp_path / "qc2", slide=slides_dir / "cmu_small_region.svs", n_crops=1)
     assert with_slide.tissue["mask_mm2"] == pytest.approx(0.605, abs=0.01)  # the quick start slide's mask
     assert "detected for this report" in with_slide.html.read_text()
+
+
+def test_outlier_check_counts_huge_and_irregular_objects(tmp_path):
+    """Objects made huge, elongated or ragged in a synthetic store's table are counted exactly, the largest
+    listed first, the report warns and shows crops centred on them with the object outlined in yellow."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from histopan.export.qc import HIGHLIGHT, HUGE_MIN_UM2, outlier_check
+    from histopan.store import open_store
+
+    path = tmp_path / "outliers.zarr"
+    build_test_store(path, shape=(512, 640), chunk=256, seed=4)
+    store = open_store(path)
+    clean = outlier_check(store)
+    assert clean["huge"] == clean["irregular"] == 0 and clean["warning"] is None
+    table = pq.read_table(store.table_path).to_pandas()
+    median = float(np.median(table["area_um2"]))
+    assert clean["median_area_um2"] == pytest.approx(median, rel=2e-3)
+    rows = table.index[::40][:6]
+    huge, elongated, ragged = rows[:2], rows[2:4], rows[4:6]
+    table.loc[huge, "area_um2"] = max(9 * median, HUGE_MIN_UM2 + 1)
+    table.loc[elongated, "area_um2"] = 3 * median
+    table.loc[elongated, "eccentricity"] = 0.99
+    table.loc[ragged, "area_um2"] = 2.5 * median
+    table.loc[ragged, "circularity"] = 0.1
+    # a large round nucleus, and a small elongated one: not outliers
+    table.loc[table.index[3], "area_um2"] = 5 * median
+    table.loc[table.index[5], "eccentricity"] = 0.995
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False, schema=pq.read_schema(store.table_path)),
+                   store.table_path)
+    check = outlier_check(open_store(path))
+    assert (check["huge"], check["irregular"]) == (2, 4)
+    assert {e["id"] for e in check["examples"][:2]} == set(table.loc[huge, "id"])
+    assert [e["reason"] for e in check["examples"]] == ["huge", "huge", "irregular", "irregular", "irregular",
+                                                         "irregular"]
+    assert "6 of" in check["warning"]
+    result = qc_report(path, tmp_path / "qc", n_crops=1)
+    assert result.outliers["huge"] == 2
+    crop = _png(result.images["outlier_1"])
+    assert (crop == np.array(HIGHLIGHT)).all(axis=-1).sum() > 20  # the object is outlined
+    text = result.html.read_text()
+    assert "Outlier objects" in text and "2 huge" in text and "Warning: 6 of" in text

@@ -12,7 +12,10 @@
 - ``<slide name>.html``: all of the above embedded as base64 PNGs with the run's provenance (store attributes),
   and the tissue area check: the area of the tissue classes (every class but background, nuclei included)
   beside the area of the tissue detector's mask, with a warning (also logged) when they differ by more than
-  :data:`TISSUE_AREA_TOLERANCE` (:func:`tissue_area_check`).
+  :data:`TISSUE_AREA_TOLERANCE` (:func:`tissue_area_check`), and the outlier check: objects far larger than
+  the slide's median nucleus, or large and elongated or ragged, counted, with a warning when they are many or
+  huge (:func:`outlier_check`);
+- ``outlier_<k>.png``: crops centred on the largest outlier objects.
 
 Memory stays bounded: the nucleus table is read in record batches, the labels at a pyramid level of at most
 :data:`THUMB_MAX` pixels a side, and each crop alone.
@@ -44,11 +47,27 @@ THUMB_MAX = 2048  # longest side of the overview, pixels
 CROP_UM = 200.0  # side of a crop in microns
 TINT_ALPHA = 0.4
 OUTLINE = (0, 0, 0)  # nucleus outline colour on the overlays
+HIGHLIGHT = (255, 220, 0)  # the outline of the object an outlier crop is about
 OUTLINE_MAX_MPP = 1.0  # coarser overviews fill nuclei with the nucleus class colour instead of outlining them
 DENSITY_CELL_UM = 100.0
 SIZE_BINS_UM2 = np.arange(0, 202, 2.0)
 #: the tissue classes' area and the tissue mask's may differ by this fraction of the mask's before QC warns
 TISSUE_AREA_TOLERANCE = 0.10
+#: outlier objects (:func:`outlier_check`): "huge" above this many times the slide's median nucleus area ...
+HUGE_TIMES_MEDIAN = 8.0
+#: ... and above this area in um^2 (a slide of small nuclei does not make ordinary ones huge)
+HUGE_MIN_UM2 = 150.0
+#: "irregular": at least this many times the median area, and elongated or ragged:
+IRREGULAR_TIMES_MEDIAN = 2.0
+#: elongated: eccentricity at least this (major / minor axis about 5 or more)
+ELONGATED_ECCENTRICITY = 0.98
+#: ragged: circularity (4 pi area / perimeter^2) below this (a nucleus is 0.5 - 1; strings of keratin lamellae
+#: and torn tissue outlined as one object are far below)
+RAGGED_CIRCULARITY = 0.25
+#: QC warns when the outliers are more than this fraction of the nuclei, or when any object is huge
+OUTLIER_WARN_FRACTION = 0.005
+OUTLIER_CROPS = 4
+OUTLIER_CROP_UM = 80.0
 
 
 @dataclass
@@ -59,6 +78,7 @@ class QcResult:
     images: dict[str, Path] = field(default_factory=dict)
     crops: list[tuple[float, float, float, float]] = field(default_factory=list)  # level-0 x, y, w, h
     tissue: dict[str, Any] = field(default_factory=dict)
+    outliers: dict[str, Any] = field(default_factory=dict)
 
 
 def _save_figure(fig, path: Path) -> Path:
@@ -80,11 +100,11 @@ def _tint(rgb: np.ndarray, semantic: np.ndarray, colors: dict[int, tuple[int, in
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def _outline(rgb: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
+def _outline(rgb: np.ndarray, nuclei: np.ndarray, color: tuple[int, int, int] = OUTLINE) -> np.ndarray:
     from skimage.segmentation import find_boundaries
 
     out = rgb.copy()
-    out[find_boundaries(nuclei, mode="inner")] = OUTLINE
+    out[find_boundaries(nuclei, mode="inner")] = color
     return out
 
 
@@ -195,7 +215,9 @@ def _crop_sites(density: np.ndarray, cell_px: float, crop_px0: float, width: int
 
 
 def _crop(store: SlideStore, reader, box: tuple[float, float, float, float], ds: float, out: Path,
-          index: int) -> None:
+          index: int, label: str = "", highlight: int | None = None) -> None:
+    """One crop figure: H&E beside tinted classes and nucleus outlines; the object ``highlight`` (an id of the
+    store's nucleus labels) outlined in :data:`HIGHLIGHT` on both."""
     import matplotlib.pyplot as plt
 
     x, y, w, h = box
@@ -222,14 +244,17 @@ def _crop(store: SlideStore, reader, box: tuple[float, float, float, float], ds:
         rgb = part[ys][:, xs]
         source = "store overview, upsampled"
     over = _outline(_tint(rgb, sem, _stuff_colors(store)), nuc)
+    if highlight is not None:
+        rgb = _outline(rgb, np.where(nuc == highlight, nuc, 0), HIGHLIGHT)
+        over = _outline(over, np.where(nuc == highlight, nuc, 0), HIGHLIGHT)
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.4), dpi=110)
     for ax, im, title in zip(axes, (rgb, over), ("H&E", "classes + nucleus outlines")):
         ax.imshow(im, interpolation="nearest")
         ax.set_axis_off()
         ax.set_title(title)
     n_nuclei = len(np.unique(nuc)) - (1 if (nuc == 0).any() else 0)
-    fig.suptitle(f"crop {index}: level-0 x={bx:.0f}, y={by:.0f}, {bw:.0f} x {bh:.0f} px at {store.mpp:.3g} um/px "
-                 f"({n_nuclei} nuclei; image: {source})")
+    fig.suptitle(f"{label or f'crop {index}'}: level-0 x={bx:.0f}, y={by:.0f}, {bw:.0f} x {bh:.0f} px at "
+                 f"{store.mpp:.3g} um/px ({n_nuclei} nuclei; image: {source})")
     fig.legend(handles=_legend_handles(store), loc="lower center", ncol=6, frameon=False)
     fig.savefig(out, bbox_inches="tight")
     plt.close(fig)
@@ -288,6 +313,98 @@ def tissue_area_check(store: SlideStore, reader: Any = None) -> dict[str, Any]:
                           f"left as background")
         log.warning("%s: %s", store.path, out["warning"])
     return out
+
+
+def _median_area(store: SlideStore) -> tuple[float, int]:
+    """The median nucleus area (um^2, to 0.1 %: from a log-spaced histogram, so memory stays bounded however
+    many nuclei the slide has) and the number of nuclei."""
+    edges = np.geomspace(1e-3, 1e7, 23026)  # 0.1 % wide bins
+    counts = np.zeros(edges.size + 1, np.int64)
+    for batch in _table_batches(store, ["area_um2"]):
+        area = batch.column("area_um2").to_numpy(zero_copy_only=False)
+        counts += np.bincount(np.searchsorted(edges, area), minlength=counts.size)
+    n = int(counts.sum())
+    if n == 0:
+        return math.nan, 0
+    k = int(np.searchsorted(np.cumsum(counts), (n + 1) / 2))
+    lo = edges[k - 1] if k > 0 else 0.0
+    hi = edges[k] if k < edges.size else edges[-1]
+    return float(math.sqrt(lo * hi) if lo > 0 else hi), n
+
+
+def outlier_check(store: SlideStore, examples: int = 50) -> dict[str, Any]:
+    """Objects that are unlikely to be single nuclei, from the nucleus table's shape columns.
+
+    Thresholds are relative to the slide's own median nucleus area (``median_area_um2``):
+
+    - ``huge``: more than :data:`HUGE_TIMES_MEDIAN` times the median and :data:`HUGE_MIN_UM2`;
+    - ``irregular``: at least :data:`IRREGULAR_TIMES_MEDIAN` times the median, and elongated (eccentricity at
+      least :data:`ELONGATED_ECCENTRICITY`) or ragged (circularity below :data:`RAGGED_CIRCULARITY`), and not huge.
+
+    Such objects are mostly artefacts outlined as nuclei (keratin lamellae, folds, torn edges, ink) or merged
+    nuclei; some are real (giant tumour cells).  ``examples`` lists the largest outliers (id, level-0
+    centroid, area, eccentricity, circularity, reason), at most ``examples`` of them; ``warning`` is a sentence
+    (also logged) when any object is huge or the outliers exceed :data:`OUTLIER_WARN_FRACTION` of the
+    nuclei, else None.  Object colour is not checked: the table has no colour column.
+    """
+    median, n = _median_area(store)
+    out: dict[str, Any] = {"n_nuclei": n, "median_area_um2": None if n == 0 else median, "huge": 0,
+                           "irregular": 0, "examples": [], "warning": None,
+                           "thresholds": {"huge_um2": None, "irregular_um2": None,
+                                          "eccentricity": ELONGATED_ECCENTRICITY, "circularity": RAGGED_CIRCULARITY}}
+    if n == 0:
+        return out
+    huge_um2 = max(HUGE_TIMES_MEDIAN * median, HUGE_MIN_UM2)
+    irregular_um2 = IRREGULAR_TIMES_MEDIAN * median
+    out["thresholds"].update(huge_um2=huge_um2, irregular_um2=irregular_um2)
+    columns = ["id", "centroid_x", "centroid_y", "area_um2", "eccentricity", "circularity"]
+    kept: list[dict[str, Any]] = []
+    for batch in _table_batches(store, columns):
+        cols = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns if c in batch.schema.names}
+        area = cols["area_um2"]
+        huge = area > huge_um2
+        shape = np.zeros(area.size, bool)
+        if "eccentricity" in cols:
+            shape |= cols["eccentricity"] >= ELONGATED_ECCENTRICITY
+        if "circularity" in cols:
+            shape |= cols["circularity"] < RAGGED_CIRCULARITY
+        irregular = ~huge & (area >= irregular_um2) & shape
+        out["huge"] += int(huge.sum())
+        out["irregular"] += int(irregular.sum())
+        for i in np.flatnonzero(huge | irregular):
+            kept.append({"id": int(cols["id"][i]), "x": float(cols["centroid_x"][i]), "y": float(cols["centroid_y"][i]),
+                         "area_um2": float(area[i]),
+                         "eccentricity": float(cols["eccentricity"][i]) if "eccentricity" in cols else math.nan,
+                         "circularity": float(cols["circularity"][i]) if "circularity" in cols else math.nan,
+                         "reason": "huge" if huge[i] else "irregular"})
+        kept = sorted(kept, key=lambda r: -r["area_um2"])[:examples]
+    out["examples"] = kept
+    total = out["huge"] + out["irregular"]
+    if out["huge"] or total > OUTLIER_WARN_FRACTION * n:
+        out["warning"] = (f"{total} of {n} objects are outliers ({out['huge']} huge: above {huge_um2:.0f} µm², "
+                          f"{out['irregular']} irregular: elongated or ragged and above {irregular_um2:.0f} µm²); they "
+                          f"are often artefacts outlined as nuclei (keratin, folds, ink) or merged nuclei: see the "
+                          f"outlier crops")
+        log.warning("%s: %s", store.path, out["warning"])
+    return out
+
+
+def _outlier_boxes(check: dict[str, Any], slide: dict[str, Any],
+                   n: int) -> list[tuple[tuple[float, float, float, float], dict[str, Any]]]:
+    """Level-0 boxes of :data:`OUTLIER_CROP_UM` centred on the largest outliers, one crop apart, each with its
+    outlier (a row of the check's ``examples``)."""
+    side = OUTLIER_CROP_UM / float(slide["mpp"])
+    width, height = int(slide["width"]), int(slide["height"])
+    w, h = min(side, width), min(side, height)
+    boxes: list[tuple[tuple[float, float, float, float], dict[str, Any]]] = []
+    for row in check["examples"]:
+        if len(boxes) >= n:
+            break
+        if any(abs(row["x"] - (x + bw / 2)) < bw and abs(row["y"] - (y + bh / 2)) < bh for (x, y, bw, bh), _ in boxes):
+            continue
+        box = (float(np.clip(row["x"] - w / 2, 0, width - w)), float(np.clip(row["y"] - h / 2, 0, height - h)), w, h)
+        boxes.append((box, row))
+    return boxes
 
 
 def _plots(store: SlideStore, density: np.ndarray, cell_um: float, out_dir: Path) -> dict[str, Path]:
@@ -366,8 +483,21 @@ def _tissue_html(check: dict[str, Any]) -> tuple[list[tuple[str, str]], str]:
     return rows, warning
 
 
+def _outlier_html(check: dict[str, Any]) -> tuple[list[tuple[str, str]], str]:
+    """Rows for the report's table and a warning paragraph (empty when none) of an :func:`outlier_check`."""
+    if not check.get("n_nuclei"):
+        return [], ""
+    t = check["thresholds"]
+    rows = [("outlier objects", f"{check['huge']} huge (above {t['huge_um2']:.0f} µm²), {check['irregular']} irregular "
+                                f"(above {t['irregular_um2']:.0f} µm² and eccentricity >= {t['eccentricity']:g} or "
+                                f"circularity < {t['circularity']:g}); median nucleus {check['median_area_um2']:.1f} µm²")]
+    warning = f'<p class="warning">Warning: {html.escape(check["warning"])}.</p>' if check["warning"] else ""
+    return rows, warning
+
+
 def _html(store: SlideStore, images: dict[str, Path], crops: list[Path], name: str,
-          tissue: dict[str, Any] | None = None) -> str:
+          tissue: dict[str, Any] | None = None, outliers: dict[str, Any] | None = None,
+          outlier_crops: list[Path] | None = None) -> str:
     attrs = store.attrs
     slide = attrs.get("slide", {})
     model = attrs.get("run", {}).get("model", {})
@@ -383,6 +513,9 @@ def _html(store: SlideStore, images: dict[str, Path], crops: list[Path], name: s
     ]
     tissue_rows, warning = _tissue_html(tissue) if tissue is not None else ([], "")
     rows += tissue_rows
+    outlier_rows, outlier_warning = _outlier_html(outliers) if outliers is not None else ([], "")
+    rows += outlier_rows
+    warning += outlier_warning
     table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
 
     def img(path: Path, alt: str) -> str:
@@ -390,6 +523,8 @@ def _html(store: SlideStore, images: dict[str, Path], crops: list[Path], name: s
 
     crops_html = "\n".join(f"<figure>{img(p, p.stem)}<figcaption>{html.escape(p.stem)}</figcaption></figure>"
                            for p in crops) or "<p>No nuclei: no crops.</p>"
+    outlier_html = "\n".join(f"<figure>{img(p, p.stem)}<figcaption>{html.escape(p.stem)}</figcaption></figure>"
+                              for p in outlier_crops or []) or "<p>No outlier objects.</p>"
     provenance = json.dumps({k: v for k, v in attrs.items() if k != "classes"}, indent=2, default=str)
     classes = ", ".join(f"{c.name} ({c.kind}, rgb{tuple(c.color)})" for c in store.classes)
     return f"""<!DOCTYPE html>
@@ -412,6 +547,8 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 80%; }}
 <div class="plots">{img(images['areas'], 'areas')}{img(images['nucleus_sizes'], 'nucleus sizes')}{img(images['density'], 'density')}</div>
 <h2>Full-resolution crops</h2>
 {crops_html}
+<h2>Outlier objects (largest first)</h2>
+{outlier_html}
 <h2>Provenance (store attributes)</h2>
 <pre>{html.escape(provenance)}</pre>
 </body></html>
@@ -476,8 +613,17 @@ def qc_report(store_path: str | PathLike[str], out_dir: str | PathLike[str], *,
         images.update(plot_paths)
         for p in crop_paths:
             images[p.stem] = p
+        outliers = outlier_check(store)
+        outlier_paths = []
+        for k, (box, row) in enumerate(_outlier_boxes(outliers, slide_attrs, OUTLIER_CROPS), start=1):
+            p = out / f"outlier_{k}.png"
+            written.append(p)
+            _crop(store, reader, box, ds, p, k, label=f"outlier {k} ({row['reason']}, {row['area_um2']:.0f} µm², "
+                                                     f"outlined in yellow)", highlight=row["id"])
+            outlier_paths.append(p)
+            images[p.stem] = p
         tissue = tissue_area_check(store, reader)
-        tmp.write_text(_html(store, images, crop_paths, name, tissue), encoding="utf-8")
+        tmp.write_text(_html(store, images, crop_paths, name, tissue, outliers, outlier_paths), encoding="utf-8")
         os.replace(tmp, report)
     except OSError as exc:
         for p in (*written, tmp):
@@ -487,4 +633,4 @@ def qc_report(store_path: str | PathLike[str], out_dir: str | PathLike[str], *,
     finally:
         if reader is not None:
             reader.close()
-    return QcResult(report, images, sites, tissue)
+    return QcResult(report, images, sites, tissue, outliers)
