@@ -100,6 +100,45 @@ LOCAL_PIXELS = 4096
 
 
 @njit(**_JIT)
+def _max_heap_push(heap_value, heap_pixel, items, value, pixel):  # pragma: no cover - compiled
+    """Push (value, pixel) onto a binary max-heap of ``items`` items; returns the new count."""
+    j = items
+    while j > 0:
+        parent = (j - 1) >> 1
+        if heap_value[parent] >= value:
+            break
+        heap_value[j] = heap_value[parent]
+        heap_pixel[j] = heap_pixel[parent]
+        j = parent
+    heap_value[j] = value
+    heap_pixel[j] = pixel
+    return items + 1
+
+
+@njit(**_JIT)
+def _max_heap_pop(heap_value, heap_pixel, items):  # pragma: no cover - compiled
+    """Remove the top of a binary max-heap of ``items`` items (the caller has read it); returns the new count."""
+    items -= 1
+    value = heap_value[items]
+    pixel = heap_pixel[items]
+    j = 0
+    while True:
+        child = 2 * j + 1
+        if child >= items:
+            break
+        if child + 1 < items and heap_value[child + 1] > heap_value[child]:
+            child += 1
+        if heap_value[child] <= value:
+            break
+        heap_value[j] = heap_value[child]
+        heap_pixel[j] = heap_pixel[child]
+        j = child
+    heap_value[j] = value
+    heap_pixel[j] = pixel
+    return items
+
+
+@njit(**_JIT)
 def _local_h_test(peaks, queries, values, components, h, width, per_query, total):  # pragma: no cover
     """Answer the h-maximum question of the ``queries`` (indices into ``peaks``) by a search from each peak
     over the 8-connected pixels of its component above ``v - h``: 1 (drop) as soon as a pixel above ``v`` is
@@ -133,24 +172,7 @@ def _local_h_test(peaks, queries, values, components, h, width, per_query, total
         verdict = 0
         while items > 0 and verdict == 0:
             i = heap_pixel[0]
-            # pop the highest: move the last item down from the root
-            items -= 1
-            lv = heap_value[items]
-            lp = heap_pixel[items]
-            j = 0
-            while True:
-                child = 2 * j + 1
-                if child >= items:
-                    break
-                if child + 1 < items and heap_value[child + 1] > heap_value[child]:
-                    child += 1
-                if heap_value[child] <= lv:
-                    break
-                heap_value[j] = heap_value[child]
-                heap_pixel[j] = heap_pixel[child]
-                j = child
-            heap_value[j] = lv
-            heap_pixel[j] = lp
+            items = _max_heap_pop(heap_value, heap_pixel, items)
             r = i // width
             c = i - r * width
             for e in range(8):
@@ -169,19 +191,7 @@ def _local_h_test(peaks, queries, values, components, h, width, per_query, total
                     break
                 stamp[m] = q
                 queued += 1
-                # push m: move it up from the end
-                mv = float(values[m])
-                j = items
-                items += 1
-                while j > 0:
-                    parent = (j - 1) >> 1
-                    if heap_value[parent] >= mv:
-                        break
-                    heap_value[j] = heap_value[parent]
-                    heap_pixel[j] = heap_pixel[parent]
-                    j = parent
-                heap_value[j] = mv
-                heap_pixel[j] = m
+                items = _max_heap_push(heap_value, heap_pixel, items, float(values[m]), m)
         spent += queued
         answer[q] = verdict
     return answer
