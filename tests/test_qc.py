@@ -183,3 +183,20 @@ def test_outlier_check_counts_huge_and_irregular_objects(tmp_path):
     assert (crop == np.array(HIGHLIGHT)).all(axis=-1).sum() > 20  # the object is outlined
     text = result.html.read_text()
     assert "Outlier objects" in text and "2 huge" in text and "Warning: 6 of" in text
+
+
+def test_a_table_without_the_shape_columns_is_refused_before_anything_is_written(tmp_path, capsys):
+    """An older store's table without `circularity`: one line naming the table and the column, exit 2, and no
+    output folder left behind."""
+    import pyarrow.parquet as pq
+
+    from histopan.store import open_store
+
+    path = tmp_path / "old.zarr"
+    build_test_store(path, shape=(256, 256), chunk=128, seed=1)
+    table_path = open_store(path).table_path
+    pq.write_table(pq.read_table(table_path).drop(["circularity"]), table_path)
+    assert main(["qc", str(path), "-o", str(tmp_path / "qc")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "circularity" in err and "nuclei.parquet" in err
+    assert not (tmp_path / "qc").exists()

@@ -245,8 +245,8 @@ def _crop(store: SlideStore, reader, box: tuple[float, float, float, float], ds:
         source = "store overview, upsampled"
     over = _outline(_tint(rgb, sem, _stuff_colors(store)), nuc)
     if highlight is not None:
-        rgb = _outline(rgb, np.where(nuc == highlight, nuc, 0), HIGHLIGHT)
-        over = _outline(over, np.where(nuc == highlight, nuc, 0), HIGHLIGHT)
+        target = (nuc == highlight).view(np.uint8)
+        rgb, over = _outline(rgb, target, HIGHLIGHT), _outline(over, target, HIGHLIGHT)
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.4), dpi=110)
     for ax, im, title in zip(axes, (rgb, over), ("H&E", "classes + nucleus outlines")):
         ax.imshow(im, interpolation="nearest")
@@ -359,24 +359,19 @@ def outlier_check(store: SlideStore, examples: int = 50) -> dict[str, Any]:
     out["thresholds"].update(huge_um2=huge_um2, irregular_um2=irregular_um2)
     columns = ["id", "centroid_x", "centroid_y", "area_um2", "eccentricity", "circularity"]
     kept: list[dict[str, Any]] = []
+    store.nucleus_table().require(columns)  # the store contract's columns
     for batch in _table_batches(store, columns):
-        cols = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns if c in batch.schema.names}
+        cols = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns}
         area = cols["area_um2"]
         huge = area > huge_um2
-        shape = np.zeros(area.size, bool)
-        if "eccentricity" in cols:
-            shape |= cols["eccentricity"] >= ELONGATED_ECCENTRICITY
-        if "circularity" in cols:
-            shape |= cols["circularity"] < RAGGED_CIRCULARITY
+        shape = (cols["eccentricity"] >= ELONGATED_ECCENTRICITY) | (cols["circularity"] < RAGGED_CIRCULARITY)
         irregular = ~huge & (area >= irregular_um2) & shape
         out["huge"] += int(huge.sum())
         out["irregular"] += int(irregular.sum())
         for i in np.flatnonzero(huge | irregular):
             kept.append({"id": int(cols["id"][i]), "x": float(cols["centroid_x"][i]), "y": float(cols["centroid_y"][i]),
-                         "area_um2": float(area[i]),
-                         "eccentricity": float(cols["eccentricity"][i]) if "eccentricity" in cols else math.nan,
-                         "circularity": float(cols["circularity"][i]) if "circularity" in cols else math.nan,
-                         "reason": "huge" if huge[i] else "irregular"})
+                         "area_um2": float(area[i]), "eccentricity": float(cols["eccentricity"][i]),
+                         "circularity": float(cols["circularity"][i]), "reason": "huge" if huge[i] else "irregular"})
         kept = sorted(kept, key=lambda r: -r["area_um2"])[:examples]
     out["examples"] = kept
     total = out["huge"] + out["irregular"]
@@ -521,10 +516,12 @@ def _html(store: SlideStore, images: dict[str, Path], crops: list[Path], name: s
     def img(path: Path, alt: str) -> str:
         return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_b64(path)}">'
 
-    crops_html = "\n".join(f"<figure>{img(p, p.stem)}<figcaption>{html.escape(p.stem)}</figcaption></figure>"
-                           for p in crops) or "<p>No nuclei: no crops.</p>"
-    outlier_html = "\n".join(f"<figure>{img(p, p.stem)}<figcaption>{html.escape(p.stem)}</figcaption></figure>"
-                              for p in outlier_crops or []) or "<p>No outlier objects.</p>"
+    def figures(paths: list[Path], none: str) -> str:
+        return "\n".join(f"<figure>{img(p, p.stem)}<figcaption>{html.escape(p.stem)}</figcaption></figure>"
+                         for p in paths) or f"<p>{none}</p>"
+
+    crops_html = figures(crops, "No nuclei: no crops.")
+    outlier_html = figures(outlier_crops or [], "No outlier objects.")
     provenance = json.dumps({k: v for k, v in attrs.items() if k != "classes"}, indent=2, default=str)
     classes = ", ".join(f"{c.name} ({c.kind}, rgb{tuple(c.color)})" for c in store.classes)
     return f"""<!DOCTYPE html>
@@ -573,6 +570,7 @@ def qc_report(store_path: str | PathLike[str], out_dir: str | PathLike[str], *,
         raise StoreError("the store has no slide attributes (mpp, size)", path=store.path,
                          fix="run qc on a store written by 'histopan segment' of this histopan version")
     ds = float(attrs.get("downsample") or store.mpp / float(slide_attrs["mpp"]))
+    outliers = outlier_check(store)  # reads the table only: a table without the contract's columns stops here
     reader = None
     if slide is not None:
         from histopan.slide import open_slide
@@ -613,7 +611,6 @@ def qc_report(store_path: str | PathLike[str], out_dir: str | PathLike[str], *,
         images.update(plot_paths)
         for p in crop_paths:
             images[p.stem] = p
-        outliers = outlier_check(store)
         outlier_paths = []
         for k, (box, row) in enumerate(_outlier_boxes(outliers, slide_attrs, OUTLIER_CROPS), start=1):
             p = out / f"outlier_{k}.png"
